@@ -1,0 +1,151 @@
+"""Export a trained reranker as ``models/<version>/``: model.onnx, vectors, ids, manifest.
+
+The folder is written under a temporary name and renamed into place, so a half-written
+model folder is never left behind for the service or the loader to pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.model import ItemTower, ModelConfig, Reranker, ScoreGraph
+
+OPSET = 17
+VECTOR_DTYPE = "float16"
+INPUT_NAMES = ["hist", "hist_mask", "cand", "cand_mask", "cand_rank"]
+OUTPUT_NAMES = ["scores", "attn"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def example_inputs(cfg: ModelConfig, batch: int = 2, n: int = 5) -> tuple[torch.Tensor, ...]:
+    hist = torch.randn(batch, cfg.history_len, cfg.dim)
+    hist_mask = torch.ones(batch, cfg.history_len, dtype=torch.bool)
+    cand = torch.randn(batch, n, cfg.dim)
+    cand_mask = torch.ones(batch, n, dtype=torch.bool)
+    cand_rank = torch.arange(n, dtype=torch.float32).expand(batch, n).contiguous()
+    return hist, hist_mask, cand, cand_mask, cand_rank
+
+
+def export_onnx(model: Reranker, path: Path) -> None:
+    """Trace ``Reranker.score`` to ONNX with dynamic B, L and N."""
+    graph = ScoreGraph(model).eval()
+    dynamic = {
+        "hist": {0: "B", 1: "L"},
+        "hist_mask": {0: "B", 1: "L"},
+        "cand": {0: "B", 1: "N"},
+        "cand_mask": {0: "B", 1: "N"},
+        "cand_rank": {0: "B", 1: "N"},
+        "scores": {0: "B", 1: "N"},
+        "attn": {0: "B", 1: "N", 2: "L"},
+    }
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            example_inputs(model.cfg),
+            str(path),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=dynamic,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
+def export_model(
+    model: Reranker,
+    item_ids: list[str],
+    models_dir: Path,
+    version: str,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``models_dir/version/`` atomically and return its path.
+
+    ``item_ids[i]`` is the external id of tower row ``i + 1`` (row 0 is padding).
+    ``extra`` lands in the manifest (dataset, training settings, offline metrics).
+    """
+    model = model.eval()
+    vectors = model.tower.all_vectors().numpy().astype(VECTOR_DTYPE)  # (n_items, D)
+    if vectors.shape[0] != len(item_ids):
+        raise ValueError(f"{len(item_ids)} item ids for {vectors.shape[0]} vectors")
+    final = models_dir / version
+    if final.exists():
+        raise FileExistsError(f"{final} exists: pick a new version, versions are immutable")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=models_dir))
+    try:
+        export_onnx(model, tmp / "model.onnx")
+        np.save(tmp / "item_vectors.npy", vectors)
+        (tmp / "item_ids.txt").write_text("".join(f"{i}\n" for i in item_ids))
+        manifest = {
+            "version": version,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "dim": model.cfg.dim,
+            "history_len": model.cfg.history_len,
+            "vector_dtype": VECTOR_DTYPE,
+            "n_items": len(item_ids),
+            "opset": OPSET,
+            "inputs": INPUT_NAMES,
+            "outputs": OUTPUT_NAMES,
+            "sha256": {
+                "model.onnx": sha256_file(tmp / "model.onnx"),
+                "item_vectors.npy": sha256_file(tmp / "item_vectors.npy"),
+                "item_ids.txt": sha256_file(tmp / "item_ids.txt"),
+            },
+            "model_config": model.cfg.to_dict(),
+            **(extra or {}),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Reranker:
+    """An untrained model over random item features: for tests of the export and the service."""
+    gen = torch.Generator().manual_seed(seed)
+    n = cfg.n_items
+
+    def table(width: int) -> torch.Tensor:
+        t = torch.randn(n, width, generator=gen)
+        t[0] = 0.0
+        return t
+
+    torch.manual_seed(seed)
+    tower = ItemTower(cfg, table(cfg.text_dim), table(cfg.n_genres), table(cfg.n_cf), table(cfg.n_stats))
+    return Reranker(cfg, tower).eval()
+
+
+def export_random_model(
+    models_dir: Path,
+    n_items: int = 200,
+    dim: int = 16,
+    history_len: int = 8,
+    version: str = "test-random",
+    seed: int = 0,
+) -> Path:
+    """Export an untrained model over items "1".."n_items" (for tests; no data needed)."""
+    cfg = ModelConfig(
+        n_items=n_items + 1, dim=dim, history_len=history_len, text_dim=8, n_cf=4,
+        n_heads=2, n_layers=1, hidden=32,
+    )
+    model = random_model(cfg, seed)
+    ids = [str(i) for i in range(1, n_items + 1)]
+    return export_model(model, ids, models_dir, version, {"dataset": "random"})

@@ -1,0 +1,265 @@
+"""The deep reranker: item tower, causal user encoder, target-attention MLP scorer.
+
+Two paths share the weights and nothing else:
+
+- training: ``ItemTower`` turns item indices into vectors, then ``Reranker.score`` runs on them;
+- serving: ``Reranker.score(hist, hist_mask, cand, cand_mask, cand_rank)`` is the exact
+  function exported to ONNX; the service feeds it the vectors the item tower produced offline.
+
+Only ``nn.Module``s and their config live here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+# Large negative instead of -inf so that a row whose keys are all padding (an empty history)
+# still gives a finite softmax, and therefore finite scores.
+NEG = -1e4
+
+
+@dataclass
+class ModelConfig:
+    n_items: int  # rows of the item tables, index 0 is padding
+    dim: int = 64  # D, the size of an item vector
+    history_len: int = 50  # L, the longest history the encoder reads
+    text_dim: int = 384  # MiniLM sentence embedding
+    n_genres: int = 19
+    n_cf: int = 32  # collaborative factors per item (co-occurrence and transition SVD)
+    n_stats: int = 2  # numeric item statistics (log popularity, recent popularity)
+    n_heads: int = 2
+    n_layers: int = 2
+    hidden: int = 128  # scorer MLP width
+    dropout: float = 0.2
+    max_rank: int = 1000  # cand_rank values are clipped here
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.n_items < 2:
+            raise ValueError(f"n_items={self.n_items}: need padding plus at least one item")
+        if self.history_len < 1:
+            raise ValueError(f"history_len={self.history_len} must be >= 1")
+
+    def to_dict(self) -> dict[str, int | float]:
+        return asdict(self)
+
+
+class ItemTower(nn.Module):
+    """Item index -> item vector of size D, from an id embedding and fixed item features."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        text: Tensor,  # (n_items, text_dim) MiniLM embeddings, row 0 zeros
+        genres: Tensor,  # (n_items, n_genres) multi-hot
+        cf: Tensor,  # (n_items, n_cf) collaborative factors
+        stats: Tensor,  # (n_items, n_stats) standardised statistics
+    ) -> None:
+        super().__init__()
+        self.register_buffer("text", text.float())
+        self.register_buffer("genres", genres.float())
+        self.register_buffer("cf", cf.float())
+        self.register_buffer("stats", stats.float())
+        self.id_emb = nn.Embedding(cfg.n_items, cfg.dim, padding_idx=0)
+        nn.init.normal_(self.id_emb.weight, std=0.02)
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
+        self.genre_proj = nn.Linear(cfg.n_genres, cfg.dim)
+        self.cf_proj = nn.Linear(cfg.n_cf, cfg.dim)
+        self.stats_proj = nn.Linear(cfg.n_stats, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        x = (
+            self.id_emb(idx)
+            + self.text_proj(self.text[idx])
+            + self.genre_proj(self.genres[idx])
+            + self.cf_proj(self.cf[idx])
+            + self.stats_proj(self.stats[idx])
+        )
+        return self.drop(self.norm(x))  # (..., D)
+
+    @torch.no_grad()
+    def all_vectors(self) -> Tensor:
+        """Vectors of every real item (rows 1..n_items-1), in eval mode. (n_items-1, D)"""
+        return self.norm(
+            self.id_emb.weight
+            + self.text_proj(self.text)
+            + self.genre_proj(self.genres)
+            + self.cf_proj(self.cf)
+            + self.stats_proj(self.stats)
+        )[1:]
+
+
+def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
+    """Softmax over the last axis where mask is true; all-false rows give finite weights."""
+    return torch.softmax(logits.masked_fill(~mask, NEG), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.scale = 1.0 / math.sqrt(dim // n_heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        # x (B, L, D); allowed (B, 1, L, L): query i may read key j
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        logits = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, L, L)
+        weights = self.drop(masked_softmax(logits, allowed))
+        y = (weights @ v).transpose(1, 2).reshape(b, n, d)
+        return self.out(y)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x), allowed)
+        return x + self.mlp(self.ln2(x))
+
+
+class UserEncoder(nn.Module):
+    """Causal Transformer over right-aligned history vectors; the state is read at the newest."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # Positions count back from the newest item, so a shorter L means the same positions.
+        self.pos_emb = nn.Embedding(cfg.history_len, cfg.dim)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers)
+        )
+        self.ln = nn.LayerNorm(cfg.dim)
+        self.empty = nn.Parameter(torch.zeros(cfg.dim))  # the state of a user with no history
+
+    def forward(self, hist: Tensor, hist_mask: Tensor) -> Tensor:
+        # hist (B, L, D), hist_mask (B, L) -> user state (B, D)
+        n = hist.shape[1]
+        recency = n - 1 - torch.arange(n, device=hist.device)  # (L,) newest = 0
+        x = hist + self.pos_emb(recency)
+        causal = torch.ones(n, n, dtype=torch.bool, device=hist.device).tril()  # (L, L)
+        allowed = causal[None, None] & hist_mask[:, None, None, :]  # (B, 1, L, L)
+        for block in self.blocks:
+            x = block(x, allowed)
+        state = self.ln(x[:, -1])  # (B, D)
+        has_history = hist_mask.any(dim=1, keepdim=True)  # (B, 1)
+        return torch.where(has_history, state, self.empty)
+
+
+class Reranker(nn.Module):
+    """Scores candidates for a user; ``score`` is the serving graph."""
+
+    def __init__(self, cfg: ModelConfig, tower: ItemTower) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tower = tower
+        self.encoder = UserEncoder(cfg)
+        d = cfg.dim
+        self.att_q = nn.Linear(d, d)
+        self.att_k = nn.Linear(d, d)
+        self.att_v = nn.Linear(d, d)
+        self.rank_proj = nn.Linear(2, d)
+        # [state, cand, state*cand, context, cand*context, rank]; plus 3 similarity scalars
+        self.mlp = nn.Sequential(
+            nn.Linear(6 * d + 3, cfg.hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.hidden, cfg.hidden // 2),
+            nn.GELU(),
+            nn.Linear(cfg.hidden // 2, 1),
+        )
+
+    def score(
+        self,
+        hist: Tensor,  # (B, L, D) oldest -> newest, right-aligned
+        hist_mask: Tensor,  # (B, L) bool
+        cand: Tensor,  # (B, N, D)
+        cand_mask: Tensor,  # (B, N) bool
+        cand_rank: Tensor,  # (B, N) position in the caller's list, 0 = first
+    ) -> tuple[Tensor, Tensor]:
+        """Returns scores (B, N) and candidate->history attention (B, N, L)."""
+        state = self.encoder(hist, hist_mask)  # (B, D)
+        scale = 1.0 / math.sqrt(self.cfg.dim)
+        logits = (self.att_q(cand) @ self.att_k(hist).transpose(1, 2)) * scale  # (B, N, L)
+        attn = masked_softmax(logits, hist_mask[:, None, :])  # (B, N, L)
+        attn = attn * hist_mask[:, None, :].float()  # exact zeros on padding, empty rows all 0
+        context = attn @ self.att_v(hist)  # (B, N, D)
+        # Cosine similarity of a candidate to each history item: the item-to-item signal
+        # that item-kNN recall is built on, read off the learned vectors.
+        cn = nn.functional.normalize(cand, dim=-1)
+        hn = nn.functional.normalize(hist, dim=-1)
+        sims = (cn @ hn.transpose(1, 2)).masked_fill(~hist_mask[:, None, :], 0.0)  # (B, N, L)
+        n_hist = hist_mask.float().sum(dim=1).clamp(min=1.0)[:, None]  # (B, 1)
+        sim_max = sims.masked_fill(~hist_mask[:, None, :], -1.0).amax(dim=-1)  # (B, N)
+        sim_mean = sims.sum(dim=-1) / n_hist  # (B, N)
+        sim_last = sims[:, :, -1]  # (B, N) the newest item (0 when padding)
+        rank = cand_rank.clamp(0, self.cfg.max_rank)
+        rank_feat = self.rank_proj(torch.stack([torch.log1p(rank), rank / 100.0], dim=-1))
+        s = state[:, None, :].expand_as(cand)  # (B, N, D)
+        x = torch.cat(
+            [
+                s,
+                cand,
+                s * cand,
+                context,
+                cand * context,
+                rank_feat,
+                sim_max[..., None],
+                sim_mean[..., None],
+                sim_last[..., None],
+            ],
+            dim=-1,
+        )  # (B, N, 6D+3)
+        scores = self.mlp(x).squeeze(-1)  # (B, N)
+        scores = scores.masked_fill(~cand_mask, NEG)
+        return scores, attn
+
+    def forward(
+        self,
+        hist_idx: Tensor,  # (B, L) item indices, 0 = padding
+        cand_idx: Tensor,  # (B, N) item indices, 0 = padding
+        target: Tensor,  # (B,) position of the true next item in the candidate list
+    ) -> tuple[Tensor, Tensor]:
+        """Training path: listwise softmax cross-entropy over each candidate list."""
+        hist_mask = hist_idx > 0
+        cand_mask = cand_idx > 0
+        rank = torch.arange(cand_idx.shape[1], device=cand_idx.device, dtype=torch.float32)
+        rank = rank.expand(cand_idx.shape[0], -1)
+        scores, _ = self.score(
+            self.tower(hist_idx), hist_mask, self.tower(cand_idx), cand_mask, rank
+        )
+        loss = nn.functional.cross_entropy(scores, target)
+        return scores, loss
+
+
+class ScoreGraph(nn.Module):
+    """The serving function alone, as a module ONNX export can trace."""
+
+    def __init__(self, model: Reranker) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, hist: Tensor, hist_mask: Tensor, cand: Tensor, cand_mask: Tensor, cand_rank: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return self.model.score(hist, hist_mask, cand, cand_mask, cand_rank)
