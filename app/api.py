@@ -1,0 +1,123 @@
+"""HTTP routes and the request middleware (request id, latency metrics).
+
+No ``from __future__ import annotations`` here: FastAPI reads the route annotations at run
+time, and the request body types are local to ``build_router``.
+"""
+
+import logging
+import re
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.config import Settings
+from app.logs import REQUEST_ID
+from app.metrics import Metrics
+from app.schemas import EventsResponse, Health, Readiness, RerankResponse, request_models
+from app.service import RerankService
+
+log = logging.getLogger(__name__)
+
+ROUTES = frozenset({"/rerank", "/events", "/healthz", "/readyz", "/metrics"})
+# A caller's id is echoed into headers and logs: accept only short, plain tokens.
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def get_service(request: Request) -> RerankService:
+    service: RerankService = request.app.state.service
+    return service
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+ServiceDep = Annotated[RerankService, Depends(get_service)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def build_router(settings: Settings) -> APIRouter:
+    """The routes, with request models that carry this app's limits."""
+    rerank_body, events_body = request_models(settings)
+    router = APIRouter()
+
+    # The body types are built from the settings at run time, which mypy cannot follow.
+    @router.post("/rerank")
+    async def rerank(body: rerank_body, service: ServiceDep) -> RerankResponse:  # type: ignore[valid-type]
+        """Reorder the candidates for the user; top k, missing ones last."""
+        return await service.rerank(body)
+
+    @router.post("/events")
+    async def events(body: events_body, service: ServiceDep) -> EventsResponse:  # type: ignore[valid-type]
+        """Append items to the user's history (oldest first in the list)."""
+        return await service.events(body)
+
+    @router.get("/healthz")
+    async def healthz() -> Health:
+        """The process is alive."""
+        return Health(status="ok")
+
+    @router.get("/readyz")
+    async def readyz(service: ServiceDep, response: Response) -> Readiness:
+        """Redis answers, a model is loaded and its vectors are in Redis."""
+        ready = await service.readiness()
+        if not ready.ready:
+            response.status_code = 503
+        return ready
+
+    @router.get("/metrics")
+    async def metrics(metrics: MetricsDep) -> Response:
+        """Prometheus text format."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+class RequestContext:
+    """Pure ASGI middleware: X-Request-ID in and out, latency by route and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        token = REQUEST_ID.set(request_id)
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            took = time.perf_counter() - start
+            path = scope["path"]
+            route = path if path in ROUTES else "other"  # bounded label values
+            self.metrics.latency.labels(route, str(status)).observe(took)
+            log.debug("%s %s -> %d in %.1f ms", scope["method"], path, status, took * 1000)
+            REQUEST_ID.reset(token)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            text = value.decode("latin-1")
+            if REQUEST_ID_PATTERN.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex

@@ -1,0 +1,146 @@
+"""Micro-batcher: the one caller of the ONNX sessions.
+
+Requests wait in a bounded queue; a single loop takes up to ``max_batch`` of them, or what
+arrived within ``max_wait`` of the first, and runs them as one padded batch on a dedicated
+worker thread, so the event loop never waits on ONNX Runtime (which releases the GIL).
+While a batch runs the next one gathers, so batches grow with load by themselves.
+
+Each request carries the ``LoadedModel`` it was pinned to when it started: a batch that spans
+a model swap is split by model, so a request is always scored by the version whose vectors it
+read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from app.errors import ModelError, Overloaded
+from app.metrics import Metrics
+from app.model import Job, LoadedModel, Scored
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    model: LoadedModel
+    job: Job
+    future: asyncio.Future[Scored]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self, max_batch: int, max_wait_s: float, queue_limit: int, metrics: Metrics
+    ) -> None:
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.queue_limit = queue_limit
+        self.metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._nonempty = asyncio.Event()
+        self._full = asyncio.Event()
+        # One thread: batches run one after another, and ONNX Runtime uses its own
+        # intra-op threads inside a run.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(Overloaded("the service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, model: LoadedModel, job: Job) -> Scored:
+        """Queue one request and wait for its rows; Overloaded at once when the queue is full."""
+        if len(self._queue) >= self.queue_limit:
+            self.metrics.shed.inc()
+            raise Overloaded(f"{len(self._queue)} requests already waiting")
+        future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(model, job, future))
+        self._nonempty.set()
+        if len(self._queue) >= self.max_batch:
+            self._full.set()
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            await self._nonempty.wait()
+            await self._gather()
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    async def _gather(self) -> None:
+        """Wait until the batch is full or the oldest request has waited max_wait."""
+        if len(self._queue) >= self.max_batch or self.max_wait_s == 0:
+            return
+        self._full.clear()
+        remaining = self._queue[0].queued_at + self.max_wait_s - time.perf_counter()
+        if remaining > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._full.wait()
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while self._queue and len(batch) < self.max_batch:
+            pending = self._queue.popleft()
+            if not pending.future.done():  # the caller gave up (disconnect, cancel)
+                batch.append(pending)
+        if not self._queue:
+            self._nonempty.clear()
+        if len(self._queue) < self.max_batch:
+            self._full.clear()
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        now = time.perf_counter()
+        for pending in batch:
+            self.metrics.queue_wait.observe(now - pending.queued_at)
+        # Split by model: only during a swap does a batch hold two versions.
+        groups: dict[int, list[_Pending]] = {}
+        for pending in batch:
+            groups.setdefault(id(pending.model), []).append(pending)
+        loop = asyncio.get_running_loop()
+        for group in groups.values():
+            model = group[0].model
+            jobs = [p.job for p in group]
+            self.metrics.batch_size.observe(len(jobs))
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, model.run_batch, jobs)
+            except asyncio.CancelledError:  # shutdown: nobody will answer these any more
+                for p in group:
+                    p.future.cancel()
+                raise
+            except Exception as exc:  # the loop must outlive any one bad batch
+                error = exc if isinstance(exc, ModelError) else ModelError(repr(exc))
+                log.error("batch of %d on %s failed: %s", len(jobs), model.version, error)
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(error)
+                continue
+            finally:
+                self.metrics.model_seconds.observe(time.perf_counter() - start)
+            for p, result in zip(group, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)

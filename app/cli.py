@@ -1,0 +1,114 @@
+"""The ``rerank`` command: ``serve`` and ``load`` here, the offline verbs from ``training``.
+
+The offline verbs import ``training.cli`` only when called, so the service never imports
+PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.config import Settings
+from app.logs import configure_logging
+
+log = logging.getLogger("rerank")
+
+OFFLINE_VERBS = {
+    "data": "fetch and prepare MovieLens-100K",
+    "train": "train the reranker and export a model version",
+    "eval": "evaluate a model version against the baselines",
+}
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from app.factory import start_embedded
+
+    server = None
+    if settings.redis_url is None:
+        # Started here rather than in each worker, so all workers share one Redis; they find
+        # it through the environment, like a configured one.
+        server = start_embedded(settings)
+        os.environ["RERANK_REDIS_URL"] = server.url
+        log.info("RERANK_REDIS_URL unset: embedded Redis at %s", server.url)
+    try:
+        uvicorn.run(
+            "app.main:app",
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            workers=args.workers,
+            loop="uvloop",
+            http="httptools",
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        if server is not None:
+            server.close()
+    return 0
+
+
+def load(args: argparse.Namespace, settings: Settings) -> int:
+    from app.loader import load_model
+
+    if settings.redis_url is None:
+        log.error("set RERANK_REDIS_URL to the Redis to load into")
+        return 2
+    manifest = load_model(
+        settings.redis_url, Path(args.model_dir), settings.key_prefix, activate=not args.no_activate
+    )
+    log.info("version %s loaded%s", manifest.version, "" if args.no_activate else " and active")
+    return 0
+
+
+def offline(verb: str, rest: Sequence[str]) -> int:
+    try:
+        # PyTorch and the training code load only for the offline verbs.
+        training_cli = importlib.import_module("training.cli")
+    except ImportError as exc:
+        log.error("`rerank %s` needs the training extra (make install-train): %s", verb, exc)
+        return 2
+    result = training_cli.main([verb, *rest])
+    return int(result or 0)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rerank", description=__doc__)
+    sub = p.add_subparsers(dest="verb", required=True)
+    s = sub.add_parser("serve", help="run the HTTP service (embedded Redis if none is set)")
+    s.add_argument("--host", default=None, help="bind address (default RERANK_HOST)")
+    s.add_argument("--port", type=int, default=None, help="port (default RERANK_PORT)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes")
+    ld = sub.add_parser("load", help="load models/<version> into Redis and activate it")
+    ld.add_argument("model_dir", help="the model folder, e.g. models/<version>")
+    ld.add_argument("--no-activate", action="store_true", help="load without activating")
+    for verb, text in OFFLINE_VERBS.items():
+        sub.add_parser(verb, help=text, add_help=False)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Offline verbs pass their arguments through untouched to training.cli.
+    if argv and argv[0] in OFFLINE_VERBS:
+        configure_logging("INFO")
+        return offline(argv[0], argv[1:])
+    args = parser().parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level)
+    if args.verb == "serve":
+        if args.workers < 1:
+            log.error("--workers=%d must be at least 1", args.workers)
+            return 2
+        return serve(args, settings)
+    return load(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

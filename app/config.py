@@ -1,0 +1,178 @@
+"""Settings of the online service: one class, read from ``RERANK_*`` variables, then ``.env``.
+
+Every field carries a ``description``: it is the documentation of the setting (the README's
+table is checked against these fields), and validators refuse impossible values at start-up
+with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+class Settings(BaseSettings):
+    """The service's configuration; ``Settings()`` reads the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RERANK_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL (redis://host:port/db). Unset: `rerank serve` starts an "
+        "embedded redis-server and loads the default model into it.",
+    )
+    key_prefix: str = Field(
+        default="rr", description="Prefix of every Redis key (rr:active, rr:v:..., rr:h:...)."
+    )
+    model_dir: Path = Field(
+        default=Path("models"),
+        description="Folder of exported model versions (models/<version>/model.onnx ...).",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `rerank serve` binds to.")
+    port: int = Field(default=8000, description="Port `rerank serve` listens on.")
+    max_batch: int = Field(
+        default=32, description="Most requests scored together in one ONNX Runtime call."
+    )
+    max_wait_ms: float = Field(
+        default=2.0,
+        description="Longest time the first request of a batch waits for others to join.",
+    )
+    queue_limit: int = Field(
+        default=256,
+        description="Most requests waiting for the model; beyond it requests get 503 at once.",
+    )
+    retry_after_s: int = Field(
+        default=1, description="Retry-After seconds sent with a 503 when the queue is full."
+    )
+    redis_timeout_ms: float = Field(
+        default=50.0,
+        description="Deadline for the Redis calls of one request; past it the answer is "
+        "degraded (the caller's order).",
+    )
+    redis_max_connections: int = Field(
+        default=256, description="Size of the Redis connection pool of one process."
+    )
+    cache_size: int = Field(
+        default=100_000,
+        description="Item vectors kept in the process-local LRU cache (0 disables it).",
+    )
+    max_candidates: int = Field(
+        default=1000, description="Most candidates one /rerank request may send."
+    )
+    max_k: int = Field(default=100, description="Largest k one /rerank request may ask for.")
+    max_history: int = Field(
+        default=1000,
+        description="Most item ids in a request's own `history` or in one /events call; only "
+        "the newest history_len of a history are read by the model.",
+    )
+    explain_top: int = Field(
+        default=3, description="History items listed per returned item when explain is true."
+    )
+    onnx_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ONNX Runtime execution providers in order of preference, comma "
+        "separated. Empty: CUDAExecutionProvider when available, then CPUExecutionProvider.",
+    )
+    onnx_threads: int = Field(
+        default=0,
+        description="Intra-op threads of the ONNX Runtime session (0: ONNX Runtime's default).",
+    )
+    version_poll_s: float = Field(
+        default=1.0,
+        description="How often the service reads rr:active to notice a new model version.",
+    )
+    log_level: str = Field(default="INFO", description="Logging level of the service.")
+
+    @field_validator(
+        "max_batch",
+        "queue_limit",
+        "retry_after_s",
+        "redis_max_connections",
+        "max_candidates",
+        "max_k",
+        "max_history",
+        "explain_top",
+    )
+    @classmethod
+    def _positive_int(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name}={value} must be at least 1")
+        return value
+
+    @field_validator("cache_size", "onnx_threads", "max_wait_ms")
+    @classmethod
+    def _not_negative(cls, value: float, info: Any) -> float:
+        if value < 0:
+            raise ValueError(f"{info.field_name}={value} must not be negative")
+        return value
+
+    @field_validator("redis_timeout_ms", "version_poll_s")
+    @classmethod
+    def _positive_time(cls, value: float, info: Any) -> float:
+        if value <= 0:
+            raise ValueError(f"{info.field_name}={value} must be greater than 0")
+        return value
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError(f"port={value} must be in 1..65535")
+        return value
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError(f"key_prefix={value!r} must be non-empty without spaces")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url={value!r} must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level={value!r} must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
+    @field_validator("onnx_providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: Any) -> Any:
+        # From the environment a comma-separated string; from code a list.
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("onnx_providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        import onnxruntime  # the service needs it anyway; imported here to keep config light
+
+        known = set(onnxruntime.get_all_providers())
+        unknown = [p for p in value if p not in known]
+        if unknown:
+            raise ValueError(f"onnx_providers: unknown provider(s) {unknown}")
+        return value
+
+    @property
+    def redis_timeout_s(self) -> float:
+        return self.redis_timeout_ms / 1000.0
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0

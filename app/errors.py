@@ -1,0 +1,59 @@
+"""The service's exceptions, and their one mapping to HTTP.
+
+::
+
+    RerankError                  base of everything the service raises on purpose
+    ├── StoreUnavailable         Redis down, slow, or past the request deadline
+    │                              /rerank: fail open (200, degraded); elsewhere 503
+    ├── Overloaded               the batch queue is full: 503 + Retry-After
+    ├── ModelError               ONNX Runtime failed to load or to run a model
+    └── ManifestMismatch         a model folder or Redis manifest does not match its files
+
+Routes never catch broadly: the handlers below turn these into responses in one place.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+class RerankError(Exception):
+    """Base of the service's own errors."""
+
+
+class StoreUnavailable(RerankError):
+    """Redis did not answer in time or refused the connection."""
+
+
+class Overloaded(RerankError):
+    """The batch queue is full; the caller should retry later."""
+
+
+class ModelError(RerankError):
+    """ONNX Runtime could not load or run the model."""
+
+
+class ManifestMismatch(RerankError):
+    """A model's manifest does not match its files, its vectors or the Redis copy."""
+
+
+def install_handlers(app: FastAPI, retry_after_s: int) -> None:
+    """Map the error tree to HTTP: 503 for faults the caller can retry, 500 for the rest."""
+
+    async def overloaded(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(
+            {"detail": "overloaded: the request queue is full, retry later"},
+            status_code=503,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"unavailable: {exc}"}, status_code=503)
+
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
+
+    app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(StoreUnavailable, unavailable)
+    app.add_exception_handler(RerankError, internal)

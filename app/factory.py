@@ -1,0 +1,116 @@
+"""``create_app(settings)``: the one place where the service's parts are wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app.api import RequestContext, build_router
+from app.batcher import Batcher
+from app.config import Settings
+from app.embedded import EmbeddedRedis
+from app.errors import StoreUnavailable, install_handlers
+from app.loader import load_model
+from app.manifest import default_version
+from app.metrics import Metrics
+from app.model import choose_providers
+from app.service import RerankService
+from app.store import Store, VectorCache
+from app.swap import ModelHolder, ModelSpec, VersionWatcher
+
+log = logging.getLogger(__name__)
+
+
+def start_embedded(settings: Settings) -> EmbeddedRedis:
+    """A private Redis holding the default model of ``settings.model_dir``, active."""
+    server = EmbeddedRedis().start()
+    version = default_version(settings.model_dir)
+    if version is None:
+        log.warning("no model in %s: answers stay degraded until one is loaded", settings.model_dir)
+    else:
+        load_model(server.url, settings.model_dir / version, settings.key_prefix)
+    return server
+
+
+def redis_client(url: str, settings: Settings) -> Redis:
+    return Redis.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        # The per-request deadline (asyncio.timeout) bounds every call; socket timeouts are
+        # a backstop only. Retrying inside a 50 ms deadline would only add load to a sick
+        # Redis, so the client does not retry: the next request is the retry.
+        socket_timeout=1.0,
+        socket_connect_timeout=1.0,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            url = settings.redis_url
+            if url is None:  # `uvicorn app.main:app` without Redis: a private one
+                server = await asyncio.to_thread(start_embedded, settings)
+                stack.callback(server.close)
+                url = server.url
+            client = redis_client(url, settings)
+            stack.push_async_callback(client.aclose)
+            store = Store(
+                client,
+                settings.key_prefix,
+                settings.redis_timeout_s,
+                VectorCache(settings.cache_size),
+                metrics,
+            )
+            holder = ModelHolder()
+            batcher = Batcher(
+                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics
+            )
+            batcher.start()
+            stack.push_async_callback(batcher.close)
+            spec = ModelSpec(
+                settings.model_dir,
+                choose_providers(settings.onnx_providers),
+                settings.onnx_threads,
+                settings.max_candidates,
+                settings.max_batch,
+            )
+            watcher = VersionWatcher(store, holder, spec, settings.version_poll_s, metrics)
+            try:
+                # A manifest or model that does not match refuses the start (raises here);
+                # a Redis that does not answer yet only delays the model: the watcher retries.
+                await watcher.poll_once(strict=True)
+            except StoreUnavailable as exc:
+                log.warning("starting without a model, Redis unavailable: %s", exc)
+            watcher.start()
+            stack.push_async_callback(watcher.close)
+            app.state.service = RerankService(
+                store, holder, batcher, metrics, settings.explain_top, settings.max_history
+            )
+            app.state.holder = holder
+            app.state.batcher = batcher
+            yield
+
+    app = FastAPI(
+        title="rerank",
+        summary="Reranks a recall list with a deep model over Redis-cached item vectors.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics
+    app.state.settings = settings
+    install_handlers(app, settings.retry_after_s)
+    app.include_router(build_router(settings))
+    app.add_middleware(RequestContext, metrics=metrics)
+    return app

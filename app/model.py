@@ -1,0 +1,196 @@
+"""ONNX Runtime session of one model version, with the padding rules the batcher relies on.
+
+A ``LoadedModel`` is immutable once built: the batcher calls ``run_batch`` from its single
+worker thread, and a swap replaces the whole object, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from app.errors import ModelError
+from app.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+REQUIRED_INPUTS = ("hist", "hist_mask", "cand", "cand_mask")
+MIN_N_BUCKET = 8
+
+
+def choose_providers(configured: Sequence[str]) -> list[str]:
+    """Configured providers as given (refusing absent ones), else CUDA first when present."""
+    available = ort.get_available_providers()
+    if configured:
+        absent = [p for p in configured if p not in available]
+        if absent:
+            raise ModelError(f"onnx_providers: {absent} not available here (have {available})")
+        return list(configured)
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def ladder(top: int, start: int = 1) -> list[int]:
+    """Powers of two from ``start`` and ``top`` itself: few shapes, at most 2x padding."""
+    sizes = []
+    size = start
+    while size < top:
+        sizes.append(size)
+        size *= 2
+    sizes.append(top)
+    return sizes
+
+
+def bucket(size: int, sizes: Sequence[int]) -> int:
+    for s in sizes:
+        if s >= size:
+            return s
+    return size  # past the ladder (cannot happen within the request limits): exact size
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's inputs: history oldest -> newest, the candidates that have vectors."""
+
+    hist: np.ndarray  # (Lh, D) float32, Lh <= history_len
+    cand: np.ndarray  # (Nc, D) float32
+    cand_rank: np.ndarray  # (Nc,) float32 position in the caller's list
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: np.ndarray  # (Nc,) float32
+    attn: np.ndarray  # (Nc, Lh) float32, columns in history order
+
+
+class LoadedModel:
+    """A model version ready to score: session, manifest and shape buckets."""
+
+    def __init__(
+        self, manifest: Manifest, session: ort.InferenceSession, max_candidates: int
+    ) -> None:
+        self.manifest = manifest
+        self.version = manifest.version
+        self.session = session
+        names = {i.name for i in session.get_inputs()}
+        absent = [n for n in REQUIRED_INPUTS if n not in names]
+        if absent:
+            raise ModelError(f"{self.version}: the graph lacks inputs {absent}")
+        # Older graphs have no cand_rank; feeding an undeclared input is an error.
+        self.has_cand_rank = "cand_rank" in names
+        self.l_buckets = ladder(manifest.history_len)
+        self.n_buckets = ladder(max(max_candidates, MIN_N_BUCKET), MIN_N_BUCKET)
+        self._check_dim(session)
+
+    def _check_dim(self, session: ort.InferenceSession) -> None:
+        for i in session.get_inputs():
+            if i.name in ("hist", "cand"):
+                last = i.shape[-1]
+                if isinstance(last, int) and last != self.manifest.dim:
+                    raise ModelError(
+                        f"{self.version}: graph input {i.name} has D={last}, "
+                        f"manifest dim={self.manifest.dim}"
+                    )
+
+    def run_batch(self, jobs: Sequence[Job]) -> list[Scored]:
+        """Pad the jobs to shared bucketed L and N, run once, cut each job's rows back out."""
+        d = self.manifest.dim
+        b = len(jobs)
+        l_pad = bucket(max(max(len(j.hist) for j in jobs), 1), self.l_buckets)
+        n_pad = bucket(max(len(j.cand) for j in jobs), self.n_buckets)
+        hist = np.zeros((b, l_pad, d), np.float32)
+        hist_mask = np.zeros((b, l_pad), np.bool_)
+        cand = np.zeros((b, n_pad, d), np.float32)
+        cand_mask = np.zeros((b, n_pad), np.bool_)
+        cand_rank = np.zeros((b, n_pad), np.float32)
+        for row, job in enumerate(jobs):
+            lh, nc = len(job.hist), len(job.cand)
+            if lh:  # right-aligned: the newest item sits at the last position
+                hist[row, l_pad - lh :] = job.hist
+                hist_mask[row, l_pad - lh :] = True
+            cand[row, :nc] = job.cand
+            cand_mask[row, :nc] = True
+            cand_rank[row, :nc] = job.cand_rank
+        scores, attn = self.run(hist, hist_mask, cand, cand_mask, cand_rank)
+        out = []
+        for row, job in enumerate(jobs):
+            lh, nc = len(job.hist), len(job.cand)
+            out.append(Scored(scores[row, :nc], attn[row, :nc, l_pad - lh :]))
+        return out
+
+    def run(
+        self,
+        hist: np.ndarray,  # (B, L, D)
+        hist_mask: np.ndarray,  # (B, L)
+        cand: np.ndarray,  # (B, N, D)
+        cand_mask: np.ndarray,  # (B, N)
+        cand_rank: np.ndarray,  # (B, N)
+    ) -> tuple[np.ndarray, np.ndarray]:
+        feed = {"hist": hist, "hist_mask": hist_mask, "cand": cand, "cand_mask": cand_mask}
+        if self.has_cand_rank:
+            feed["cand_rank"] = cand_rank
+        try:
+            scores, attn = self.session.run(["scores", "attn"], feed)
+        except Exception as exc:  # ONNX Runtime raises its own untyped errors
+            raise ModelError(f"{self.version}: model run failed: {exc}") from exc
+        return scores, attn
+
+    def warm_up(self, max_batch: int) -> float:
+        """Run every (L, N) bucket once so the first requests do not pay for allocation."""
+        start = time.perf_counter()
+        rng = np.random.default_rng(0)
+        d = self.manifest.dim
+        for lh in self.l_buckets:
+            for nc in self.n_buckets:
+                job = Job(
+                    rng.standard_normal((lh, d), np.float32),
+                    rng.standard_normal((nc, d), np.float32),
+                    np.arange(nc, dtype=np.float32),
+                )
+                self.run_batch([job])
+        # One full batch at the largest shape sizes the memory arena for the worst case.
+        self.run_batch([job] * max_batch)
+        return time.perf_counter() - start
+
+
+def load_session(path: Path, providers: Sequence[str], threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # One batch at a time runs in the batcher's thread: no use for inter-op parallelism.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: warnings about providers are ours to report
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # ONNX Runtime's errors carry no useful type
+        raise ModelError(f"{path}: cannot load the ONNX model: {exc}") from exc
+
+
+def load_model(
+    folder: Path,
+    manifest: Manifest,
+    providers: Sequence[str],
+    threads: int,
+    max_candidates: int,
+    max_batch: int,
+) -> LoadedModel:
+    """Load and warm a verified model folder (blocking: call it off the event loop)."""
+    session = load_session(folder / "model.onnx", providers, threads)
+    model = LoadedModel(manifest, session, max_candidates)
+    took = model.warm_up(max_batch)
+    log.info(
+        "model %s loaded on %s, warmed %d shapes in %.2fs",
+        model.version,
+        session.get_providers()[0],
+        len(model.l_buckets) * len(model.n_buckets),
+        took,
+    )
+    return model

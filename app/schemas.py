@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API (see DESIGN.md).
+
+The list and k limits come from the settings, so the request models are built per app by
+``request_models``: the limits then show in the OpenAPI schema, and a violation is an
+ordinary 422 whose ``loc`` names the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic.json_schema import WithJsonSchema
+
+from app.config import Settings
+
+MAX_ID_LENGTH = 128
+
+
+def _int_to_str(value: Any) -> Any:
+    # An integer id means its decimal string; bool is an int in Python but never an id.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Id = Annotated[
+    str,
+    BeforeValidator(_int_to_str),
+    StringConstraints(min_length=1, max_length=MAX_ID_LENGTH),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                {"type": "integer"},
+            ]
+        }
+    ),
+]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are typos of the caller: refuse them rather than ignore them.
+    model_config = ConfigDict(extra="forbid")
+
+
+class RerankRequest(_Strict):
+    user_id: Id
+    candidates: list[Id] = Field(min_length=1, description="Recall's candidates, best first.")
+    k: int = Field(default=10, ge=1, description="How many items to return.")
+    history: list[Id] | None = Field(
+        default=None,
+        description="The caller's recent item ids, oldest first; replaces the "
+        "stored history when given.",
+    )
+    explain: bool = Field(default=False, description="Add the history items behind each score.")
+
+
+class EventsRequest(_Strict):
+    user_id: Id
+    item_ids: list[Id] = Field(min_length=1, description="Items the user saw, oldest first.")
+
+
+def request_models(settings: Settings) -> tuple[type[RerankRequest], type[EventsRequest]]:
+    """Request models with this app's limits."""
+
+    class Rerank(RerankRequest):
+        candidates: list[Id] = Field(min_length=1, max_length=settings.max_candidates)
+        k: int = Field(default=10, ge=1, le=settings.max_k)
+        history: list[Id] | None = Field(default=None, max_length=settings.max_history)
+
+    class Events(EventsRequest):
+        item_ids: list[Id] = Field(min_length=1, max_length=settings.max_history)
+
+    return Rerank, Events
+
+
+class Because(BaseModel):
+    item_id: str
+    weight: float
+
+
+class RankedItem(BaseModel):
+    item_id: str
+    score: float | None = Field(description="Model score; null when not scored.")
+    because: list[Because] | None = Field(
+        default=None, description="With explain: the history items it attended to most."
+    )
+
+
+class RerankResponse(BaseModel):
+    user_id: str
+    model_version: str | None
+    items: list[RankedItem]
+    missing: list[str] = Field(description="Candidates without a vector, ranked last.")
+    degraded: bool = Field(description="True: the caller's order, the model could not run.")
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    history_length: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    redis: bool
+    model_version: str | None
+    vectors: bool

@@ -1,0 +1,154 @@
+"""One /rerank or /events call, from validated request to response.
+
+The rules of DESIGN.md live here: duplicates dropped (first kept), candidates without a
+vector ranked last in the caller's order, fail open to the caller's order when Redis or the
+model cannot answer, and the model pinned once per request so its vectors and its scores come
+from the same version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.batcher import Batcher
+from app.errors import ModelError, StoreUnavailable
+from app.metrics import Metrics
+from app.model import Job, LoadedModel, Scored
+from app.schemas import (
+    Because,
+    EventsRequest,
+    EventsResponse,
+    RankedItem,
+    Readiness,
+    RerankRequest,
+    RerankResponse,
+)
+from app.store import Fetched, Store
+from app.swap import ModelHolder
+
+log = logging.getLogger(__name__)
+
+
+def dedupe(ids: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+def caller_order(user_id: str, candidates: list[str], k: int) -> RerankResponse:
+    """The fail-open answer: the caller's candidates, in the caller's order, unscored.
+
+    ``model_version`` is null: no model scored these items.
+    """
+    items = [RankedItem(item_id=i, score=None) for i in candidates[:k]]
+    return RerankResponse(
+        user_id=user_id, model_version=None, items=items, missing=[], degraded=True
+    )
+
+
+def rank(
+    candidates: list[str],
+    fetched: Fetched,
+    scored: Scored | None,
+    k: int,
+    explain_top: int | None,
+) -> tuple[list[RankedItem], list[str]]:
+    """Scored candidates by score (ties in the caller's order), then the missing ones."""
+    present = np.flatnonzero(fetched.cand_present)  # positions in `candidates`
+    missing = [candidates[i] for i in np.flatnonzero(~fetched.cand_present)]
+    items: list[RankedItem] = []
+    if scored is not None:
+        order = np.argsort(-scored.scores, kind="stable")[:k]
+        scores = scored.scores[order].tolist()
+        for row, score in zip(order.tolist(), scores, strict=True):
+            because = None
+            if explain_top is not None:
+                because = explain(scored.attn[row], fetched.hist_ids, explain_top)
+            items.append(RankedItem(item_id=candidates[present[row]], score=score, because=because))
+    items.extend(RankedItem(item_id=i, score=None) for i in missing[: k - len(items)])
+    return items, missing
+
+
+def explain(weights: np.ndarray, hist_ids: list[str], top: int) -> list[Because]:
+    """The history items with the highest attention weight for one candidate."""
+    if not hist_ids:
+        return []
+    order = np.argsort(-weights, kind="stable")[:top]
+    return [Because(item_id=hist_ids[i], weight=float(weights[i])) for i in order.tolist()]
+
+
+class RerankService:
+    def __init__(
+        self,
+        store: Store,
+        holder: ModelHolder,
+        batcher: Batcher,
+        metrics: Metrics,
+        explain_top: int,
+        default_history_len: int,
+    ) -> None:
+        self.store = store
+        self.holder = holder
+        self.batcher = batcher
+        self.metrics = metrics
+        self.explain_top = explain_top
+        self.default_history_len = default_history_len
+
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
+        candidates = dedupe(req.candidates)
+        model = self.holder.model  # pinned: vectors and scores come from this version
+        if model is None:
+            self.metrics.degraded.labels("no_model").inc()
+            return caller_order(req.user_id, candidates, req.k)
+        try:
+            fetched = await self.store.fetch(model.manifest, req.user_id, req.history, candidates)
+        except StoreUnavailable as exc:
+            log.warning("degraded answer for user %s: %s", req.user_id, exc)
+            self.metrics.degraded.labels("store").inc()
+            return caller_order(req.user_id, candidates, req.k)
+        self.metrics.missing_vectors.inc(int((~fetched.cand_present).sum()))
+        try:
+            scored = await self._score(model, fetched)
+        except ModelError as exc:
+            log.error("degraded answer for user %s: %s", req.user_id, exc)
+            self.metrics.degraded.labels("model").inc()
+            return caller_order(req.user_id, candidates, req.k)
+        items, missing = rank(
+            candidates, fetched, scored, req.k, self.explain_top if req.explain else None
+        )
+        return RerankResponse(
+            user_id=req.user_id,
+            model_version=model.version,
+            items=items,
+            missing=missing,
+            degraded=False,
+        )
+
+    async def _score(self, model: LoadedModel, fetched: Fetched) -> Scored | None:
+        if len(fetched.cand) == 0:  # nothing to score: every candidate is missing
+            return None
+        # cand_rank is the position in the caller's deduplicated list, gaps included, so a
+        # missing vector does not shift the recall-order signal of the ones after it.
+        positions = np.flatnonzero(fetched.cand_present).astype(np.float32)
+        return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions))
+
+    async def events(self, req: EventsRequest) -> EventsResponse:
+        model = self.holder.model
+        keep = model.manifest.history_len if model is not None else self.default_history_len
+        length = await self.store.append_history(req.user_id, req.item_ids, keep)
+        return EventsResponse(user_id=req.user_id, history_length=length)
+
+    async def readiness(self) -> Readiness:
+        serving = self.holder.serving
+        try:
+            redis = await self.store.ping()
+            vectors = serving is not None and await self.store.vectors_present(
+                serving.model.version, serving.sample_ids
+            )
+        except StoreUnavailable:
+            redis = vectors = False
+        version = serving.model.version if serving is not None else None
+        return Readiness(
+            ready=redis and vectors, redis=redis, model_version=version, vectors=vectors
+        )

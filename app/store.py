@@ -1,0 +1,250 @@
+"""Redis access: versioned item vectors, user histories, the active-version pointer.
+
+Keys (prefix ``rr`` by default, see DESIGN.md)::
+
+    rr:active                 the active version
+    rr:m:<version>            its manifest JSON
+    rr:v:<version>:<item_id>  item vector, raw little-endian bytes of the manifest dtype
+    rr:h:<user_id>            item ids, newest first, trimmed to history_len
+
+Cost per /rerank: at most one round trip, zero when the caller sends the history and every
+vector is in the process cache. Every call runs under the per-request deadline and turns
+any Redis fault into ``StoreUnavailable``, which the service answers by failing open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from app.errors import StoreUnavailable
+from app.manifest import Manifest
+from app.metrics import Metrics
+
+# Why a script: the history's item ids are only known after the list is read, so a plain
+# pipeline needs a second round trip for the history's vectors. The script reads the list and
+# then every vector in one call. It builds the vector keys itself, which Redis Cluster only
+# allows when all keys share a slot; past one Redis this becomes LRANGE, then MGET per slot.
+# The history's vectors come back even when cached (the script cannot see the process cache):
+# at most history_len small strings, cheaper than a second round trip.
+FETCH_SCRIPT = """
+local ids = redis.call('LRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+local function mget(prefix, list, from)
+  local out = {}
+  local chunk = {}
+  for i = from, #list do
+    chunk[#chunk + 1] = prefix .. list[i]
+    if #chunk == 1000 or i == #list then
+      local got = redis.call('MGET', unpack(chunk))
+      for j = 1, #got do out[#out + 1] = got[j] end
+      chunk = {}
+    end
+  end
+  return out
+end
+return {ids, mget(ARGV[1], ids, 1), mget(ARGV[1], ARGV, 3)}
+"""
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.active = f"{prefix}:active"
+
+    def manifest(self, version: str) -> str:
+        return f"{self.prefix}:m:{version}"
+
+    def vector_prefix(self, version: str) -> str:
+        return f"{self.prefix}:v:{version}:"
+
+    def vector(self, version: str, item_id: str) -> str:
+        return f"{self.prefix}:v:{version}:{item_id}"
+
+    def history(self, user_id: str) -> str:
+        return f"{self.prefix}:h:{user_id}"
+
+
+class VectorCache:
+    """Bounded LRU of raw vector bytes keyed by (version, item id).
+
+    Vectors of a version never change, so entries need no invalidation; a new version simply
+    uses new keys and the old ones age out.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, version: str, item_id: str) -> bytes | None:
+        key = (version, item_id)
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, version: str, item_id: str, value: bytes) -> None:
+        if self.size == 0:
+            return
+        key = (version, item_id)
+        self._data[key] = value
+        self._data.move_to_end(key)
+        if len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What one request needs from the store, as model-ready arrays."""
+
+    hist_ids: list[str]  # oldest -> newest, only items that have a vector
+    hist: np.ndarray  # (Lh, D) float32
+    cand_present: np.ndarray  # (N,) bool: the candidate has a vector
+    cand: np.ndarray  # (n_present, D) float32, in the candidates' order
+
+
+def decode(raw: Sequence[bytes | None], manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """Raw vector strings -> (present mask, float32 matrix of the present ones).
+
+    One ``frombuffer`` over the joined bytes: no Python work per vector dimension. A value of
+    the wrong length (a foreign writer) counts as missing rather than corrupting a row.
+    """
+    size = manifest.vector_bytes
+    present = np.fromiter((r is not None and len(r) == size for r in raw), np.bool_, len(raw))
+    joined = b"".join(r for r, ok in zip(raw, present, strict=True) if ok and r is not None)
+    matrix = np.frombuffer(joined, dtype=manifest.wire_dtype).reshape(-1, manifest.dim)
+    return present, matrix.astype(np.float32)
+
+
+class Store:
+    def __init__(
+        self, client: Redis, prefix: str, timeout_s: float, cache: VectorCache, metrics: Metrics
+    ) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self.timeout_s = timeout_s
+        self.cache = cache
+        self.metrics = metrics
+        self._fetch_script = client.register_script(FETCH_SCRIPT)
+
+    async def _call(self, op: str, awaitable: Any) -> Any:
+        """Run one Redis call under the deadline; every failure becomes StoreUnavailable."""
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await awaitable
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"redis {op}: no answer within {self.timeout_s * 1000:g} ms"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"redis {op}: {exc}") from exc
+        finally:
+            self.metrics.redis_seconds.labels(op).observe(time.perf_counter() - start)
+        return result
+
+    async def ping(self) -> bool:
+        return bool(await self._call("ping", self.client.ping()))
+
+    async def active_version(self) -> str | None:
+        value = await self._call("get_active", self.client.get(self.keys.active))
+        return value.decode() if value is not None else None
+
+    async def manifest_json(self, version: str) -> bytes | None:
+        value: bytes | None = await self._call(
+            "get_manifest", self.client.get(self.keys.manifest(version))
+        )
+        return value
+
+    async def vectors_present(self, version: str, sample_ids: Sequence[str]) -> bool:
+        """The manifest key (written after every vector) and a sample of vectors exist."""
+        keys = [self.keys.manifest(version)] + [self.keys.vector(version, i) for i in sample_ids]
+        count = await self._call("exists", self.client.exists(*keys))
+        return int(count) == len(keys)
+
+    async def append_history(self, user_id: str, item_ids: Sequence[str], keep: int) -> int:
+        """Push events (oldest first) so the newest is at the head; trim; return the length."""
+        key = self.keys.history(user_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(key, *item_ids)
+        pipe.ltrim(key, 0, keep - 1)
+        pipe.llen(key)
+        result = await self._call("events", pipe.execute())
+        return int(result[-1])
+
+    def _cached(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
+        return [self.cache.get(version, i) for i in ids]
+
+    def _remember(self, version: str, ids: Sequence[str], values: Sequence[bytes | None]) -> None:
+        for item_id, value in zip(ids, values, strict=True):
+            if value is not None:
+                self.cache.put(version, item_id, value)
+
+    async def fetch(
+        self,
+        manifest: Manifest,
+        user_id: str,
+        history: Sequence[str] | None,
+        candidates: Sequence[str],
+    ) -> Fetched:
+        """History and vectors for one request in at most one round trip.
+
+        ``history`` (oldest first) given by the caller replaces the stored list.
+        """
+        version = manifest.version
+        cand_raw = self._cached(version, candidates)
+        cand_need = [i for i, r in zip(candidates, cand_raw, strict=True) if r is None]
+        if history is None:
+            hist_ids, hist_raw, cand_got = await self._fetch_with_history(
+                manifest, user_id, cand_need
+            )
+            self._remember(version, hist_ids, hist_raw)
+        else:
+            hist_ids = list(history[-manifest.history_len :])
+            hist_raw = self._cached(version, hist_ids)
+            hist_need = [i for i, r in zip(hist_ids, hist_raw, strict=True) if r is None]
+            got = await self._mget(version, hist_need + cand_need)
+            self._remember(version, hist_need, got[: len(hist_need)])
+            fill = iter(got[: len(hist_need)])
+            hist_raw = [r if r is not None else next(fill) for r in hist_raw]
+            cand_got = got[len(hist_need) :]
+        self._remember(version, cand_need, cand_got)
+        fill = iter(cand_got)
+        cand_raw = [r if r is not None else next(fill) for r in cand_raw]
+        self.metrics.cache_hits.inc(len(candidates) - len(cand_need))
+        self.metrics.cache_misses.inc(len(cand_need))
+
+        hist_present, hist = decode(hist_raw, manifest)
+        cand_present, cand = decode(cand_raw, manifest)
+        kept = [i for i, ok in zip(hist_ids, hist_present, strict=True) if ok]
+        return Fetched(kept, hist, cand_present, cand)
+
+    async def _fetch_with_history(
+        self, manifest: Manifest, user_id: str, cand_need: list[str]
+    ) -> tuple[list[str], list[bytes | None], list[bytes | None]]:
+        version = manifest.version
+        ids, hist_raw, cand_got = await self._call(
+            "fetch",
+            self._fetch_script(
+                keys=[self.keys.history(user_id)],
+                args=[self.keys.vector_prefix(version), manifest.history_len, *cand_need],
+            ),
+        )
+        # The list is newest first; the model reads oldest -> newest.
+        return [i.decode() for i in reversed(ids)], list(reversed(hist_raw)), list(cand_got)
+
+    async def _mget(self, version: str, ids: list[str]) -> list[bytes | None]:
+        if not ids:  # everything was cached: no round trip at all
+            return []
+        keys = [self.keys.vector(version, i) for i in ids]
+        return list(await self._call("mget", self.client.mget(keys)))

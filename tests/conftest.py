@@ -1,0 +1,107 @@
+"""Shared fixtures: two exported random models, a real redis-server, app factories.
+
+Everything talks to a real redis-server started by the suite on a free port. Each test gets
+its own key prefix, so tests share one server without seeing each other's keys; the tests
+that stop or pause Redis start their own server.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.embedded import EmbeddedRedis
+from app.factory import create_app
+from app.loader import load_model
+from tests.reference import Reference
+
+VERSION_A = "test-a"
+VERSION_B = "test-b"
+HISTORY_LEN = 8
+N_ITEMS = 200
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """models/ with two versions of the same shape and different weights and vectors."""
+    from training.export import export_random_model  # torch: only the fixtures need it
+
+    root = tmp_path_factory.mktemp("models")
+    # The exporter is the training side's: its torch deprecation notices are not ours to fix
+    # (and the exporter's stacklevel attributes them to training/, past pyproject's filter).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for version, seed in ((VERSION_A, 0), (VERSION_B, 1)):
+            export_random_model(
+                root, N_ITEMS, dim=16, history_len=HISTORY_LEN, version=version, seed=seed
+            )
+    return root
+
+
+@pytest.fixture(scope="session")
+def references(model_dir: Path) -> dict[str, Reference]:
+    return {v: Reference(model_dir / v) for v in (VERSION_A, VERSION_B)}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis() as server:
+        yield server
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+def make_settings(redis_url: str, prefix: str, model_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "key_prefix": prefix,
+        "model_dir": model_dir,
+        "max_candidates": 64,  # fewer shape buckets: faster warm-up
+        "max_batch": 8,
+        "max_wait_ms": 1.0,
+        "onnx_threads": 1,
+        "version_poll_s": 0.1,
+        "redis_timeout_ms": 50,
+        "max_history": 100,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def settings_factory(
+    redis_server: EmbeddedRedis, prefix: str, model_dir: Path
+) -> Callable[..., Settings]:
+    def build(**overrides: Any) -> Settings:
+        return make_settings(redis_server.url, prefix, model_dir, **overrides)
+
+    return build
+
+
+@pytest.fixture
+def loaded(redis_server: EmbeddedRedis, prefix: str, model_dir: Path) -> str:
+    """Version A loaded into Redis under this test's prefix and active."""
+    load_model(redis_server.url, model_dir / VERSION_A, prefix)
+    return VERSION_A
+
+
+@pytest.fixture
+def app(loaded: str, settings_factory: Callable[..., Settings]) -> FastAPI:
+    return create_app(settings_factory())
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as c:
+        yield c
