@@ -70,7 +70,8 @@ class EmbeddedRedis:
             str(self.dir),
             # Snapshot on shutdown, so a stop and start (tests, restarts) keeps the data.
             "--save",
-            "3600 1",
+            "3600",
+            "1",
             "--appendonly",
             "no",
             "--daemonize",

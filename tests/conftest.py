@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -84,7 +86,8 @@ def settings_factory(
     redis_server: EmbeddedRedis, prefix: str, model_dir: Path
 ) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
-        return make_settings(redis_server.url, prefix, model_dir, **overrides)
+        folder = overrides.pop("model_dir", model_dir)
+        return make_settings(redis_server.url, prefix, folder, **overrides)
 
     return build
 
@@ -105,3 +108,19 @@ def app(loaded: str, settings_factory: Callable[..., Settings]) -> FastAPI:
 def client(app: FastAPI) -> Iterator[TestClient]:
     with TestClient(app) as c:
         yield c
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app's lifespan plus an async client on one event loop: for concurrent traffic."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@pytest.fixture
+def own_redis() -> Iterator[EmbeddedRedis]:
+    """A redis-server of this test alone, which it may stop, pause and restart."""
+    with EmbeddedRedis() as server:
+        yield server

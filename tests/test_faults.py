@@ -1,0 +1,142 @@
+"""Fail open: Redis stopped or paused mid-test, a full queue, a model that cannot run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.embedded import EmbeddedRedis
+from app.errors import ModelError
+from app.factory import create_app
+from app.loader import load_model
+from app.model import Job, LoadedModel, Scored
+from tests.conftest import VERSION_A, make_settings, serve
+
+# Generous: the deadline is 50 ms of Redis time; the bound only has to prove "no hang".
+WITHIN_DEADLINE_S = 1.0
+CANDS = ["9", "3", "7", "3", "1"]
+
+
+def ask(client: TestClient) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    # No history in the request: every call reads the stored list, so it needs Redis.
+    response = client.post("/rerank", json={"user_id": "f", "candidates": CANDS, "k": 3})
+    took = time.perf_counter() - start
+    assert response.status_code == 200, response.text
+    return response.json(), took
+
+
+def assert_degraded(body: dict[str, Any]) -> None:
+    assert body["degraded"] is True
+    assert [i["item_id"] for i in body["items"]] == ["9", "3", "7"]  # the caller's order
+
+
+def wait_ready(client: TestClient, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "no recovery"
+        time.sleep(0.05)
+
+
+def fault_app(own_redis: EmbeddedRedis, prefix: str, model_dir: Path) -> TestClient:
+    load_model(own_redis.url, model_dir / VERSION_A, prefix)
+    return TestClient(create_app(make_settings(own_redis.url, prefix, model_dir)))
+
+
+def test_redis_paused_then_resumed(own_redis: EmbeddedRedis, prefix: str, model_dir: Path) -> None:
+    with fault_app(own_redis, prefix, model_dir) as client:
+        body, _ = ask(client)
+        assert not body["degraded"]
+        own_redis.pause()
+        try:
+            for _ in range(3):
+                body, took = ask(client)
+                assert_degraded(body)
+                assert took < WITHIN_DEADLINE_S
+            ready = client.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["redis"] is False
+            assert 'reason="store"' in client.get("/metrics").text
+        finally:
+            own_redis.resume()
+        wait_ready(client)
+        body, _ = ask(client)
+        assert not body["degraded"] and body["model_version"] == VERSION_A
+
+
+def test_redis_stopped_then_restarted(
+    own_redis: EmbeddedRedis, prefix: str, model_dir: Path
+) -> None:
+    with fault_app(own_redis, prefix, model_dir) as client:
+        assert not ask(client)[0]["degraded"]
+        own_redis.stop()
+        body, took = ask(client)
+        assert_degraded(body)
+        assert took < WITHIN_DEADLINE_S
+        assert client.get("/readyz").status_code == 503
+        ev = client.post("/events", json={"user_id": "f", "item_ids": ["1"]})
+        assert ev.status_code == 503  # a write cannot fail open
+        own_redis.start()  # same port, same data: the snapshot taken at shutdown
+        wait_ready(client)
+        body, _ = ask(client)
+        assert not body["degraded"]
+
+
+def test_readiness_needs_the_vectors(
+    own_redis: EmbeddedRedis, prefix: str, model_dir: Path
+) -> None:
+    with fault_app(own_redis, prefix, model_dir) as client:
+        wait_ready(client)
+        r = redis.Redis.from_url(own_redis.url)
+        try:
+            r.delete(f"{prefix}:v:{VERSION_A}:1")
+        finally:
+            r.close()
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["vectors"] is False
+
+
+def slow(model: LoadedModel, seconds: float) -> None:
+    original = model.run_batch
+
+    def run_batch(jobs: list[Job]) -> list[Scored]:
+        time.sleep(seconds)
+        return original(jobs)
+
+    model.run_batch = run_batch  # type: ignore[method-assign]
+
+
+def test_queue_full_is_503_with_retry_after(
+    loaded: str, settings_factory: Callable[..., Settings]
+) -> None:
+    app = create_app(settings_factory(queue_limit=1, max_batch=1, retry_after_s=2))
+
+    async def main() -> list[Any]:
+        async with serve(app) as client:
+            slow(app.state.holder.model, 0.3)
+            body = {"user_id": "q", "candidates": ["1", "2"], "history": []}
+            return await asyncio.gather(*(client.post("/rerank", json=body) for _ in range(6)))
+
+    responses = asyncio.run(main())
+    codes = sorted(r.status_code for r in responses)
+    assert 503 in codes and 200 in codes and set(codes) == {200, 503}
+    shed = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "2" for r in shed)
+
+
+def test_model_failure_is_degraded(client: TestClient) -> None:
+    model = client.app.state.holder.model  # type: ignore[attr-defined]
+
+    def broken(jobs: list[Job]) -> list[Scored]:
+        raise ModelError("simulated")
+
+    model.run_batch = broken
+    body = client.post("/rerank", json={"user_id": "m", "candidates": ["5", "4"], "k": 2}).json()
+    assert body["degraded"] and [i["item_id"] for i in body["items"]] == ["5", "4"]
+    assert 'reason="model"' in client.get("/metrics").text
