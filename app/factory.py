@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
             watcher = VersionWatcher(store, holder, spec, settings.version_poll_s, metrics)
             try:
+                await store.prepare()
                 # A manifest or model that does not match refuses the start (raises here);
                 # a Redis that does not answer yet only delays the model: the watcher retries.
                 await watcher.poll_once(strict=True)

@@ -153,6 +153,10 @@ class Store:
             self.metrics.redis_seconds.labels(op).observe(time.perf_counter() - start)
         return result
 
+    async def prepare(self) -> None:
+        """Load the fetch script now, so the first request does not pay for NOSCRIPT."""
+        await self._call("script_load", self.client.script_load(FETCH_SCRIPT))
+
     async def ping(self) -> bool:
         return bool(await self._call("ping", self.client.ping()))
 

@@ -1,0 +1,141 @@
+"""Batcher: gathering, the bounded queue, errors, model pinning, a free event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.batcher import Batcher
+from app.errors import ModelError, Overloaded
+from app.metrics import Metrics
+from app.model import Job, Scored
+
+
+class FakeModel:
+    """Scores a candidate by its first coordinate; records the batches it ran."""
+
+    def __init__(self, version: str = "fake", gate: threading.Event | None = None) -> None:
+        self.version = version
+        self.gate = gate
+        self.batches: list[int] = []
+        self.fail = False
+
+    def run_batch(self, jobs: list[Job]) -> list[Scored]:
+        if self.gate is not None:
+            self.gate.wait(5)
+        self.batches.append(len(jobs))
+        if self.fail:
+            raise ModelError("simulated")
+        return [Scored(j.cand[:, 0].copy(), np.zeros((len(j.cand), len(j.hist)))) for j in jobs]
+
+
+def job(value: float) -> Job:
+    return Job(np.zeros((2, 4), np.float32), np.full((3, 4), value, np.float32), np.arange(3.0))
+
+
+def run(body: Callable[[Batcher], Awaitable[None]], **kwargs: Any) -> None:
+    async def main() -> None:
+        options = {"max_batch": 4, "max_wait_s": 0.2, "queue_limit": 16} | kwargs
+        batcher = Batcher(metrics=Metrics(), **options)
+        batcher.start()
+        try:
+            await body(batcher)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_concurrent_requests_share_one_run() -> None:
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(b.submit(model, job(i)) for i in range(4)))  # type: ignore[arg-type]
+        assert time.perf_counter() - start < 0.15  # a full batch does not wait for max_wait
+        assert [r.scores[0] for r in results] == [0, 1, 2, 3]  # each gets its own rows
+
+    run(body)
+    assert model.batches == [4]
+
+
+def test_a_lone_request_runs_after_max_wait() -> None:
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        await b.submit(model, job(1))  # type: ignore[arg-type]
+
+    run(body, max_batch=8, max_wait_s=0.01)
+    assert model.batches == [1]
+
+
+def test_full_queue_refuses_at_once() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        running = asyncio.create_task(b.submit(model, job(0)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)  # taken by the loop, now blocked in the model
+        queued = [asyncio.create_task(b.submit(model, job(1))) for _ in range(2)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await b.submit(model, job(2))  # type: ignore[arg-type]
+        gate.set()
+        await asyncio.gather(running, *queued)
+
+    run(body, max_batch=1, max_wait_s=0, queue_limit=2)
+
+
+def test_a_failed_run_fails_its_requests_only() -> None:
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        model.fail = True
+        with pytest.raises(ModelError):
+            await b.submit(model, job(0))  # type: ignore[arg-type]
+        model.fail = False
+        assert (await b.submit(model, job(1))).scores[0] == 1  # type: ignore[arg-type]
+
+    run(body, max_wait_s=0)
+
+
+def test_a_batch_spanning_a_swap_is_split_by_model() -> None:
+    gate = threading.Event()
+    blocker, old, new = FakeModel(gate=gate), FakeModel("old"), FakeModel("new")
+
+    async def body(b: Batcher) -> None:
+        first = asyncio.create_task(b.submit(blocker, job(0)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        pending = [
+            asyncio.create_task(b.submit(m, job(i)))  # type: ignore[arg-type]
+            for i, m in enumerate([old, new, old, new])
+        ]
+        await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(first, *pending)
+
+    run(body, max_batch=8, max_wait_s=0)
+    assert old.batches == [2] and new.batches == [2]
+
+
+def test_the_event_loop_runs_while_the_model_does() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        request = asyncio.create_task(b.submit(model, job(0)))  # type: ignore[arg-type]
+        ticks = 0
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert ticks == 5 and not request.done()
+        gate.set()
+        await request
+
+    run(body, max_wait_s=0)

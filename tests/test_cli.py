@@ -1,0 +1,81 @@
+"""The rerank command: load, serve with an embedded Redis, offline verbs, no torch import."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from app import cli
+from app.embedded import EmbeddedRedis
+from tests.conftest import VERSION_A, VERSION_B
+
+
+def test_load(
+    monkeypatch: pytest.MonkeyPatch, redis_server: EmbeddedRedis, prefix: str, model_dir: Path
+) -> None:
+    monkeypatch.setenv("RERANK_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("RERANK_KEY_PREFIX", prefix)
+    assert cli.main(["load", str(model_dir / VERSION_A)]) == 0
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.get(f"{prefix}:active") == VERSION_A.encode()
+    finally:
+        client.close()
+
+
+def test_load_needs_a_redis_url(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
+    monkeypatch.setenv("RERANK_REDIS_URL", "")
+    assert cli.main(["load", str(model_dir / VERSION_A)]) == 2
+
+
+def test_serve_without_redis_starts_one_with_the_default_model(
+    monkeypatch: pytest.MonkeyPatch, model_dir: Path
+) -> None:
+    monkeypatch.setenv("RERANK_REDIS_URL", "")  # restored afterwards, serve sets it
+    monkeypatch.setenv("RERANK_MODEL_DIR", str(model_dir))
+    seen: dict[str, Any] = {}
+
+    def fake_run(target: str, **kwargs: Any) -> None:
+        seen.update(kwargs, target=target)
+        client = redis.Redis.from_url(os.environ["RERANK_REDIS_URL"])
+        try:
+            seen["active"] = client.get("rr:active")
+        finally:
+            client.close()
+
+    monkeypatch.setattr("uvicorn.run", fake_run)
+    assert cli.main(["serve", "--port", "8123", "--workers", "2"]) == 0
+    assert seen["target"] == "app.main:app"
+    assert (seen["port"], seen["workers"], seen["loop"], seen["http"]) == (
+        8123,
+        2,
+        "uvloop",
+        "httptools",
+    )
+    assert seen["active"] == VERSION_B.encode()  # the newest folder: no models/DEFAULT here
+
+
+def test_offline_verbs_go_to_training_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    fake = types.ModuleType("training.cli")
+    fake.main = lambda argv: calls.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "training.cli", fake)
+    assert cli.main(["train", "--epochs", "1"]) == 0
+    assert calls == [["train", "--epochs", "1"]]
+
+
+def test_the_service_never_imports_torch_or_training() -> None:
+    code = (
+        "import sys, app.main, app.cli\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('training')]\n"
+        "assert not bad, bad\n"
+    )
+    env = {**os.environ, "RERANK_REDIS_URL": "redis://127.0.0.1:1/0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)

@@ -1,0 +1,140 @@
+"""Store: one round trip per request, zero on a cache hit, the deadline, decoding."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from redis.asyncio import Redis
+
+from app.embedded import EmbeddedRedis
+from app.errors import StoreUnavailable
+from app.loader import load_model
+from app.manifest import Manifest
+from app.metrics import Metrics
+from app.store import Store, VectorCache
+
+T = TypeVar("T")
+
+
+def run(
+    url: str, prefix: str, body: Callable[[Store, list[str]], Awaitable[T]], timeout_s: float = 1.0
+) -> T:
+    """Run ``body(store, calls)`` with a fresh client; ``calls`` records each round trip."""
+
+    async def main() -> T:
+        client = Redis.from_url(url)
+        calls: list[str] = []
+        original = client.execute_command
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(str(args[0]))
+            return await original(*args, **kwargs)
+
+        client.execute_command = counted  # type: ignore[method-assign]
+        store = Store(client, prefix, timeout_s, VectorCache(1000), Metrics())
+        try:
+            return await body(store, calls)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture
+def manifest(redis_server: EmbeddedRedis, prefix: str, model_dir: Path) -> Manifest:
+    return load_model(redis_server.url, model_dir / "test-a", prefix)
+
+
+def vectors(model_dir: Path, ids: list[str]) -> np.ndarray:
+    table = np.load(model_dir / "test-a" / "item_vectors.npy").astype(np.float32)
+    return table[[int(i) - 1 for i in ids]]  # ids "1".."200" are rows 0..199
+
+
+def test_one_round_trip_then_none(
+    redis_server: EmbeddedRedis, prefix: str, manifest: Manifest, model_dir: Path
+) -> None:
+    async def body(store: Store, calls: list[str]) -> None:
+        await store.prepare()
+        await store.append_history("u", ["5", "6", "nope", "7"], keep=manifest.history_len)
+        calls.clear()
+        cands = ["1", "x", "2"]
+        got = await store.fetch(manifest, "u", None, cands)
+        assert calls == ["EVALSHA"]  # history list and every vector: one round trip
+        assert got.hist_ids == ["5", "6", "7"]  # oldest first, the one without a vector dropped
+        np.testing.assert_array_equal(got.hist, vectors(model_dir, ["5", "6", "7"]))
+        assert got.cand_present.tolist() == [True, False, True]
+        np.testing.assert_array_equal(got.cand, vectors(model_dir, ["1", "2"]))
+
+        calls.clear()
+        again = await store.fetch(manifest, "u", ["5", "6", "7"], ["1", "2"])
+        assert calls == []  # history given and every vector cached: no round trip
+        np.testing.assert_array_equal(again.cand, got.cand)
+
+        calls.clear()
+        await store.fetch(manifest, "u", ["8", "5"], ["1", "3"])
+        assert calls == ["MGET"]  # only the uncached ones, in one MGET
+
+    run(redis_server.url, prefix, body)
+
+
+def test_history_is_trimmed_and_newest_last(
+    redis_server: EmbeddedRedis, prefix: str, manifest: Manifest
+) -> None:
+    async def body(store: Store, calls: list[str]) -> None:
+        items = [str(i) for i in range(1, 21)]
+        assert await store.append_history("t", items, keep=manifest.history_len) == 8
+        got = await store.fetch(manifest, "t", None, ["1"])
+        assert got.hist_ids == items[-8:]
+        given = await store.fetch(manifest, "t", items, ["1"])  # a long given history too
+        assert given.hist_ids == items[-8:]
+
+    run(redis_server.url, prefix, body)
+
+
+def test_a_vector_of_the_wrong_size_counts_as_missing(
+    redis_server: EmbeddedRedis, prefix: str, manifest: Manifest
+) -> None:
+    async def body(store: Store, calls: list[str]) -> None:
+        await store.client.set(f"{prefix}:v:test-a:odd", b"\x00" * 5)
+        got = await store.fetch(manifest, "u", [], ["odd", "1"])
+        assert got.cand_present.tolist() == [False, True] and got.cand.shape == (1, 16)
+
+    run(redis_server.url, prefix, body)
+
+
+def test_paused_redis_is_unavailable_within_the_deadline(
+    own_redis: EmbeddedRedis, prefix: str, model_dir: Path
+) -> None:
+    m = load_model(own_redis.url, model_dir / "test-a", prefix)
+
+    async def body(store: Store, calls: list[str]) -> None:
+        await store.ping()
+        own_redis.pause()
+        try:
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(StoreUnavailable, match="within 50 ms"):
+                await store.fetch(m, "u", None, ["1"])
+            assert loop.time() - start < 1.0
+        finally:
+            own_redis.resume()
+
+    run(own_redis.url, prefix, body, timeout_s=0.05)
+
+
+def test_cache_is_a_bounded_lru() -> None:
+    cache = VectorCache(2)
+    cache.put("v", "a", b"a")
+    cache.put("v", "b", b"b")
+    assert cache.get("v", "a") == b"a"  # a is now the most recent
+    cache.put("v", "c", b"c")
+    assert cache.get("v", "b") is None and cache.get("v", "a") == b"a" and len(cache) == 2
+    assert cache.get("other", "a") is None  # keyed by version too
+    off = VectorCache(0)
+    off.put("v", "a", b"a")
+    assert off.get("v", "a") is None
