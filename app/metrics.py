@@ -45,10 +45,10 @@ class Metrics:
             registry=r,
         )
         self.cache_hits = Counter(
-            "rerank_vector_cache_hits", "Item vectors found in the process cache", registry=r
+            "rerank_cache_hits", "Candidate vectors found in the process cache", registry=r
         )
         self.cache_misses = Counter(
-            "rerank_vector_cache_misses", "Item vectors read from Redis", registry=r
+            "rerank_cache_misses", "Candidate vectors read from Redis", registry=r
         )
         self.missing_vectors = Counter(
             "rerank_missing_vectors", "Candidates without a vector (ranked last)", registry=r

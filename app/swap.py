@@ -2,8 +2,8 @@
 
 The new session loads in a thread while the old one keeps serving; the swap itself is one
 reference assignment, read once per request (the request's pinned model). A version that
-fails to load is logged, counted, and not retried until ``rr:active`` changes again; the
-old model keeps serving.
+fails to load is logged and counted, the old model keeps serving, and the version is tried
+again only every ``RETRY_FAILED_S`` (its files may still be on their way to this machine).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from app.model import LoadedModel, load_model
 from app.store import Store
 
 log = logging.getLogger(__name__)
+
+RETRY_FAILED_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class VersionWatcher:
         self.poll_s = poll_s
         self.metrics = metrics
         self.failed_version: str | None = None
+        self._failed_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -106,7 +109,10 @@ class VersionWatcher:
         """Swap to the active version if it is new. ``strict`` raises load failures (start-up)."""
         version = await self.store.active_version()
         current = self.holder.model
-        if version is None or version == self.failed_version:
+        if version is None:
+            return
+        loop = asyncio.get_running_loop()
+        if version == self.failed_version and loop.time() - self._failed_at < RETRY_FAILED_S:
             return
         if current is not None and version == current.version:
             return
@@ -117,7 +123,7 @@ class VersionWatcher:
             remote = parse_manifest(json.loads(raw), f"redis manifest of {version}")
             serving = await asyncio.to_thread(load_version, self.spec, remote)
         except (ManifestMismatch, ModelError, OSError, ValueError) as exc:
-            self.failed_version = version
+            self.failed_version, self._failed_at = version, loop.time()
             self.metrics.swap_failures.inc()
             log.error("model %s not loaded, keeping %s: %s", version, _name(current), exc)
             if strict:
