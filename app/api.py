@@ -20,7 +20,8 @@ from app.metrics import Metrics
 from app.schemas import EventsResponse, Health, Readiness, RerankResponse, request_models
 from app.service import RerankService
 
-log = logging.getLogger(__name__)
+# The access log: one line per request with its X-Request-ID (uvicorn's own is turned off).
+access_log = logging.getLogger("app.access")
 
 ROUTES = frozenset({"/rerank", "/events", "/healthz", "/readyz", "/metrics"})
 # A caller's id is echoed into headers and logs: accept only short, plain tokens.
@@ -109,7 +110,14 @@ class RequestContext:
             path = scope["path"]
             route = path if path in ROUTES else "other"  # bounded label values
             self.metrics.latency.labels(route, str(status)).observe(took)
-            log.debug("%s %s -> %d in %.1f ms", scope["method"], path, status, took * 1000)
+            access_log.info(
+                "%s %s %d %.1fms",
+                scope["method"],
+                path,
+                status,
+                took * 1000,
+                extra={"request_id": request_id},
+            )
             REQUEST_ID.reset(token)
 
 

@@ -47,6 +47,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             loop="uvloop",
             http="httptools",
             log_level=settings.log_level.lower(),
+            access_log=False,  # app.access logs each request with its X-Request-ID
         )
     finally:
         if server is not None:

@@ -10,7 +10,8 @@ REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = REQUEST_ID.get()
+        if not hasattr(record, "request_id"):  # the access log passes its own
+            record.request_id = REQUEST_ID.get()
         return True
 
 

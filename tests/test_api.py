@@ -261,3 +261,11 @@ def test_no_active_model_is_degraded_not_ready(settings_factory: Callable[..., S
         assert [i["item_id"] for i in body["items"]] == ["3", "1"]
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False
+
+
+def test_request_id_is_logged(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="app.access"):
+        client.get("/healthz", headers={"X-Request-ID": "trace-42"})
+    lines = [r for r in caplog.records if r.name == "app.access"]
+    assert lines and "GET /healthz 200" in lines[-1].getMessage()
+    assert lines[-1].request_id == "trace-42"
