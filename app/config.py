@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     max_history: int = Field(
         default=1000,
         description="Most item ids in a request's own `history` or in one /events call; only "
-        "the newest history_len of a history are read by the model.",
+        "the newest history_len of a history are read by the model. Stored histories are "
+        "trimmed to the model's history_len (to this while no model is loaded).",
     )
     explain_top: int = Field(
         default=3, description="History items listed per returned item when explain is true."
@@ -176,3 +177,18 @@ class Settings(BaseSettings):
     @property
     def max_wait_s(self) -> float:
         return self.max_wait_ms / 1000.0
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (environment variable, default, description)."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if default is None or default == []:
+            shown = "unset"
+        elif isinstance(default, list):
+            shown = f"`{','.join(default)}`"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `RERANK_{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows) + "\n"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from app.config import Settings
+from app.config import Settings, settings_table
 
 
 def settings(**values: Any) -> Settings:
@@ -60,3 +60,10 @@ def test_read_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None
 def test_impossible_values_are_refused_by_name(key: str, value: Any) -> None:
     with pytest.raises(ValidationError, match=key):
         settings(**{key: value})
+
+
+def test_settings_table_lists_every_setting() -> None:
+    table = settings_table()
+    for name in Settings.model_fields:
+        assert f"`RERANK_{name.upper()}`" in table
+    assert "| `RERANK_REDIS_TIMEOUT_MS` | `50.0` |" in table
