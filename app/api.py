@@ -4,20 +4,32 @@ No ``from __future__ import annotations`` here: FastAPI reads the route annotati
 time, and the request body types are local to ``build_router``.
 """
 
+import hmac
 import logging
 import re
 import time
 import uuid
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.params import Depends as DependsParam
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
+from app.errors import Unauthorized
 from app.logs import REQUEST_ID
 from app.metrics import Metrics
-from app.schemas import EventsResponse, Health, Readiness, RerankResponse, request_models
+from app.schemas import (
+    ErrorDetail,
+    EventsResponse,
+    Health,
+    Readiness,
+    RerankResponse,
+    request_models,
+)
 from app.service import RerankService
 
 # The access log: one line per request with its X-Request-ID (uvicorn's own is turned off).
@@ -42,36 +54,95 @@ ServiceDep = Annotated[RerankService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
+def api_key_check(keys: Sequence[bytes]) -> DependsParam:
+    """A dependency that lets a request through only with one of ``keys``.
+
+    The key comes in ``X-API-Key`` or ``Authorization: Bearer``; every configured key is
+    compared in constant time (``hmac.compare_digest``), all of them, so the time taken does
+    not tell which key came close. The key is never logged nor echoed.
+    """
+    header = APIKeyHeader(name="X-API-Key", auto_error=False)
+    bearer = HTTPBearer(auto_error=False)
+
+    async def check(
+        api_key: Annotated[str | None, Depends(header)],
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> None:
+        given = api_key if api_key is not None else (credentials and credentials.credentials)
+        if not given:
+            raise Unauthorized("no API key")
+        raw = given.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in keys:
+            matched |= hmac.compare_digest(raw, key)
+        if not matched:
+            raise Unauthorized("wrong API key")
+
+    return Depends(check)
+
+
+def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route may give besides 422."""
+    text = {
+        401: "No API key, or a wrong one (only when API keys are configured).",
+        413: "The request body is larger than max_body_bytes.",
+        503: "Overloaded (with Retry-After), Redis unavailable for a write, or not ready.",
+    }
+    return {code: {"model": ErrorDetail, "description": text[code]} for code in codes}
+
+
 def build_router(settings: Settings) -> APIRouter:
     """The routes, with request models that carry this app's limits."""
     rerank_body, events_body = request_models(settings)
     router = APIRouter()
+    keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    work: list[DependsParam] = [api_key_check(keys)] if keys else []
+    ops = work if settings.protect_ops else []
+    work_errors = _documented(*((401,) if keys else ()), 413, 503)
+    ops_errors = _documented(401) if ops else {}
 
     # The body types are built from the settings at run time, which mypy cannot follow.
-    @router.post("/rerank")
+    @router.post("/rerank", dependencies=work, responses=work_errors)
     async def rerank(body: rerank_body, service: ServiceDep) -> RerankResponse:  # type: ignore[valid-type]
         """Reorder the candidates for the user; top k, missing ones last."""
         return await service.rerank(body)
 
-    @router.post("/events")
+    @router.post("/events", dependencies=work, responses=work_errors)
     async def events(body: events_body, service: ServiceDep) -> EventsResponse:  # type: ignore[valid-type]
         """Append items to the user's history (oldest first in the list)."""
         return await service.events(body)
 
-    @router.get("/healthz")
+    @router.get("/healthz", dependencies=ops, responses=ops_errors)
     async def healthz() -> Health:
         """The process is alive."""
         return Health(status="ok")
 
-    @router.get("/readyz")
-    async def readyz(service: ServiceDep, response: Response) -> Readiness:
-        """Redis answers, a model is loaded and its vectors are in Redis."""
+    @router.get(
+        "/readyz",
+        dependencies=ops,
+        responses={**ops_errors, 503: {"model": Readiness, "description": "Not ready."}},
+    )
+    async def readyz(request: Request, service: ServiceDep, response: Response) -> Readiness:
+        """Redis answers, a model is loaded and its vectors are in Redis; not shutting down."""
         ready = await service.readiness()
+        if request.app.state.drain.draining:
+            ready = ready.model_copy(update={"ready": False, "draining": True})
         if not ready.ready:
             response.status_code = 503
         return ready
 
-    @router.get("/metrics")
+    @router.get(
+        "/metrics",
+        dependencies=ops,
+        response_class=Response,
+        responses={
+            **ops_errors,
+            200: {
+                "description": "Prometheus text format.",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+        },
+    )
     async def metrics(metrics: MetricsDep) -> Response:
         """Prometheus text format."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

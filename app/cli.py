@@ -48,6 +48,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             http="httptools",
             log_level=settings.log_level.lower(),
             access_log=False,  # app.access logs each request with its X-Request-ID
+            # After the shutdown delay (app/drain.py), the longest wait for in-flight requests.
+            timeout_graceful_shutdown=max(1, round(settings.drain_s)),
         )
     finally:
         if server is not None:
@@ -56,14 +58,22 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def load(args: argparse.Namespace, settings: Settings) -> int:
+    from app.errors import RerankError
     from app.loader import load_model
 
     if settings.redis_url is None:
         log.error("set RERANK_REDIS_URL to the Redis to load into")
         return 2
-    manifest = load_model(
-        settings.redis_url, Path(args.model_dir), settings.key_prefix, activate=not args.no_activate
-    )
+    try:
+        manifest = load_model(
+            settings.redis_url,
+            Path(args.model_dir),
+            settings.key_prefix,
+            activate=not args.no_activate,
+        )
+    except RerankError as exc:
+        log.error("%s", exc)
+        return 1
     log.info("version %s loaded%s", manifest.version, "" if args.no_activate else " and active")
     return 0
 

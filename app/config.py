@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
@@ -90,6 +90,36 @@ class Settings(BaseSettings):
         description="How often the service reads rr:active to notice a new model version.",
     )
     log_level: str = Field(default="INFO", description="Logging level of the service.")
+    max_body_bytes: int = Field(
+        default=1_048_576,
+        description="Largest request body accepted, in bytes; a larger one gets 413 before "
+        "it is read whole.",
+    )
+    max_inflight: int = Field(
+        default=64,
+        description="Most /rerank and /events requests one process works on at once; beyond "
+        "it a request gets 503 with Retry-After at once, before its body is read (0: no limit).",
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="API keys, comma separated. Set: /rerank and /events need one in "
+        "`X-API-Key` or `Authorization: Bearer`, else 401. Unset: open.",
+    )
+    protect_ops: bool = Field(
+        default=False,
+        description="With api_keys: /healthz, /readyz and /metrics need a key too (probes "
+        "and scrapers must then send one).",
+    )
+    shutdown_delay_s: float = Field(
+        default=2.0,
+        description="On SIGTERM, /readyz answers 503 for this long while requests are still "
+        "served, so load balancers stop sending; then the server stops accepting.",
+    )
+    drain_s: float = Field(
+        default=10.0,
+        description="After the shutdown delay, longest wait for in-flight requests before "
+        "they are cancelled (uvicorn's graceful shutdown timeout).",
+    )
 
     @field_validator(
         "max_batch",
@@ -100,6 +130,7 @@ class Settings(BaseSettings):
         "max_k",
         "max_history",
         "explain_top",
+        "max_body_bytes",
     )
     @classmethod
     def _positive_int(cls, value: int, info: Any) -> int:
@@ -107,7 +138,9 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name}={value} must be at least 1")
         return value
 
-    @field_validator("cache_size", "onnx_threads", "max_wait_ms")
+    @field_validator(
+        "cache_size", "onnx_threads", "max_wait_ms", "max_inflight", "shutdown_delay_s", "drain_s"
+    )
     @classmethod
     def _not_negative(cls, value: float, info: Any) -> float:
         if value < 0:
@@ -169,6 +202,28 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"onnx_providers: unknown provider(s) {unknown}")
         return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _key_length(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # Never name the key itself in the message: it would land in the logs.
+        short = [i for i, k in enumerate(value) if len(k.get_secret_value()) < 16]
+        if short:
+            raise ValueError(f"api_keys: key(s) number {short} shorter than 16 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _ops_need_keys(self) -> Settings:
+        if self.protect_ops and not self.api_keys:
+            raise ValueError("protect_ops=true needs api_keys: no key could open /healthz")
+        return self
 
     @property
     def redis_timeout_s(self) -> float:

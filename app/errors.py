@@ -5,9 +5,11 @@
     RerankError                  base of everything the service raises on purpose
     ├── StoreUnavailable         Redis down, slow, or past the request deadline
     │                              /rerank: fail open (200, degraded); elsewhere 503
-    ├── Overloaded               the batch queue is full: 503 + Retry-After
+    ├── Overloaded               the batch queue or the in-flight limit is full: 503 + Retry-After
+    ├── Unauthorized             no API key, or a wrong one: 401
     ├── ModelError               ONNX Runtime failed to load or to run a model
-    └── ManifestMismatch         a model folder or Redis manifest does not match its files
+    ├── ManifestMismatch         a model folder or Redis manifest does not match its files
+    └── LoadFailed               `rerank load` could not write or verify a version in Redis
 
 Routes never catch broadly: the handlers below turn these into responses in one place.
 """
@@ -30,12 +32,20 @@ class Overloaded(RerankError):
     """The batch queue is full; the caller should retry later."""
 
 
+class Unauthorized(RerankError):
+    """The request carries no API key, or one that is not configured."""
+
+
 class ModelError(RerankError):
     """ONNX Runtime could not load or run the model."""
 
 
 class ManifestMismatch(RerankError):
     """A model's manifest does not match its files, its vectors or the Redis copy."""
+
+
+class LoadFailed(RerankError):
+    """Loading a version into Redis failed; the active version was left unchanged."""
 
 
 def install_handlers(app: FastAPI, retry_after_s: int) -> None:
@@ -48,6 +58,14 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
             headers={"Retry-After": str(retry_after_s)},
         )
 
+    async def unauthorized(_: Request, exc: Exception) -> JSONResponse:
+        # The message never repeats what the caller sent: a key must not be echoed or logged.
+        return JSONResponse(
+            {"detail": "unauthorized: send a valid API key in X-API-Key or Authorization"},
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="rerank"'},
+        )
+
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"unavailable: {exc}"}, status_code=503)
 
@@ -55,5 +73,6 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
         return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
 
     app.add_exception_handler(Overloaded, overloaded)
+    app.add_exception_handler(Unauthorized, unauthorized)
     app.add_exception_handler(StoreUnavailable, unavailable)
     app.add_exception_handler(RerankError, internal)

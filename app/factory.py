@@ -15,8 +15,10 @@ from redis.backoff import NoBackoff
 from app.api import RequestContext, build_router
 from app.batcher import Batcher
 from app.config import Settings
+from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
+from app.guard import Guard
 from app.loader import load_model
 from app.manifest import default_version
 from app.metrics import Metrics
@@ -55,10 +57,13 @@ def redis_client(url: str, settings: Settings) -> Redis:
 def create_app(settings: Settings) -> FastAPI:
     """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
     metrics = Metrics()
+    drain = Drain(settings.shutdown_delay_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            drain.install()  # first: a SIGTERM during start-up drains as well
+            stack.callback(drain.uninstall)
             url = settings.redis_url
             if url is None:  # `uvicorn app.main:app` without Redis: a private one
                 server = await asyncio.to_thread(start_embedded, settings)
@@ -111,7 +116,16 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.metrics = metrics
     app.state.settings = settings
+    app.state.drain = drain
     install_handlers(app, settings.retry_after_s)
     app.include_router(build_router(settings))
+    # Added last is outermost: every request is logged and timed, refused ones included.
+    app.add_middleware(
+        Guard,
+        max_body_bytes=settings.max_body_bytes,
+        max_inflight=settings.max_inflight,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
     app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -1,8 +1,11 @@
 """`rerank load`: put a model version's vectors and manifest into Redis, then activate it.
 
 Order matters for the services watching ``rr:active``: every vector first, then a check that
-all of them are there with the right size, then the manifest, and only then the pointer. A
-service that sees the new version therefore always finds its vectors. Writing the same
+every one of them is there with the right size, then the manifest, and only then the pointer.
+A service that sees the new version therefore always finds its vectors. A load that fails
+on the way (Redis full at maxmemory, gone, or wrong) raises ``LoadFailed`` with the reason,
+leaves ``rr:active`` where it was, and removes the vectors it wrote of a version that had no
+manifest yet, so a full Redis is not left fuller. Writing the same
 version twice writes the same bytes (idempotent); a different model under a version that is
 already loaded is refused, since versions are immutable.
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from app.errors import ManifestMismatch
+from app.errors import LoadFailed, ManifestMismatch
 from app.manifest import Manifest, check_same, parse_manifest, read_item_ids, verify_folder
 from app.store import Keys
 
@@ -32,15 +35,27 @@ def load_model(
     manifest = verify_folder(model_path)
     keys = Keys(prefix)
     client = redis.Redis.from_url(redis_url, socket_timeout=30)
+    ids = read_item_ids(model_path)
+    vectors = np.load(model_path / "item_vectors.npy")  # (n_items, D)
     try:
-        _refuse_other_model(client, keys, manifest)
-        ids = read_item_ids(model_path)
-        vectors = np.load(model_path / "item_vectors.npy")  # (n_items, D)
+        # A different model under a loaded version is refused as it is (ManifestMismatch).
+        fresh = not _refuse_other_model(client, keys, manifest)
+    except BaseException:
+        client.close()
+        raise
+    try:
         _write_vectors(client, keys, manifest, ids, vectors)
         _verify(client, keys, manifest, ids)
         client.set(keys.manifest(manifest.version), json.dumps(manifest.raw))
         if activate:
             client.set(keys.active, manifest.version)
+    except (redis.RedisError, ManifestMismatch) as exc:
+        if fresh:
+            _remove_partial(client, keys, manifest, ids)
+        raise LoadFailed(
+            f"loading {manifest.version} into Redis failed, {keys.active} unchanged "
+            f"({_active(client, keys)}): {exc}"
+        ) from exc
     finally:
         client.close()
     log.info(
@@ -65,10 +80,31 @@ def activate(redis_url: str, version: str, prefix: str = "rr") -> None:
         client.close()
 
 
-def _refuse_other_model(client: redis.Redis, keys: Keys, manifest: Manifest) -> None:
+def _refuse_other_model(client: redis.Redis, keys: Keys, manifest: Manifest) -> bool:
+    """True when this version is already loaded (same model); refuses a different one."""
     raw = client.get(keys.manifest(manifest.version))
     if raw is not None:
         check_same(manifest, parse_manifest(json.loads(raw), "redis manifest"))
+    return raw is not None
+
+
+def _active(client: redis.Redis, keys: Keys) -> str:
+    try:
+        value = client.get(keys.active)
+    except redis.RedisError:
+        return "unknown: Redis does not answer"
+    if value is None:
+        return "still unset"
+    return f"still {value.decode() if isinstance(value, bytes) else value}"
+
+
+def _remove_partial(client: redis.Redis, keys: Keys, m: Manifest, ids: list[str]) -> None:
+    """Delete what a failed load wrote of a version nobody can use yet (no manifest)."""
+    try:
+        for start in range(0, len(ids), CHUNK):
+            client.unlink(*(keys.vector(m.version, i) for i in ids[start : start + CHUNK]))
+    except redis.RedisError as exc:  # best effort: the load has failed already
+        log.warning("could not remove the partial vectors of %s: %s", m.version, exc)
 
 
 def _write_vectors(
@@ -87,18 +123,18 @@ def _write_vectors(
 
 
 def _verify(client: redis.Redis, keys: Keys, m: Manifest, ids: list[str]) -> None:
-    found = 0
-    pipe = client.pipeline(transaction=False)
+    """Every vector is there with the manifest's size (STRLEN is 0 for a missing key)."""
+    found = wrong = 0
     for start in range(0, len(ids), CHUNK):
-        pipe.exists(*(keys.vector(m.version, i) for i in ids[start : start + CHUNK]))
-    for count in pipe.execute():
-        found += int(count)
+        pipe = client.pipeline(transaction=False)
+        for item_id in ids[start : start + CHUNK]:
+            pipe.strlen(keys.vector(m.version, item_id))
+        for size in pipe.execute():
+            found += int(size) > 0
+            wrong += 0 < int(size) != m.vector_bytes
     if found != m.n_items:
         raise ManifestMismatch(f"{m.version}: {found} of {m.n_items} vectors in Redis")
-    sample = [ids[0], ids[len(ids) // 2], ids[-1]]
-    pipe = client.pipeline(transaction=False)
-    for item_id in sample:
-        pipe.strlen(keys.vector(m.version, item_id))
-    sizes = pipe.execute()
-    if any(int(s) != m.vector_bytes for s in sizes):
-        raise ManifestMismatch(f"{m.version}: vectors in Redis are not {m.vector_bytes} bytes")
+    if wrong:
+        raise ManifestMismatch(
+            f"{m.version}: {wrong} vectors in Redis are not {m.vector_bytes} bytes"
+        )

@@ -110,3 +110,8 @@ class Readiness(BaseModel):
     redis: bool
     model_version: str | None
     vectors: bool
+    draining: bool = Field(default=False, description="True: shutting down, send no more.")
+
+
+class ErrorDetail(BaseModel):
+    detail: str

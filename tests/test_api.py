@@ -33,6 +33,7 @@ def test_healthz_readyz_metrics_openapi(client: TestClient) -> None:
         "redis": True,
         "model_version": VERSION_A,
         "vectors": True,
+        "draining": False,
     }
     rerank(client, user_id="u", candidates=["1", "2"])
     text = client.get("/metrics").text
