@@ -10,6 +10,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,12 @@ def export_onnx(model: Reranker, path: Path) -> None:
         "scores": {0: "B", 1: "N"},
         "attn": {0: "B", 1: "N", 2: "L"},
     }
-    with torch.no_grad():
+    # The TorchScript exporter traces this small static graph reliably and needs no extra
+    # dependency (the torch.export one wants onnxscript); silence its deprecation notice.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning, message=".*legacy TorchScript"
+        )
         torch.onnx.export(
             graph,
             example_inputs(model.cfg),
@@ -129,7 +135,9 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Reranker:
         return t
 
     torch.manual_seed(seed)
-    tower = ItemTower(cfg, table(cfg.text_dim), table(cfg.n_genres), table(cfg.n_cf), table(cfg.n_stats))
+    tower = ItemTower(
+        cfg, table(cfg.text_dim), table(cfg.n_genres), table(cfg.n_cf), table(cfg.n_stats)
+    )
     return Reranker(cfg, tower).eval()
 
 
@@ -143,8 +151,14 @@ def export_random_model(
 ) -> Path:
     """Export an untrained model over items "1".."n_items" (for tests; no data needed)."""
     cfg = ModelConfig(
-        n_items=n_items + 1, dim=dim, history_len=history_len, text_dim=8, n_cf=4,
-        n_heads=2, n_layers=1, hidden=32,
+        n_items=n_items + 1,
+        dim=dim,
+        history_len=history_len,
+        text_dim=8,
+        n_cf=4,
+        n_heads=2,
+        n_layers=1,
+        hidden=32,
     )
     model = random_model(cfg, seed)
     ids = [str(i) for i in range(1, n_items + 1)]

@@ -33,7 +33,7 @@ class ModelConfig:
     n_stats: int = 2  # numeric item statistics (log popularity, recent popularity)
     n_heads: int = 2
     n_layers: int = 2
-    hidden: int = 128  # scorer MLP width
+    hidden: int = 64  # scorer MLP width
     dropout: float = 0.2
     max_rank: int = 1000  # cand_rank values are clipped here
 
@@ -74,26 +74,29 @@ class ItemTower(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        x = (
-            self.id_emb(idx)
-            + self.text_proj(self.text[idx])
-            + self.genre_proj(self.genres[idx])
-            + self.cf_proj(self.cf[idx])
-            + self.stats_proj(self.stats[idx])
-        )
-        return self.drop(self.norm(x))  # (..., D)
+    def table(self) -> Tensor:
+        """Vectors of all rows, padding included. (n_items, D)
 
-    @torch.no_grad()
-    def all_vectors(self) -> Tensor:
-        """Vectors of every real item (rows 1..n_items-1), in eval mode. (n_items-1, D)"""
+        Projecting the whole catalogue once per step is far cheaper than projecting the
+        384-wide text of every (batch x list) position.
+        """
         return self.norm(
             self.id_emb.weight
             + self.text_proj(self.text)
             + self.genre_proj(self.genres)
             + self.cf_proj(self.cf)
             + self.stats_proj(self.stats)
-        )[1:]
+        )
+
+    def forward(self, *idx: Tensor) -> tuple[Tensor, ...]:
+        """Vectors for each index tensor, from one table: (..., D) each."""
+        table = self.table()
+        return tuple(self.drop(table[i]) for i in idx)
+
+    @torch.no_grad()
+    def all_vectors(self) -> Tensor:
+        """Vectors of every real item (rows 1..n_items-1), as served. (n_items-1, D)"""
+        return self.table()[1:]
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
@@ -102,21 +105,22 @@ def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.scale = 1.0 / math.sqrt(dim // n_heads)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         # x (B, L, D); allowed (B, 1, L, L): query i may read key j
         b, n, d = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.reshape(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v)
+        )
         logits = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, L, L)
-        weights = self.drop(masked_softmax(logits, allowed))
+        weights = masked_softmax(logits, allowed)
         y = (weights @ v).transpose(1, 2).reshape(b, n, d)
         return self.out(y)
 
@@ -127,7 +131,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, n_heads, dropout)
+        self.attn = SelfAttention(dim, n_heads)
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
             nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(dropout)
@@ -178,12 +182,13 @@ class Reranker(nn.Module):
         self.att_q = nn.Linear(d, d)
         self.att_k = nn.Linear(d, d)
         self.att_v = nn.Linear(d, d)
-        self.rank_proj = nn.Linear(2, d)
-        # [state, cand, state*cand, context, cand*context, rank]; plus 3 similarity scalars
+        # The scorer MLP's first layer, split in two: the user part is computed once per
+        # user and broadcast over its N candidates instead of once per candidate.
+        # Per candidate: [cand, state*cand, context, cand*context] + 2 rank + 3 similarity.
+        self.user_in = nn.Linear(d, cfg.hidden)
+        self.cand_in = nn.Linear(4 * d + 5, cfg.hidden)
         self.mlp = nn.Sequential(
-            nn.Linear(6 * d + 3, cfg.hidden),
             nn.GELU(),
-            nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, cfg.hidden // 2),
             nn.GELU(),
             nn.Linear(cfg.hidden // 2, 1),
@@ -214,23 +219,22 @@ class Reranker(nn.Module):
         sim_mean = sims.sum(dim=-1) / n_hist  # (B, N)
         sim_last = sims[:, :, -1]  # (B, N) the newest item (0 when padding)
         rank = cand_rank.clamp(0, self.cfg.max_rank)
-        rank_feat = self.rank_proj(torch.stack([torch.log1p(rank), rank / 100.0], dim=-1))
-        s = state[:, None, :].expand_as(cand)  # (B, N, D)
-        x = torch.cat(
+        per_cand = torch.cat(
             [
-                s,
                 cand,
-                s * cand,
+                state[:, None, :] * cand,
                 context,
                 cand * context,
-                rank_feat,
+                torch.log1p(rank)[..., None],
+                (rank / 100.0)[..., None],
                 sim_max[..., None],
                 sim_mean[..., None],
                 sim_last[..., None],
             ],
             dim=-1,
-        )  # (B, N, 6D+3)
-        scores = self.mlp(x).squeeze(-1)  # (B, N)
+        )  # (B, N, 4D+5)
+        hidden = self.user_in(state)[:, None, :] + self.cand_in(per_cand)  # (B, N, hidden)
+        scores = self.mlp(hidden).squeeze(-1)  # (B, N)
         scores = scores.masked_fill(~cand_mask, NEG)
         return scores, attn
 
@@ -245,9 +249,8 @@ class Reranker(nn.Module):
         cand_mask = cand_idx > 0
         rank = torch.arange(cand_idx.shape[1], device=cand_idx.device, dtype=torch.float32)
         rank = rank.expand(cand_idx.shape[0], -1)
-        scores, _ = self.score(
-            self.tower(hist_idx), hist_mask, self.tower(cand_idx), cand_mask, rank
-        )
+        hist, cand = self.tower(hist_idx, cand_idx)
+        scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank)
         loss = nn.functional.cross_entropy(scores, target)
         return scores, loss
 

@@ -1,0 +1,79 @@
+"""The exported ONNX graph computes what the PyTorch serving path computes."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from training import export
+from training.export import export_model, export_random_model, random_model, sha256_file
+from training.model import ModelConfig
+
+
+def _inputs(rng: np.random.Generator, b: int, n_hist: int, n_cand: int, dim: int) -> dict:
+    hist_mask = rng.random((b, n_hist)) < 0.7
+    hist_mask[0] = False  # a user with no history
+    hist_mask[1] = True  # a full history
+    cand_mask = np.ones((b, n_cand), dtype=bool)
+    cand_mask[2, n_cand // 2 :] = False  # a padded candidate row
+    return {
+        "hist": rng.normal(size=(b, n_hist, dim)).astype(np.float32),
+        "hist_mask": hist_mask,
+        "cand": rng.normal(size=(b, n_cand, dim)).astype(np.float32),
+        "cand_mask": cand_mask,
+        "cand_rank": np.tile(np.arange(n_cand, dtype=np.float32), (b, 1)),
+    }
+
+
+@pytest.mark.parametrize(("n_hist", "n_cand"), [(8, 5), (3, 17), (1, 1)])
+def test_onnx_matches_torch(tmp_path: Path, n_hist: int, n_cand: int) -> None:
+    folder = export_random_model(tmp_path, dim=16, history_len=8)
+    model = random_model(ModelConfig(**_config(folder)), seed=0)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = _inputs(np.random.default_rng(1), 4, n_hist, n_cand, 16)
+    scores, attn = session.run(["scores", "attn"], feed)
+    with torch.no_grad():
+        ref_scores, ref_attn = model.score(*(torch.from_numpy(feed[k]) for k in export.INPUT_NAMES))
+    valid = feed["cand_mask"]
+    assert np.isfinite(scores[valid]).all()
+    np.testing.assert_allclose(scores[valid], ref_scores.numpy()[valid], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(attn, ref_attn.numpy(), atol=1e-4, rtol=1e-4)
+    assert np.all(attn[0] == 0.0), "an empty history attends to nothing"
+
+
+def _config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "manifest.json").read_text())["model_config"]
+
+
+def test_manifest_describes_the_files(tmp_path: Path) -> None:
+    import json
+
+    folder = export_random_model(tmp_path, n_items=50, dim=16, history_len=8)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    vectors = np.load(folder / "item_vectors.npy")
+    assert vectors.shape == (50, manifest["dim"]) and vectors.dtype == np.float16
+    assert manifest["n_items"] == len((folder / "item_ids.txt").read_text().split()) == 50
+    assert manifest["opset"] >= 17
+    for name, digest in manifest["sha256"].items():
+        assert sha256_file(folder / name) == digest
+
+
+def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(export, "export_onnx", broken)
+    cfg = ModelConfig(n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_model(random_model(cfg), [str(i) for i in range(10)], tmp_path, "v1")
+    assert list(tmp_path.iterdir()) == [], "a failed export leaves nothing behind"
+
+
+def test_versions_are_immutable(tmp_path: Path) -> None:
+    export_random_model(tmp_path, n_items=20, version="v1")
+    with pytest.raises(FileExistsError, match="versions are immutable"):
+        export_random_model(tmp_path, n_items=20, version="v1")

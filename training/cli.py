@@ -1,0 +1,66 @@
+"""Offline verbs of the ``rerank`` command: data, train, eval.
+
+``app.cli`` hands these verbs here, importing this module only when one of them is asked
+for, so that the service never imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from training.data import fetch_movielens, load_movielens
+from training.pipeline import PipelineConfig, prepare, run
+from training.train import TrainConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rerank", description="offline pipeline")
+    sub = p.add_subparsers(dest="verb", required=True)
+    data = sub.add_parser("data", help="fetch MovieLens-100K into --data-dir")
+    data.add_argument("--data-dir", type=Path, default=Path("data"))
+    train = sub.add_parser("train", help="data, recall, train, evaluate, export")
+    train.add_argument("--data-dir", type=Path, default=Path("data"))
+    train.add_argument("--models-dir", type=Path, default=Path("models"))
+    train.add_argument("--version", help="folder name under --models-dir (default: dated)")
+    train.add_argument("--default", action="store_true", help="write models/DEFAULT")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes)
+    ev = sub.add_parser("eval", help="evaluate an exported model (its ONNX file) again")
+    ev.add_argument("model_dir", type=Path)
+    ev.add_argument("--data-dir", type=Path, default=Path("data"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.verb == "data":
+        print(f"MovieLens-100K in {fetch_movielens(args.data_dir)}")
+        return 0
+    fetch_movielens(args.data_dir)
+    dataset = load_movielens(args.data_dir)
+    cache = args.data_dir / "cache"
+    if args.verb == "train":
+        cfg = PipelineConfig(
+            seed=args.seed, train=TrainConfig(seed=args.seed, max_minutes=args.max_minutes)
+        )
+        folder = run(dataset, args.models_dir, cfg, cache, args.version)
+        if args.default:
+            (args.models_dir / "DEFAULT").write_text(folder.name + "\n")
+        print(f"exported {folder}")
+        print((folder / "report.md").read_text())
+        return 0
+    # eval: the exported artifact itself (ONNX Runtime on the float16 vectors), as served
+    from training.evaluate import evaluate, markdown, write_report
+    from training.onnx_scorer import OnnxScorer
+
+    manifest = json.loads((args.model_dir / "manifest.json").read_text())
+    cfg = PipelineConfig(**{k: v for k, v in manifest["training"].items() if k != "train"})
+    prep = prepare(dataset, cfg, cache)
+    report = evaluate(prep, OnnxScorer(args.model_dir, dataset.item_ids), cfg)
+    report["recall"] = prep.recall
+    report["scored_by"] = "onnxruntime on the exported float16 vectors"
+    write_report(report, args.model_dir)
+    print(markdown(report))
+    return 0

@@ -1,0 +1,242 @@
+"""Evaluation on the test split of ALL users, against the baselines, with bootstrap intervals.
+
+Every method reorders the same recall list per user (item-kNN and ALS, top N). A test item
+that recall missed counts 0 for every method. Methods: recall order, popularity order, a
+LightGBM LambdaRank reranker on hand-made features, and our model. The sampled protocol
+(test item + 100 random unseen items) is reported apart, labelled as such, for comparison
+with papers only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.lists import Lists, right_align
+from training.metrics import bootstrap_ci, ndcg_at, ranked_positions, summary
+
+METHODS = ["recall order", "popularity order", "lightgbm lambdarank", "deep reranker"]
+
+
+class FeatureBuilder:
+    """Hand-made features of (history, candidate) pairs for the tree baseline."""
+
+    names = [
+        "rank", "log_rank", "log_pop", "mean_pos", "sim_sum", "sim_sum_rel", "sim_max",
+        "sim_last", "sim_last5", "trans_last", "trans_last3", "genre_cos", "text_cos",
+        "hist_len",
+    ]  # fmt: skip
+
+    def __init__(self, prep: Any) -> None:
+        from training.features import transitions
+
+        self.sim = prep.knn.sim
+        self.trans = np.log1p(transitions(prep.split.train, prep.dataset.n_items))
+        counts = np.bincount(np.concatenate(prep.split.train), minlength=self.sim.shape[0])
+        self.log_pop = np.log1p(counts).astype(np.float32)
+        self.mean_pos = prep.stats[:, 1]
+        genres = np.concatenate([np.zeros((1, prep.dataset.genres.shape[1])), prep.dataset.genres])
+        self.genres = genres / np.maximum(np.linalg.norm(genres, axis=1, keepdims=True), 1e-6)
+        self.text = prep.text
+
+    def build(self, lists: Lists, chunk: int = 2000) -> np.ndarray:
+        """(M * N, n_features) float32, rows in list order."""
+        return np.concatenate(
+            [self._chunk(lists.hist[s : s + chunk], lists.cand[s : s + chunk])
+             for s in range(0, len(lists), chunk)]
+        )  # fmt: skip
+
+    def _chunk(self, hist: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        m, n = cand.shape
+        mask = hist > 0  # (M, L)
+        sims = self.sim[hist[:, :, None], cand[:, None, :]] * mask[:, :, None]  # (M, L, N)
+        sim_sum = sims.sum(axis=1)
+        trans = self.trans[hist[:, :, None], cand[:, None, :]] * mask[:, :, None]
+        profile = (self.genres[hist] * mask[..., None]).sum(axis=1)  # (M, G)
+        profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-6)
+        recent = self.text[hist[:, -10:]].mean(axis=1)  # (M, T), padding rows are zeros
+        recent /= np.maximum(np.linalg.norm(recent, axis=1, keepdims=True), 1e-6)
+        rank = np.broadcast_to(np.arange(n, dtype=np.float32), (m, n))
+        cols = [
+            rank,
+            np.log1p(rank),
+            self.log_pop[cand],
+            self.mean_pos[cand],
+            sim_sum,
+            sim_sum / np.maximum(sim_sum.max(axis=1, keepdims=True), 1e-6),
+            sims.max(axis=1),
+            sims[:, -1],
+            sims[:, -5:].sum(axis=1),
+            trans[:, -1],
+            trans[:, -3:].sum(axis=1),
+            np.einsum("mng,mg->mn", self.genres[cand], profile),
+            np.einsum("mnt,mt->mn", self.text[cand], recent),
+            np.broadcast_to(mask.sum(axis=1, keepdims=True), (m, n)),
+        ]
+        return np.stack(cols, axis=-1).reshape(m * n, -1).astype(np.float32)
+
+
+def train_lightgbm(prep: Any, seed: int, max_lists: int = 20000) -> tuple[Any, FeatureBuilder]:
+    """LambdaRank on the training lists, early-stopped on the validation lists."""
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(seed)
+    train = prep.train_lists
+    if len(train) > max_lists:
+        train = train.subset(np.sort(rng.choice(len(train), max_lists, replace=False)))
+    val = prep.val_lists.subset(prep.val_lists.target >= 0)
+    fb = FeatureBuilder(prep)
+
+    def dataset(lists: Lists, reference: Any = None) -> Any:
+        labels = np.zeros(lists.cand.shape, dtype=np.float32)
+        labels[np.arange(len(lists)), lists.target] = 1.0
+        groups = np.full(len(lists), lists.cand.shape[1])
+        return lgb.Dataset(fb.build(lists), labels.ravel(), group=groups, reference=reference,
+                           feature_name=fb.names)  # fmt: skip
+
+    train_set = dataset(train)
+    params = {
+        "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": 0.05,
+        "num_leaves": 31, "min_data_in_leaf": 50, "feature_fraction": 0.9,
+        "num_threads": 2, "seed": seed, "verbose": -1,
+    }  # fmt: skip
+    booster = lgb.train(
+        params, train_set, num_boost_round=400, valid_sets=[dataset(val, train_set)],
+        callbacks=[lgb.early_stopping(30, verbose=False)],
+    )  # fmt: skip
+    return booster, fb
+
+
+Scorer = Callable[[Lists], np.ndarray]  # candidate lists -> scores (M, N)
+
+
+def _scores(method: str, lists: Lists, prep: Any, model: Scorer, lgbm: Any) -> np.ndarray:
+    n = lists.cand.shape[1]
+    if method == "recall order":
+        return np.broadcast_to(-np.arange(n, dtype=np.float64), lists.cand.shape)
+    if method == "popularity order":
+        counts = np.bincount(np.concatenate(prep.split.train), minlength=prep.knn.sim.shape[0])
+        return counts[lists.cand].astype(np.float64)
+    if method == "lightgbm lambdarank":
+        booster, fb = lgbm
+        return booster.predict(fb.build(lists)).reshape(lists.cand.shape)
+    return model(lists)
+
+
+def sampled_lists(prep: Any, n_neg: int, seed: int, history_len: int) -> Lists:
+    """Test item + n_neg random items the user has not seen, in a random order."""
+    rng = np.random.default_rng(seed)
+    n_items = prep.dataset.n_items
+    hists, cands = [], []
+    for u in range(len(prep.dataset.users)):
+        hist = prep.split.test_history(u)
+        seen = set(hist.tolist()) | {int(prep.split.test[u])}
+        negatives: list[int] = []
+        while len(negatives) < n_neg:
+            i = int(rng.integers(1, n_items + 1))
+            if i not in seen:
+                seen.add(i)
+                negatives.append(i)
+        hists.append(hist)
+        cands.append(rng.permutation([int(prep.split.test[u]), *negatives]))
+    cand = np.array(cands)
+    target = np.argmax(cand == prep.split.test[:, None], axis=1)
+    return Lists(right_align(hists, history_len), cand, target, np.arange(len(cand)))
+
+
+def evaluate(prep: Any, model: Scorer, cfg: Any) -> dict[str, Any]:
+    """All methods on both recall sources; ``model`` scores candidate lists."""
+    lgbm = train_lightgbm(prep, cfg.seed)
+    results: dict[str, Any] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    for source, lists in prep.test_lists.items():
+        results[source], per_user[source] = {}, {}
+        for method in METHODS:
+            pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
+            row = summary(pos)
+            row["ndcg@10_ci95"] = bootstrap_ci(ndcg_at(pos), seed=cfg.seed)
+            results[source][method] = row
+            per_user[source][method] = ndcg_at(pos)
+    sampled = sampled_lists(prep, 100, cfg.seed, cfg.history_len)
+    sampled_pos = ranked_positions(model(sampled), sampled.target)
+    comparisons = {}
+    for source, users in per_user.items():
+        deep = users["deep reranker"]
+        comparisons[source] = {
+            "deep / recall order": float(deep.mean() / max(users["recall order"].mean(), 1e-9)),
+            "deep - lightgbm": float(deep.mean() - users["lightgbm lambdarank"].mean()),
+            "deep - lightgbm ci95 (paired)": bootstrap_ci(
+                deep - users["lightgbm lambdarank"], seed=cfg.seed
+            ),
+        }
+    return {
+        "users": len(prep.dataset.users),
+        "n_candidates": cfg.n_candidates,
+        "summary": results,
+        "comparisons": comparisons,
+        "sampled_protocol": {
+            "note": "test item + 100 random unseen items, random order; NOT the service's task",
+            "deep reranker": summary(sampled_pos),
+        },
+        "lightgbm": {"features": lgbm[1].names, "trees": int(lgbm[0].best_iteration)},
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"All {report['users']} test users, top-{report['n_candidates']} recall candidates; "
+        "a test item that recall missed counts 0.",
+        "",
+        "| recall | method | NDCG@10 (95% CI) | HR@10 | MRR |",
+        "|---|---|---|---|---|",
+    ]
+    for source, rows in report["summary"].items():
+        for method, r in rows.items():
+            lo, hi = r["ndcg@10_ci95"]
+            lines.append(
+                f"| {source} | {method} | {r['ndcg@10']:.4f} ({lo:.4f}-{hi:.4f}) "
+                f"| {r['hr@10']:.4f} | {r['mrr']:.4f} |"
+            )
+    lines.append("")
+    for source, c in report["comparisons"].items():
+        lo, hi = c["deep - lightgbm ci95 (paired)"]
+        lines.append(
+            f"- {source}: deep / recall order = {c['deep / recall order']:.2f}x; "
+            f"deep - LightGBM = {c['deep - lightgbm']:+.4f} (paired 95% CI {lo:+.4f} to {hi:+.4f})"
+        )
+    s = report["sampled_protocol"]["deep reranker"]
+    lines.append(
+        f"- sampled protocol (test item + 100 random items, for papers only): "
+        f"NDCG@10 {s['ndcg@10']:.4f}, HR@10 {s['hr@10']:.4f}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    """report.json, report.md and report.png beside the model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "report.md").write_text(markdown(report))
+    sources = list(report["summary"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(METHODS)
+    for i, method in enumerate(METHODS):
+        rows = [report["summary"][s][method] for s in sources]
+        means = [r["ndcg@10"] for r in rows]
+        err = np.array([[r["ndcg@10"] - r["ndcg@10_ci95"][0], r["ndcg@10_ci95"][1] - r["ndcg@10"]]
+                        for r in rows]).T  # fmt: skip
+        ax.bar(np.arange(len(sources)) + i * width, means, width, yerr=err, label=method, capsize=3)
+    ax.set_xticks(np.arange(len(sources)) + width * (len(METHODS) - 1) / 2, sources)
+    ax.set_ylabel("NDCG@10 (test, all users)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "report.png", dpi=100)
+    plt.close(fig)

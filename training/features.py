@@ -1,0 +1,56 @@
+"""Fixed item features for the item tower, computed from the training split only.
+
+- collaborative factors: the top singular vectors of the item co-occurrence (cosine) matrix,
+  and of the "B follows A" transition matrix (left = as predecessor, right = as successor);
+  these put the item-to-item signals that recall is built on into the item vector;
+- statistics: log popularity and the mean time position of an item's interactions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from training.recall import ItemKNN
+
+
+def _svd_factors(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    u, s, vt = np.linalg.svd(m, full_matrices=False)
+    scale = np.sqrt(s[:k])
+    return (u[:, :k] * scale).astype(np.float32), (vt[:k].T * scale).astype(np.float32)
+
+
+def transitions(train: list[np.ndarray], n_items: int, window: int = 3) -> np.ndarray:
+    """(I+1, I+1) counts of b appearing within ``window`` steps after a, weighted 1/step."""
+    t = np.zeros((n_items + 1, n_items + 1), dtype=np.float32)
+    for seq in train:
+        for step in range(1, window + 1):
+            np.add.at(t, (seq[:-step], seq[step:]), 1.0 / step)
+    return t
+
+
+def _standardise(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
+
+
+def item_features(
+    train: list[np.ndarray], knn: ItemKNN, n_items: int, n_cf: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Collaborative factors (I+1, n_cf) and statistics (I+1, 2); row 0 (padding) is zero."""
+    k_co, k_tr = n_cf // 2, n_cf // 4
+    co, _ = _svd_factors(knn.sim, k_co)
+    t = np.log1p(transitions(train, n_items))
+    t_from, t_to = _svd_factors(t / (t.max() + 1e-6), k_tr)
+    cf = np.concatenate([co, t_from, t_to], axis=1)
+    cf = _standardise(cf[1:])
+
+    counts = np.bincount(np.concatenate(train), minlength=n_items + 1)[1:].astype(np.float64)
+    # Where in its users' timelines an item is watched: early (0) or late (1).
+    position_sum = np.zeros(n_items + 1)
+    for seq in train:
+        np.add.at(position_sum, seq, np.linspace(0.0, 1.0, len(seq)))
+    mean_pos = position_sum[1:] / np.maximum(counts, 1)
+    stats = _standardise(np.stack([np.log1p(counts), mean_pos], axis=1))
+
+    pad = np.zeros((1, cf.shape[1] + stats.shape[1]), dtype=np.float32)
+    out = np.concatenate([pad, np.concatenate([cf, stats], axis=1).astype(np.float32)])
+    return out[:, : cf.shape[1]], out[:, cf.shape[1] :]

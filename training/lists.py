@@ -1,0 +1,77 @@
+"""Candidate lists as the reranker meets them: a history, a recall list, the true next item.
+
+Arrays are padded with item row 0: histories right-aligned to length L (newest last),
+candidate lists in recall order. ``target`` is the true item's position in the list, or -1
+when recall missed it (such a list scores 0 in evaluation and is not trained on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from training.recall import ItemKNN
+
+
+@dataclass
+class Lists:
+    hist: np.ndarray  # (M, L) item rows, right-aligned
+    cand: np.ndarray  # (M, N) item rows in recall order
+    target: np.ndarray  # (M,) position of the true item in cand, -1 if absent
+    user: np.ndarray  # (M,) user index
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def subset(self, keep: np.ndarray) -> Lists:
+        return Lists(self.hist[keep], self.cand[keep], self.target[keep], self.user[keep])
+
+
+def right_align(histories: list[np.ndarray], length: int) -> np.ndarray:
+    out = np.zeros((len(histories), length), dtype=np.int64)
+    for i, h in enumerate(histories):
+        tail = h[-length:]
+        if len(tail):
+            out[i, length - len(tail) :] = tail
+    return out
+
+
+def positions(cand: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    hit = cand == truth[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1), -1)
+
+
+def eval_lists(
+    histories: list[np.ndarray], truth: np.ndarray, cand: np.ndarray, history_len: int
+) -> Lists:
+    """One list per user: its history, a recall list (from any recall source) and its truth."""
+    return Lists(
+        right_align(histories, history_len),
+        cand,
+        positions(cand, truth),
+        np.arange(len(histories)),
+    )
+
+
+def training_lists(
+    train: list[np.ndarray], knn: ItemKNN, n: int, history_len: int, min_history: int = 3
+) -> Lists:
+    """Time-shifted replays: every prefix of every training sequence, kept where recall found
+    the true next item (the lists the model meets online, with a positive to learn from)."""
+    hists, cands, targets, users = [], [], [], []
+    for u, seq in enumerate(train):
+        if len(seq) <= min_history:
+            continue
+        items, _ = knn.prefix_recall(seq, min_history, n)  # (T, n)
+        truth = seq[min_history:]
+        pos = positions(items, truth)
+        for j in np.flatnonzero(pos >= 0):
+            t = min_history + j
+            hists.append(seq[max(0, t - history_len) : t])
+            cands.append(items[j])
+            targets.append(pos[j])
+            users.append(u)
+    return Lists(
+        right_align(hists, history_len), np.stack(cands), np.array(targets), np.array(users)
+    )
