@@ -19,8 +19,14 @@ LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 class Settings(BaseSettings):
     """The service's configuration; ``Settings()`` reads the environment."""
 
+    # Errors never repeat the raw input: it may be an API key or a Redis URL with a password.
+    # The validators name the offending value themselves where it is safe to show.
     model_config = SettingsConfigDict(
-        env_prefix="RERANK_", env_file=".env", extra="ignore", validate_default=True
+        env_prefix="RERANK_",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
     )
 
     redis_url: str | None = Field(

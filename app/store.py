@@ -53,6 +53,8 @@ end
 return {ids, mget(ARGV[1], ids, 1), mget(ARGV[1], ARGV, 3)}
 """
 
+STARTUP_TIMEOUT_S = 5.0
+
 
 class Keys:
     def __init__(self, prefix: str) -> None:
@@ -137,16 +139,15 @@ class Store:
         self.metrics = metrics
         self._fetch_script = client.register_script(FETCH_SCRIPT)
 
-    async def _call(self, op: str, awaitable: Any) -> Any:
+    async def _call(self, op: str, awaitable: Any, timeout_s: float | None = None) -> Any:
         """Run one Redis call under the deadline; every failure becomes StoreUnavailable."""
+        timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(timeout_s):
                 result = await awaitable
         except TimeoutError as exc:
-            raise StoreUnavailable(
-                f"redis {op}: no answer within {self.timeout_s * 1000:g} ms"
-            ) from exc
+            raise StoreUnavailable(f"redis {op}: no answer within {timeout_s * 1000:g} ms") from exc
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"redis {op}: {exc}") from exc
         finally:
@@ -154,8 +155,16 @@ class Store:
         return result
 
     async def prepare(self) -> None:
-        """Load the fetch script now, so the first request does not pay for NOSCRIPT."""
-        await self._call("script_load", self.client.script_load(FETCH_SCRIPT))
+        """Load the fetch script now, so the first request does not pay for NOSCRIPT.
+
+        Start-up is not a request: the first connection (a TLS handshake, AUTH) may take
+        longer than a request's deadline, so this call gets ``STARTUP_TIMEOUT_S``.
+        """
+        await self._call(
+            "script_load",
+            self.client.script_load(FETCH_SCRIPT),
+            max(STARTUP_TIMEOUT_S, self.timeout_s),
+        )
 
     async def ping(self) -> bool:
         return bool(await self._call("ping", self.client.ping()))
