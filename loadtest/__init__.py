@@ -1,0 +1,1 @@
+"""Load tests and the benchmark: traffic, generator, floors, peers (see bench.py)."""

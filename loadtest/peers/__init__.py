@@ -1,0 +1,1 @@
+"""Servers the benchmark puts beside the service: the naive peer and the HTTP floor."""

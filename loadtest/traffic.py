@@ -1,0 +1,181 @@
+"""The benchmark's traffic: written once to a file, then read by every load source.
+
+A traffic file is one JSON object::
+
+    {"meta":     {"source": "item-knn over MovieLens-100K" | "popularity-random", ...},
+     "users":    {user_id: [item ids of the stored history, oldest first]},
+     "recall":   {user_id: [recall candidates, best first, up to meta.max_candidates]},
+     "requests": [["r", user_id] | ["e", user_id, [item ids]], ...]}
+
+A request ``["r", u]`` is ``POST /rerank {"user_id": u, "candidates": recall[u][:N], "k": K}``
+with N chosen by the reader (50..1000), so one file serves every candidate count. A request
+``["e", u, ids]`` is ``POST /events``: the user took one of the items of their list.
+
+Users are drawn with a Zipf-like popularity (rank r has weight 1 / r**s). The recall lists
+come from an item-kNN over MovieLens-100K when ``data/ml100k`` exists (the offline recall of
+``training/recall.py``); otherwise from a popularity-skewed random draw over the model's
+item ids, and the file's ``meta.source`` says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+SOURCE_KNN = "item-knn over MovieLens-100K"
+SOURCE_RANDOM = "popularity-random"
+
+
+def zipf_weights(n: int, s: float) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** s
+    return weights / weights.sum()
+
+
+def _requests(
+    rng: np.random.Generator,
+    users: list[str],
+    recall: dict[str, list[str]],
+    n_requests: int,
+    zipf_s: float,
+    events_share: float,
+) -> list[list[Any]]:
+    # Popularity rank is a seeded permutation of the users, not their id order.
+    order = rng.permutation(len(users))
+    drawn = order[rng.choice(len(users), size=n_requests, p=zipf_weights(len(users), zipf_s))]
+    is_event = rng.random(n_requests) < events_share
+    out: list[list[Any]] = []
+    for row, event in zip(drawn.tolist(), is_event.tolist(), strict=True):
+        user = users[row]
+        if event and recall[user]:
+            top = recall[user][:10]  # the user took one of the items shown
+            out.append(["e", user, [top[int(rng.integers(len(top)))]]])
+        else:
+            out.append(["r", user])
+    return out
+
+
+def build_knn(
+    data_dir: Path,
+    max_candidates: int,
+    history_len: int,
+    n_requests: int,
+    zipf_s: float,
+    events_share: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Recall lists from an item-kNN over MovieLens-100K (needs the training extra)."""
+    from training.data import load_movielens
+    from training.recall import ItemKNN
+
+    ds = load_movielens(data_dir)
+    knn = ItemKNN(ds.sequences, ds.n_items)
+    rows, scores = knn.recall(ds.sequences, max_candidates)  # (U, n) item rows, best first
+    users: dict[str, list[str]] = {}
+    recall: dict[str, list[str]] = {}
+    for u, user in enumerate(ds.users):
+        users[user] = [ds.item_ids[r - 1] for r in ds.sequences[u][-history_len:].tolist()]
+        # A user who has seen nearly everything has fewer unseen items than asked for.
+        keep = np.isfinite(scores[u])
+        recall[user] = [ds.item_ids[r - 1] for r in rows[u][keep].tolist()]
+    rng = np.random.default_rng(seed)
+    requests = _requests(rng, ds.users, recall, n_requests, zipf_s, events_share)
+    meta = {
+        "source": SOURCE_KNN,
+        "n_users": len(users),
+        "n_items": ds.n_items,
+        "max_candidates": max_candidates,
+        "history_len": history_len,
+        "zipf_s": zipf_s,
+        "events_share": events_share,
+        "seed": seed,
+    }
+    return {"meta": meta, "users": users, "recall": recall, "requests": requests}
+
+
+def _draw_distinct(
+    rng: np.random.Generator, cdf: np.ndarray, n: int, exclude: set[int]
+) -> list[int]:
+    """``n`` distinct rows drawn by popularity (inverse-CDF sampling, then dedupe)."""
+    got: dict[int, None] = {}
+    n = min(n, len(cdf) - len(exclude))
+    while len(got) < n:
+        draw = np.searchsorted(cdf, rng.random(2 * (n - len(got)) + 8), side="right")
+        for row in draw.tolist():
+            if row < len(cdf) and row not in exclude:
+                got[row] = None
+                if len(got) == n:
+                    break
+    return list(got)
+
+
+def build_random(
+    item_ids: Sequence[str],
+    n_users: int,
+    max_candidates: int,
+    history_len: int,
+    n_requests: int,
+    zipf_s: float,
+    events_share: float,
+    seed: int,
+    item_zipf_s: float = 0.9,
+) -> dict[str, Any]:
+    """Histories and candidates drawn by a Zipf-like item popularity: no data set needed."""
+    rng = np.random.default_rng(seed)
+    rank_to_item = rng.permutation(len(item_ids))
+    cdf = np.cumsum(zipf_weights(len(item_ids), item_zipf_s))
+    user_ids = [f"u{i}" for i in range(1, n_users + 1)]
+    users: dict[str, list[str]] = {}
+    recall: dict[str, list[str]] = {}
+    for user in user_ids:
+        hist = _draw_distinct(rng, cdf, history_len, set())
+        cands = _draw_distinct(rng, cdf, max_candidates, set(hist))
+        users[user] = [item_ids[rank_to_item[r]] for r in hist]
+        recall[user] = [item_ids[rank_to_item[r]] for r in cands]
+    requests = _requests(rng, user_ids, recall, n_requests, zipf_s, events_share)
+    meta = {
+        "source": SOURCE_RANDOM,
+        "n_users": n_users,
+        "n_items": len(item_ids),
+        "max_candidates": max_candidates,
+        "history_len": history_len,
+        "zipf_s": zipf_s,
+        "item_zipf_s": item_zipf_s,
+        "events_share": events_share,
+        "seed": seed,
+    }
+    return {"meta": meta, "users": users, "recall": recall, "requests": requests}
+
+
+def write(traffic: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(traffic))
+    tmp.replace(path)
+    return path
+
+
+def read(path: Path) -> dict[str, Any]:
+    traffic: dict[str, Any] = orjson.loads(path.read_bytes())
+    return traffic
+
+
+def rerank_body(traffic: dict[str, Any], user: str, n_candidates: int, k: int) -> bytes:
+    body = {"user_id": user, "candidates": traffic["recall"][user][:n_candidates], "k": k}
+    return orjson.dumps(body)
+
+
+def bodies(
+    traffic: dict[str, Any], n_candidates: int, k: int, limit: int | None = None
+) -> list[tuple[str, bytes]]:
+    """(path, JSON body) of each request, in file order; ``limit`` caps how many."""
+    out: list[tuple[str, bytes]] = []
+    for req in traffic["requests"][:limit]:
+        if req[0] == "e":
+            out.append(("/events", orjson.dumps({"user_id": req[1], "item_ids": req[2]})))
+        else:
+            out.append(("/rerank", rerank_body(traffic, req[1], n_candidates, k)))
+    return out

@@ -1,0 +1,63 @@
+"""The benchmark cannot rot: a smoke run of loadtest/bench.py, structure checked, no timings.
+
+It starts its own redis-server, service, floors and peer on this machine's loopback, drives
+a tiny ladder for a few seconds, and writes the result files; the assertions only read
+their shape. Numbers are never asserted: a benchmark is not a test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import VERSION_A
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_writes_results(model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable, str(ROOT / "loadtest" / "bench.py"), "--smoke",
+            "--model-dir", str(model_dir / VERSION_A), "--out-dir", str(out),
+            "--traffic-dir", str(tmp_path / "traffic"), "--machine", "smoke",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    [result] = list(out.glob("*-smoke.json"))
+    assert result.with_suffix(".md").is_file()
+    assert result.with_suffix(".png").stat().st_size > 0
+    res = json.loads(result.read_text())
+
+    assert res["meta"]["model_version"] == VERSION_A
+    assert res["meta"]["traffic"]["source"] == "popularity-random"
+    for name in ("service", "peer"):
+        ladder = res[name]
+        assert ladder["rungs"], name
+        for rung in ladder["rungs"]:
+            assert rung["requests"] == rung["ok"] + rung["shed"] + rung["errors"]
+            assert set(rung["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
+            assert {"degraded", "shed", "errors", "achieved_rps", "offered_rps"} <= set(rung)
+            assert {"cpu_cores", "send_lag_ms"} <= set(rung["generator"])
+    floors = res["floors"]
+    for part in ("model", "redis", "http"):
+        assert floors[part]["cpu_ms_per_request"] > 0, part
+    assert floors["model"]["batch_sizes"]
+    assert floors["sum_cpu_ms_per_request"] > 0
+    scaling = res["scaling"]
+    assert [c["candidates"] for c in scaling["candidates"]] == res["params"]["sweep_candidates"]
+    assert [c["items"] for c in scaling["catalogue"]] == [200, res["params"]["catalogue"]]
+    assert all(c["redis_bytes_per_item"] > 0 for c in scaling["catalogue"])
+    assert [w["workers"] for w in scaling["workers"]] == res["params"]["workers"]
+    assert set(res["standards"]) == {
+        "throughput_vs_peer",
+        "efficiency",
+        "p99_at_half",
+        "worker_rss",
+    }
+    for check in res["standards"].values():
+        assert isinstance(check["met"], bool)
