@@ -84,6 +84,7 @@ def api_key_check(keys: Sequence[bytes]) -> DependsParam:
 def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route may give besides 422."""
     text = {
+        400: "The body is not valid JSON.",
         401: "No API key, or a wrong one (only when API keys are configured).",
         413: "The request body is larger than max_body_bytes.",
         503: "Overloaded (with Retry-After), Redis unavailable for a write, or not ready.",
@@ -98,7 +99,7 @@ def build_router(settings: Settings) -> APIRouter:
     keys = [k.get_secret_value().encode() for k in settings.api_keys]
     work: list[DependsParam] = [api_key_check(keys)] if keys else []
     ops = work if settings.protect_ops else []
-    work_errors = _documented(*((401,) if keys else ()), 413, 503)
+    work_errors = _documented(400, *((401,) if keys else ()), 413, 503)
     ops_errors = _documented(401) if ops else {}
 
     # The body types are built from the settings at run time, which mypy cannot follow.

@@ -39,6 +39,17 @@ Id = Annotated[
 ]
 
 
+def _json_integer(value: Any) -> Any:
+    # What JSON Schema calls an integer: 3 and 3.0, but not true or "3", which pydantic's
+    # lax mode would take.
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
 class _Strict(BaseModel):
     # Unknown fields are typos of the caller: refuse them rather than ignore them.
     model_config = ConfigDict(extra="forbid")
@@ -47,13 +58,15 @@ class _Strict(BaseModel):
 class RerankRequest(_Strict):
     user_id: Id
     candidates: list[Id] = Field(min_length=1, description="Recall's candidates, best first.")
-    k: int = Field(default=10, ge=1, description="How many items to return.")
+    k: JsonInt = Field(default=10, ge=1, description="How many items to return.")
     history: list[Id] | None = Field(
         default=None,
         description="The caller's recent item ids, oldest first; replaces the "
         "stored history when given.",
     )
-    explain: bool = Field(default=False, description="Add the history items behind each score.")
+    explain: bool = Field(
+        default=False, strict=True, description="Add the history items behind each score."
+    )
 
 
 class EventsRequest(_Strict):
@@ -66,7 +79,7 @@ def request_models(settings: Settings) -> tuple[type[RerankRequest], type[Events
 
     class Rerank(RerankRequest):
         candidates: list[Id] = Field(min_length=1, max_length=settings.max_candidates)
-        k: int = Field(default=10, ge=1, le=settings.max_k)
+        k: JsonInt = Field(default=10, ge=1, le=settings.max_k)
         history: list[Id] | None = Field(default=None, max_length=settings.max_history)
 
     class Events(EventsRequest):
