@@ -74,11 +74,11 @@ EVENTS_SHARE = 0.02  # share of /events writes
 SEED = 0
 DURATION_S = 8.0  # seconds per rung
 WARMUP_S = 2.0
-LADDER_START = 50.0  # req/s of the first rung; each next rung offers FACTOR times more
+LADDER_START = 20.0  # req/s of the first rung; each next rung offers FACTOR times more
 LADDER_FACTOR = 1.5
 MAX_RUNGS = 10
 REFINE = 2  # bisection rungs between the last rung within the SLO and the first past it
-PEER_START = 10.0
+PEER_START = 5.0
 SLO_P99_MS = 50.0
 SWEEP_CANDIDATES = (50, 100, 200, 500, 1000)
 SWEEP_RATE = 50.0  # req/s for the cost-per-request curves
@@ -570,6 +570,7 @@ def rung_summary(r: dict[str, Any]) -> dict[str, Any]:
 def ladder_summary(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "max_rps_within_slo": result["max_rps_within_slo"],
+        "max_rps_sustained": sustained(result),
         "slo_p99_ms": result["slo_p99_ms"],
         "rungs": [rung_summary(r) for r in result["rungs"]],
         "half": rung_summary(result["half"]) if result.get("half") else None,
@@ -617,13 +618,13 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "## Against the standard",
         "",
-        "| check | measured | standard | met |",
-        "|---|---|---|---|",
+        "| check | measured | standard | met | note |",
+        "|---|---|---|---|---|",
     ]
     for check in s.values():
         lines.append(
             f"| {check['what']} | {fmt(check['value'], 2)} | {check['standard']} | "
-            f"{'yes' if check['met'] else 'no'} |"
+            f"{'yes' if check['met'] else 'no'} | {check.get('note', '')} |"
         )
     f = res["floors"]
     lines += [
@@ -676,11 +677,15 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(r['latency_ms']['p50'], 2)} | {fmt(r['latency_ms']['p99'], 2)} | "
             f"{fmt(r.get('cache_miss_share'), 3)} | {fmt(c['worker_rss_mb'][0])} |"
         )
-    lines += ["", "## --workers", "", "| workers | max req/s with p99 <= SLO | worker RSS MB |",
-              "|---|---|---|"]  # fmt: skip
+    lines += ["", "## --workers", "",
+              "| workers | max req/s with p99 <= SLO | max req/s sustained | worker RSS MB |",
+              "|---|---|---|---|"]  # fmt: skip
     for w in res["scaling"]["workers"]:
         rss = ", ".join(fmt(x) for x in w["worker_rss_mb"])
-        lines.append(f"| {w['workers']} | {fmt(w['ladder']['max_rps_within_slo'])} | {rss} |")
+        lines.append(
+            f"| {w['workers']} | {fmt(w['ladder']['max_rps_within_slo'])} | "
+            f"{fmt(w['ladder']['max_rps_sustained'])} | {rss} |"
+        )
     g = res["generator"]
     lines += [
         "",
@@ -729,8 +734,21 @@ def plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def check(what: str, value: float | None, standard: str, met: bool) -> dict[str, Any]:
-    return {"what": what, "value": value, "standard": standard, "met": bool(met)}
+def check(
+    what: str, value: float | None, standard: str, met: bool, note: str = ""
+) -> dict[str, Any]:
+    return {"what": what, "value": value, "standard": standard, "met": bool(met), "note": note}
+
+
+def sustained(result: dict[str, Any]) -> float:
+    """Highest throughput kept up with at any latency: >= 90% of offered, <= 1% refused."""
+    kept = [
+        r["achieved_rps"]
+        for r in result["rungs"]
+        if r["achieved_rps"] >= 0.9 * r["offered_rps"]
+        and r["errors"] + r["shed"] <= 0.01 * r["requests"]
+    ]
+    return max(kept, default=0.0)
 
 
 # ---- The run --------------------------------------------------------------------------------
@@ -860,11 +878,17 @@ def run(args: argparse.Namespace) -> Path:
             + f_redis["cpu_ms_per_request"]
             + f_http["cpu_ms_per_request"]
         )
-        ratio = (
-            service["max_rps_within_slo"] / peer["max_rps_within_slo"]
-            if peer["max_rps_within_slo"] > 0
-            else None
-        )
+        svc_max, peer_max = service["max_rps_within_slo"], peer["max_rps_within_slo"]
+        ratio = svc_max / peer_max if peer_max > 0 else None
+        sustained_ratio = sustained(service) / sustained(peer) if sustained(peer) > 0 else None
+        lowest = min(peer["rungs"], key=lambda r: r["offered_rps"])
+        peer_note = (
+            f"the peer met p99 <= {args.slo_ms:g} ms at no rate (lowest offered "
+            f"{lowest['offered_rps']:g} req/s: p99 {lowest['latency_ms']['p99']:.0f} ms), so "
+            "the ratio is unbounded; "
+            if peer_max == 0
+            else ""
+        ) + f"at any latency, max sustained throughput service / peer = {fmt(sustained_ratio, 1)}"
         all_rungs = [
             r
             for ld in [service, peer, http]
@@ -917,7 +941,7 @@ def run(args: argparse.Namespace) -> Path:
         results["standards"] = {
             "throughput_vs_peer": check(
                 "max req/s with p99 <= 50 ms, service / naive peer", ratio, ">= 3",
-                ratio is not None and ratio >= 3,
+                svc_max > 0 and (ratio is None or ratio >= 3), peer_note,
             ),
             "efficiency": check(
                 "service CPU per request / sum of the floors'", over,
