@@ -6,7 +6,8 @@ PIP    := $(BIN)/pip install -q -c constraints.txt
 HOST   ?= 127.0.0.1
 RERANK_PORT ?= 8000
 
-.PHONY: install install-train install-dev demo run test train eval bench lint docker clean
+.PHONY: install install-train install-dev demo run test train eval bench chaos lint docker docker-gpu \
+        compose compose-monitoring clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,22 +40,39 @@ demo run: install
 test: install-dev
 	$(BIN)/pytest -q
 
+# The whole offline pipeline; the model it exports becomes models/DEFAULT.
 train: install-train
-	$(BIN)/rerank train
+	$(BIN)/rerank train --default
 
+# Evaluate the default model's exported ONNX file again (rewrites its report).
 eval: install-train
-	$(BIN)/rerank eval
+	$(BIN)/rerank eval models/$$(cat models/DEFAULT)
 
 bench: install-dev
 	$(BIN)/python loadtest/bench.py
+
+# Fault injection under load; writes loadtest/results/chaos-<date>.json.
+chaos: install-dev
+	$(BIN)/python loadtest/chaos.py
 
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check app
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
 
 docker:
 	docker build -t rerank:latest .
+
+docker-gpu:
+	docker build --build-arg VARIANT=gpu -t rerank:gpu .
+
+compose:
+	docker compose up --build
+
+compose-monitoring:
+	docker compose --profile monitoring up --build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
