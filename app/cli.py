@@ -70,6 +70,7 @@ def load(args: argparse.Namespace, settings: Settings) -> int:
             Path(args.model_dir),
             settings.key_prefix,
             activate=not args.no_activate,
+            cluster=settings.redis_cluster,
         )
     except RerankError as exc:
         log.error("%s", exc)

@@ -14,6 +14,16 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+
+
+def cluster_url(url: str) -> tuple[str, bool]:
+    """``redis+cluster://h:p`` -> (``redis://h:p``, True); any other URL -> (url, False)."""
+    for scheme in ("redis", "rediss"):
+        marker = f"{scheme}+cluster://"
+        if url.startswith(marker):
+            return f"{scheme}://{url[len(marker) :]}", True
+    return url, False
 
 
 class Settings(BaseSettings):
@@ -33,6 +43,11 @@ class Settings(BaseSettings):
         default=None,
         description="Redis URL (redis://host:port/db). Unset: `rerank serve` starts an "
         "embedded redis-server and loads the default model into it.",
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="Treat redis_url as a seed node of a Redis Cluster (the same as a "
+        "`redis+cluster://host:port` URL): reads are grouped by hash slot.",
     )
     key_prefix: str = Field(
         default="rr", description="Prefix of every Redis key (rr:active, rr:v:..., rr:h:...)."
@@ -179,8 +194,8 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url={value!r} must start with redis://, rediss:// or unix://")
+        if not value.startswith(REDIS_SCHEMES):
+            raise ValueError(f"redis_url must start with one of {', '.join(REDIS_SCHEMES)}")
         return value
 
     @field_validator("log_level")
@@ -229,6 +244,12 @@ class Settings(BaseSettings):
     def _ops_need_keys(self) -> Settings:
         if self.protect_ops and not self.api_keys:
             raise ValueError("protect_ops=true needs api_keys: no key could open /healthz")
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> Settings:
+        if self.redis_cluster and (self.redis_url or "unix://").startswith("unix://"):
+            raise ValueError("redis_cluster=true needs a redis:// or rediss:// redis_url")
         return self
 
     @property

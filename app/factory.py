@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from app.api import RequestContext, build_router
 from app.batcher import Batcher
-from app.config import Settings
+from app.config import Settings, cluster_url
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
@@ -24,7 +24,7 @@ from app.manifest import default_version
 from app.metrics import Metrics
 from app.model import choose_providers
 from app.service import RerankService
-from app.store import Store, VectorCache
+from app.store import ClusterStore, Store, VectorCache
 from app.swap import ModelHolder, ModelSpec, VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,36 @@ def start_embedded(settings: Settings) -> EmbeddedRedis:
     return server
 
 
-def redis_client(url: str, settings: Settings) -> Redis:
+def redis_client(url: str, settings: Settings) -> Redis | RedisCluster:
+    """A plain client, or a cluster client for ``redis+cluster://`` or ``redis_cluster``."""
+    plain, is_cluster = cluster_url(url)
+    # The per-request deadline (asyncio.timeout) bounds every call; socket timeouts are
+    # a backstop only. Retrying inside a 50 ms deadline would only add load to a sick
+    # Redis, so the client does not retry: the next request is the retry.
+    if is_cluster or settings.redis_cluster:
+        # max_connections is per node here; a failed call makes the client re-read the
+        # slot map before the next one, which is how it follows a node that came back.
+        return RedisCluster.from_url(
+            plain,
+            max_connections=settings.redis_max_connections,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
+        )
     return Redis.from_url(
         url,
         max_connections=settings.redis_max_connections,
-        # The per-request deadline (asyncio.timeout) bounds every call; socket timeouts are
-        # a backstop only. Retrying inside a 50 ms deadline would only add load to a sick
-        # Redis, so the client does not retry: the next request is the retry.
         socket_timeout=1.0,
         socket_connect_timeout=1.0,
         retry=Retry(NoBackoff(), 0),
     )
+
+
+def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metrics) -> Store:
+    cache = VectorCache(settings.cache_size)
+    if isinstance(client, RedisCluster):
+        return ClusterStore(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
+    return Store(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -71,13 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
                 url = server.url
             client = redis_client(url, settings)
             stack.push_async_callback(client.aclose)
-            store = Store(
-                client,
-                settings.key_prefix,
-                settings.redis_timeout_s,
-                VectorCache(settings.cache_size),
-                metrics,
-            )
+            store = make_store(client, settings, metrics)
             holder = ModelHolder()
             batcher = Batcher(
                 settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics

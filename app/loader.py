@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import redis
 
+from app.config import cluster_url
 from app.errors import LoadFailed, ManifestMismatch
 from app.manifest import Manifest, check_same, parse_manifest, read_item_ids, verify_folder
 from app.store import Keys
@@ -28,13 +29,32 @@ log = logging.getLogger(__name__)
 CHUNK = 1000  # keys per pipelined MSET / EXISTS: big enough to amortise, small for Redis
 
 
+Client = redis.Redis | redis.RedisCluster
+
+
+def connect(redis_url: str, cluster: bool = False) -> Client:
+    """A plain client, or a cluster client for ``redis+cluster://`` URLs or ``cluster``."""
+    plain, is_cluster = cluster_url(redis_url)
+    if is_cluster or cluster:
+        return redis.RedisCluster.from_url(plain, socket_timeout=30)
+    return redis.Redis.from_url(redis_url, socket_timeout=30)
+
+
 def load_model(
-    redis_url: str, model_path: Path, prefix: str = "rr", activate: bool = True
+    redis_url: str,
+    model_path: Path,
+    prefix: str = "rr",
+    activate: bool = True,
+    cluster: bool = False,
 ) -> Manifest:
-    """Load ``model_path`` (a verified model folder) into Redis under its version."""
+    """Load ``model_path`` (a verified model folder) into Redis under its version.
+
+    On a cluster the same order holds: the vectors go out pipelined per node, and the
+    manifest and the pointer (single keys) are written only after every vector is verified.
+    """
     manifest = verify_folder(model_path)
     keys = Keys(prefix)
-    client = redis.Redis.from_url(redis_url, socket_timeout=30)
+    client = connect(redis_url, cluster)
     ids = read_item_ids(model_path)
     vectors = np.load(model_path / "item_vectors.npy")  # (n_items, D)
     try:
@@ -68,10 +88,10 @@ def load_model(
     return manifest
 
 
-def activate(redis_url: str, version: str, prefix: str = "rr") -> None:
+def activate(redis_url: str, version: str, prefix: str = "rr", cluster: bool = False) -> None:
     """Point ``rr:active`` at an already loaded version."""
     keys = Keys(prefix)
-    client = redis.Redis.from_url(redis_url, socket_timeout=30)
+    client = connect(redis_url, cluster)
     try:
         if not client.exists(keys.manifest(version)):
             raise ManifestMismatch(f"version {version} is not loaded")
@@ -80,7 +100,7 @@ def activate(redis_url: str, version: str, prefix: str = "rr") -> None:
         client.close()
 
 
-def _refuse_other_model(client: redis.Redis, keys: Keys, manifest: Manifest) -> bool:
+def _refuse_other_model(client: Client, keys: Keys, manifest: Manifest) -> bool:
     """True when this version is already loaded (same model); refuses a different one."""
     raw = client.get(keys.manifest(manifest.version))
     if raw is not None:
@@ -88,7 +108,7 @@ def _refuse_other_model(client: redis.Redis, keys: Keys, manifest: Manifest) -> 
     return raw is not None
 
 
-def _active(client: redis.Redis, keys: Keys) -> str:
+def _active(client: Client, keys: Keys) -> str:
     try:
         value = client.get(keys.active)
     except redis.RedisError:
@@ -98,17 +118,24 @@ def _active(client: redis.Redis, keys: Keys) -> str:
     return f"still {value.decode() if isinstance(value, bytes) else value}"
 
 
-def _remove_partial(client: redis.Redis, keys: Keys, m: Manifest, ids: list[str]) -> None:
+def _remove_partial(client: Client, keys: Keys, m: Manifest, ids: list[str]) -> None:
     """Delete what a failed load wrote of a version nobody can use yet (no manifest)."""
     try:
         for start in range(0, len(ids), CHUNK):
-            client.unlink(*(keys.vector(m.version, i) for i in ids[start : start + CHUNK]))
+            chunk = [keys.vector(m.version, i) for i in ids[start : start + CHUNK]]
+            if isinstance(client, redis.RedisCluster):  # one UNLINK per key, pipelined per node
+                pipe = client.pipeline()
+                for key in chunk:
+                    pipe.unlink(key)
+                pipe.execute()
+            else:
+                client.unlink(*chunk)
     except redis.RedisError as exc:  # best effort: the load has failed already
         log.warning("could not remove the partial vectors of %s: %s", m.version, exc)
 
 
 def _write_vectors(
-    client: redis.Redis, keys: Keys, m: Manifest, ids: list[str], vectors: np.ndarray
+    client: Client, keys: Keys, m: Manifest, ids: list[str], vectors: np.ndarray
 ) -> None:
     # One contiguous little-endian buffer, sliced per row: no per-dimension Python work.
     data = np.ascontiguousarray(vectors, dtype=m.wire_dtype).tobytes()
@@ -119,10 +146,13 @@ def _write_vectors(
             keys.vector(m.version, item_id): data[(start + j) * size : (start + j + 1) * size]
             for j, item_id in enumerate(chunk)
         }
-        client.mset(mapping)
+        if isinstance(client, redis.RedisCluster):
+            client.mset_nonatomic(mapping)  # one MSET per slot, pipelined per node
+        else:
+            client.mset(mapping)
 
 
-def _verify(client: redis.Redis, keys: Keys, m: Manifest, ids: list[str]) -> None:
+def _verify(client: Client, keys: Keys, m: Manifest, ids: list[str]) -> None:
     """Every vector is there with the manifest's size (STRLEN is 0 for a missing key)."""
     found = wrong = 0
     for start in range(0, len(ids), CHUNK):
