@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.params import Depends as DependsParam
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -40,12 +41,14 @@ ROUTES = frozenset({"/rerank", "/events", "/healthz", "/readyz", "/metrics"})
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
-def get_service(request: Request) -> RerankService:
+# Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency in its threadpool,
+# a thread hop per request for what is one attribute read.
+async def get_service(request: Request) -> RerankService:
     service: RerankService = request.app.state.service
     return service
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -103,10 +106,14 @@ def build_router(settings: Settings) -> APIRouter:
     ops_errors = _documented(401) if ops else {}
 
     # The body types are built from the settings at run time, which mypy cannot follow.
-    @router.post("/rerank", dependencies=work, responses=work_errors)
-    async def rerank(body: rerank_body, service: ServiceDep) -> RerankResponse:  # type: ignore[valid-type]
+    # response_model documents the answer; the route returns it already serialised (see
+    # RerankBody in app/schemas.py), so FastAPI neither validates nor re-encodes it.
+    @router.post(
+        "/rerank", dependencies=work, responses=work_errors, response_model=RerankResponse
+    )
+    async def rerank(body: rerank_body, service: ServiceDep) -> Response:  # type: ignore[valid-type]
         """Reorder the candidates for the user; top k, missing ones last."""
-        return await service.rerank(body)
+        return Response(orjson.dumps(await service.rerank(body)), media_type="application/json")
 
     @router.post("/events", dependencies=work, responses=work_errors)
     async def events(body: events_body, service: ServiceDep) -> EventsResponse:  # type: ignore[valid-type]

@@ -18,13 +18,13 @@ from app.errors import ModelError, StoreUnavailable
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
 from app.schemas import (
-    Because,
+    BecauseBody,
     EventsRequest,
     EventsResponse,
-    RankedItem,
+    RankedItemBody,
     Readiness,
+    RerankBody,
     RerankRequest,
-    RerankResponse,
 )
 from app.store import Fetched, Store
 from app.swap import ModelHolder
@@ -36,15 +36,23 @@ def dedupe(ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def caller_order(user_id: str, candidates: list[str], k: int) -> RerankResponse:
+def unscored(item_id: str) -> RankedItemBody:
+    return {"item_id": item_id, "score": None, "because": None}
+
+
+def caller_order(user_id: str, candidates: list[str], k: int) -> RerankBody:
     """The fail-open answer: the caller's candidates, in the caller's order, unscored.
 
     ``model_version`` is null: no model scored these items.
     """
-    items = [RankedItem(item_id=i, score=None) for i in candidates[:k]]
-    return RerankResponse(
-        user_id=user_id, model_version=None, items=items, missing=[], degraded=True
-    )
+    items = [unscored(i) for i in candidates[:k]]
+    return {
+        "user_id": user_id,
+        "model_version": None,
+        "items": items,
+        "missing": [],
+        "degraded": True,
+    }
 
 
 def rank(
@@ -53,11 +61,11 @@ def rank(
     scored: Scored | None,
     k: int,
     explain_top: int | None,
-) -> tuple[list[RankedItem], list[str]]:
+) -> tuple[list[RankedItemBody], list[str]]:
     """Scored candidates by score (ties in the caller's order), then the missing ones."""
     present = np.flatnonzero(fetched.cand_present)  # positions in `candidates`
     missing = [candidates[i] for i in np.flatnonzero(~fetched.cand_present)]
-    items: list[RankedItem] = []
+    items: list[RankedItemBody] = []
     if scored is not None:
         order = np.argsort(-scored.scores, kind="stable")[:k]
         scores = scored.scores[order].tolist()
@@ -65,17 +73,18 @@ def rank(
             because = None
             if explain_top is not None:
                 because = explain(scored.attn[row], fetched.hist_ids, explain_top)
-            items.append(RankedItem(item_id=candidates[present[row]], score=score, because=because))
-    items.extend(RankedItem(item_id=i, score=None) for i in missing[: k - len(items)])
+            item_id = candidates[present[row]]
+            items.append({"item_id": item_id, "score": score, "because": because})
+    items.extend(unscored(i) for i in missing[: k - len(items)])
     return items, missing
 
 
-def explain(weights: np.ndarray, hist_ids: list[str], top: int) -> list[Because]:
+def explain(weights: np.ndarray, hist_ids: list[str], top: int) -> list[BecauseBody]:
     """The history items with the highest attention weight for one candidate."""
     if not hist_ids:
         return []
     order = np.argsort(-weights, kind="stable")[:top]
-    return [Because(item_id=hist_ids[i], weight=float(weights[i])) for i in order.tolist()]
+    return [{"item_id": hist_ids[i], "weight": float(weights[i])} for i in order.tolist()]
 
 
 class RerankService:
@@ -95,7 +104,7 @@ class RerankService:
         self.explain_top = explain_top
         self.default_history_len = default_history_len
 
-    async def rerank(self, req: RerankRequest) -> RerankResponse:
+    async def rerank(self, req: RerankRequest) -> RerankBody:
         candidates = dedupe(req.candidates)
         model = self.holder.model  # pinned: vectors and scores come from this version
         if model is None:
@@ -117,13 +126,13 @@ class RerankService:
         items, missing = rank(
             candidates, fetched, scored, req.k, self.explain_top if req.explain else None
         )
-        return RerankResponse(
-            user_id=req.user_id,
-            model_version=model.version,
-            items=items,
-            missing=missing,
-            degraded=False,
-        )
+        return {
+            "user_id": req.user_id,
+            "model_version": model.version,
+            "items": items,
+            "missing": missing,
+            "degraded": False,
+        }
 
     async def _score(self, model: LoadedModel, fetched: Fetched) -> Scored | None:
         if len(fetched.cand) == 0:  # nothing to score: every candidate is missing

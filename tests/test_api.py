@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.factory import create_app
+from app.schemas import RerankResponse
 from tests.conftest import HISTORY_LEN, N_ITEMS, VERSION_A
 from tests.reference import Reference, assert_same_ranking
 
@@ -151,6 +152,23 @@ def test_explain_lists_history_by_attention(
 def test_explain_with_empty_history(client: TestClient) -> None:
     body = rerank(client, user_id="new", candidates=["1", "2"], history=[], explain=True)
     assert all(i["because"] == [] for i in body["items"])
+
+
+def test_answer_is_exactly_the_documented_schema(client: TestClient) -> None:
+    """The route serialises plain data itself: its JSON must be what RerankResponse writes."""
+    for body in (
+        rerank(client, user_id="s", candidates=["1", "2", "x"], k=3),
+        rerank(client, user_id="s", candidates=["1", "2"], history=["3"], explain=True),
+    ):
+        model = RerankResponse.model_validate(body)
+        assert body == model.model_dump(mode="json")
+    assert client.post("/rerank", json={"user_id": "s", "candidates": ["1"]}).headers[
+        "content-type"
+    ] == "application/json"
+    schema = client.get("/openapi.json").json()["paths"]["/rerank"]["post"]["responses"]["200"]
+    assert schema["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/RerankResponse"
+    }
 
 
 def test_events_append_and_trim(
