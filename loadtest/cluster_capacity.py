@@ -1,0 +1,164 @@
+"""Load a synthetic catalogue into a local 3-master Redis Cluster and serve from it.
+
+Measures what docs/capacity.md needs from Redis Cluster: load time, INFO memory
+(used_memory) per shard and per item, and a few reranks through the whole service (in
+process, one client at a time) with their latency, with the vector cache off (every vector
+read from the cluster) and on. Writes loadtest/results/cluster-<date>.json.
+
+    python loadtest/cluster_capacity.py            # 1M items, D=64 float16, 3 masters
+    python loadtest/cluster_capacity.py --items 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.embedded import EmbeddedCluster
+from app.factory import create_app
+from app.loader import load_model
+
+ITEMS = 1_000_000
+DIM = 64
+HISTORY_LEN = 50
+MASTERS = 3
+CANDIDATES = 100
+RERANKS = 300
+USERS = 100
+SEED = 0
+RESULTS = Path(__file__).parent / "results"
+
+
+def used_memory(cluster: EmbeddedCluster) -> list[int]:
+    out = []
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as r:
+            out.append(int(r.info("memory")["used_memory"]))
+    return out
+
+
+def key_counts(cluster: EmbeddedCluster) -> list[int]:
+    out = []
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as r:
+            out.append(int(r.dbsize()))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def serve(url: str, model_dir: Path, items: int, cache_size: int) -> dict[str, Any]:
+    """RERANKS sequential /rerank calls of CANDIDATES random items; latency in ms."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        redis_url=url,
+        model_dir=model_dir,
+        cache_size=cache_size,
+        redis_timeout_ms=200,
+        onnx_threads=1,
+    )
+    rng = random.Random(SEED)
+    latencies, degraded = [], 0
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["ready"], "service not ready"
+        for user in range(USERS):
+            history = [str(rng.randint(1, items)) for _ in range(HISTORY_LEN)]
+            client.post("/events", json={"user_id": f"u{user}", "item_ids": history})
+        for i in range(RERANKS):
+            body = {
+                "user_id": f"u{i % USERS}",
+                "candidates": [str(rng.randint(1, items)) for _ in range(CANDIDATES)],
+                "k": 10,
+            }
+            start = time.perf_counter()
+            answer = client.post("/rerank", json=body).json()
+            latencies.append((time.perf_counter() - start) * 1000)
+            degraded += bool(answer["degraded"])
+    return {
+        "cache_size": cache_size,
+        "reranks": RERANKS,
+        "degraded": degraded,
+        "p50_ms": round(statistics.median(latencies), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "mean_ms": round(statistics.fmean(latencies), 2),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--items", type=int, default=ITEMS)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    from training.export import export_random_model  # torch: only to make the catalogue
+
+    with tempfile.TemporaryDirectory(prefix="cluster-capacity-") as tmp:
+        root = Path(tmp)
+        version = f"synthetic-{args.items}"
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_random_model(root, args.items, DIM, HISTORY_LEN, version, SEED)
+        export_s = time.perf_counter() - start
+        print(f"exported {args.items} items in {export_s:.1f} s", flush=True)
+        with EmbeddedCluster(masters=MASTERS) as cluster:
+            before = used_memory(cluster)
+            start = time.perf_counter()
+            manifest = load_model(cluster.url, root / version, "rr")
+            load_s = time.perf_counter() - start
+            after = used_memory(cluster)
+            print(f"loaded in {load_s:.1f} s", flush=True)
+            per_shard = [a - b for a, b in zip(after, before, strict=True)]
+            runs = [serve(cluster.url, root, args.items, size) for size in (0, 100_000)]
+            keys = key_counts(cluster)
+    result = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "params": {
+            "items": args.items,
+            "dim": DIM,
+            "vector_dtype": manifest.raw.get("vector_dtype"),
+            "vector_bytes": manifest.vector_bytes,
+            "masters": MASTERS,
+            "replicas": 0,
+            "history_len": HISTORY_LEN,
+            "candidates": CANDIDATES,
+        },
+        "items_loaded": manifest.n_items,
+        "load_s": round(load_s, 1),
+        "load_items_per_s": round(manifest.n_items / load_s),
+        "keys_per_shard": keys,
+        "used_memory_before": before,
+        "used_memory_after": after,
+        "vector_memory_per_shard": per_shard,
+        "bytes_per_item": round(sum(per_shard) / manifest.n_items, 1),
+        "serve": runs,
+        "notes": "In-process TestClient, one request at a time, on a shared 2-core box while "
+        "other jobs run: latencies are an upper bound, not the service's throughput "
+        "(see loadtest/bench.py). used_memory counts keys, values and Redis's per-key overhead.",
+    }
+    out = args.out or RESULTS / f"cluster-{datetime.now(UTC).date()}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
