@@ -1,7 +1,8 @@
 """Load a synthetic catalogue into a local 3-master Redis Cluster and serve from it.
 
 Measures what docs/capacity.md needs from Redis Cluster: load time, INFO memory
-(used_memory) per shard and per item, and a few reranks through the whole service (in
+(used_memory) per shard and per item, the CPU of one request's reads (client process and
+all shards, with the vector cache off and warm), and a few reranks through the whole service (in
 process, one client at a time) with their latency, with the vector cache off (every vector
 read from the cluster) and on. Writes loadtest/results/cluster-<date>.json.
 
@@ -12,6 +13,7 @@ read from the cluster) and on. Writes loadtest/results/cluster-<date>.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import platform
 import random
@@ -29,8 +31,10 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.embedded import EmbeddedCluster
-from app.factory import create_app
+from app.factory import create_app, make_store, redis_client
 from app.loader import load_model
+from app.manifest import verify_folder
+from app.metrics import Metrics
 
 ITEMS = 1_000_000
 DIM = 64
@@ -39,6 +43,7 @@ MASTERS = 3
 CANDIDATES = 100
 RERANKS = 300
 USERS = 100
+STORE_FETCHES = 300
 SEED = 0
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,6 +61,57 @@ def key_counts(cluster: EmbeddedCluster) -> list[int]:
     for node in cluster.nodes:
         with redis.Redis(port=node.port) as r:
             out.append(int(r.dbsize()))
+    return out
+
+
+def server_cpu_s(cluster: EmbeddedCluster) -> float:
+    total = 0.0
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as r:
+            cpu = r.info("cpu")
+            total += float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+    return total
+
+
+def store_costs(cluster: EmbeddedCluster, model_dir: Path, items: int) -> list[dict[str, Any]]:
+    """CPU per fetch of the ClusterStore alone (client process, all shards), cache off or warm."""
+    manifest = verify_folder(model_dir)
+    rng = random.Random(SEED)
+    out = []
+    for cache_size in (0, 100_000):
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            redis_url=cluster.url,
+            cache_size=cache_size,
+            redis_timeout_ms=1000,
+        )
+
+        async def run(settings: Settings = settings) -> tuple[float, float]:
+            client = redis_client(cluster.url, settings)
+            store = make_store(client, settings, Metrics())
+            await store.prepare()
+            history = [str(rng.randint(1, items)) for _ in range(HISTORY_LEN)]
+            await store.append_history("u", history, HISTORY_LEN)
+            cands = [str(rng.randint(1, items)) for _ in range(CANDIDATES)]
+            await store.fetch(manifest, "u", None, cands)  # warms the cache when it is on
+            server, client_cpu = server_cpu_s(cluster), time.process_time()
+            for _ in range(STORE_FETCHES):
+                await store.fetch(manifest, "u", None, cands)
+            client_cpu = time.process_time() - client_cpu
+            server = server_cpu_s(cluster) - server
+            await client.aclose()
+            return client_cpu, server
+
+        client_cpu, server = asyncio.run(run())
+        out.append(
+            {
+                "cache_size": cache_size,
+                "keys_read_per_fetch": 1 + (CANDIDATES + HISTORY_LEN) * (cache_size == 0),
+                "fetches": STORE_FETCHES,
+                "client_cpu_ms_per_fetch": round(client_cpu / STORE_FETCHES * 1000, 3),
+                "server_cpu_ms_per_fetch": round(server / STORE_FETCHES * 1000, 3),
+            }
+        )
     return out
 
 
@@ -125,6 +181,7 @@ def main() -> int:
             after = used_memory(cluster)
             print(f"loaded in {load_s:.1f} s", flush=True)
             per_shard = [a - b for a, b in zip(after, before, strict=True)]
+            costs = store_costs(cluster, root / version, args.items)
             runs = [serve(cluster.url, root, args.items, size) for size in (0, 100_000)]
             keys = key_counts(cluster)
     result = {
@@ -149,6 +206,7 @@ def main() -> int:
         "used_memory_after": after,
         "vector_memory_per_shard": per_shard,
         "bytes_per_item": round(sum(per_shard) / manifest.n_items, 1),
+        "store": costs,
         "serve": runs,
         "notes": "In-process TestClient, one request at a time, on a shared 2-core box while "
         "other jobs run: latencies are an upper bound, not the service's throughput "
