@@ -138,3 +138,17 @@ def test_cache_is_a_bounded_lru() -> None:
     off = VectorCache(0)
     off.put("v", "a", b"a")
     assert off.get("v", "a") is None
+
+
+def test_cache_batched_reads_and_writes() -> None:
+    cache = VectorCache(3)
+    cache.put_many("v", ["a", "b", "c", "d"], [b"a", None, b"c", b""])  # no None, no empty
+    assert cache.get_many("v", ["a", "b", "c", "d"]) == [b"a", None, b"c", None]
+    assert len(cache) == 2
+    cache.put_many("v", ["a", "e"], [b"a", b"e"])  # a again: counted once, now the most recent
+    assert len(cache) == 3
+    cache.put_many("v2", ["x"], [b"x"])  # full: the other version's oldest entry goes first
+    assert cache.get_many("v", ["c", "a", "e"]) == [None, b"a", b"e"]
+    assert cache.get_many("v2", ["x"]) == [b"x"] and len(cache) == 3
+    cache.put_many("v2", ["y", "z"], [b"y", b"z"])  # then v is emptied and dropped
+    assert cache.get_many("v", ["a", "e"]) == [None, None] and len(cache) == 3
