@@ -34,12 +34,12 @@ def test_missing_and_corrupt_files_are_refused(tmp_path: Path) -> None:
 
 def test_split_holds_out_the_last_two() -> None:
     seqs = [np.array([5, 3, 9, 1]), np.array([2, 4, 6])]
-    split = leave_last_out(seqs)
+    split = leave_last_out(seqs, [np.arange(len(s), dtype=float) for s in seqs])
     assert [s.tolist() for s in split.train] == [[5, 3], [2]]
     assert split.val.tolist() == [9, 4] and split.test.tolist() == [1, 6]
     assert split.test_history(0).tolist() == [5, 3, 9]
     with pytest.raises(ValueError, match="fewer than 3"):
-        leave_last_out([np.array([1, 2])])
+        leave_last_out([np.array([1, 2])], [np.array([0.0, 1.0])])
 
 
 def test_synthetic_has_its_planted_order() -> None:

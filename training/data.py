@@ -51,6 +51,8 @@ class Dataset:
     genres: np.ndarray  # (n_items, n_genres) float32 multi-hot
     users: list[str]  # external user ids
     sequences: list[np.ndarray]  # per user: item rows (1-based) in time order
+    times: list[np.ndarray]  # per user: when each interaction happened (any monotone clock)
+    year: np.ndarray  # (n_items,) float32 release year, 0 where unknown
 
     @property
     def n_items(self) -> int:
@@ -132,11 +134,16 @@ def load_movielens(data_dir: Path) -> Dataset:
     # Time order; ties keep the row order of the parquet file (a stable sort).
     ratings = ratings.assign(order=np.arange(len(ratings)))
     ratings = ratings.sort_values(["user_id", "timestamp", "order"], kind="stable")
-    users, sequences = [], []
+    users, sequences, times = [], [], []
     for user, group in ratings.groupby("user_id", sort=True):
         users.append(str(user))
         sequences.append(np.array([row_of[m] for m in group["movie_id"]], dtype=np.int64))
-    return Dataset("movielens-100k", item_ids, texts, genre_matrix, users, sequences)
+        times.append(group["timestamp"].to_numpy(dtype=np.float64))
+    year = pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.year
+    return Dataset(
+        "ml100k", item_ids, texts, genre_matrix, users, sequences, times,
+        year.fillna(0).to_numpy(dtype=np.float32),
+    )  # fmt: skip
 
 
 def synthetic(
@@ -150,7 +157,7 @@ def synthetic(
     popularity /= popularity.sum()
     n_genres = len(GENRES)
     genres = (rng.random((n_items, n_genres)) < 0.15).astype(np.float32)
-    sequences = []
+    sequences, times = [], []
     for _ in range(n_users):
         seen: set[int] = set()
         seq = [int(rng.choice(n_items, p=popularity)) + 1]
@@ -164,7 +171,9 @@ def synthetic(
             seq.append(nxt)
             seen.add(nxt)
         sequences.append(np.array(seq, dtype=np.int64))
+        times.append(np.arange(length, dtype=np.float64))
     item_ids = [str(1000 + i) for i in range(n_items)]
     texts = [f"synthetic item {i}" for i in item_ids]
     users = [str(u) for u in range(1, n_users + 1)]
-    return Dataset("synthetic", item_ids, texts, genres, users, sequences)
+    year = rng.integers(1950, 2000, n_items).astype(np.float32)
+    return Dataset("synthetic", item_ids, texts, genres, users, sequences, times, year)

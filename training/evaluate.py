@@ -34,28 +34,56 @@ class FeatureBuilder:
     def __init__(self, prep: Any) -> None:
         from training.features import transitions
 
-        self.sim = prep.knn.sim
-        self.trans = np.log1p(transitions(prep.split.train, prep.dataset.n_items))
-        counts = np.bincount(np.concatenate(prep.split.train), minlength=self.sim.shape[0])
-        self.log_pop = np.log1p(counts).astype(np.float32)
+        self.knn = prep.knn
+        self.train = prep.split.train
+        self.counts = transitions(prep.split.train, prep.dataset.n_items)  # raw weights
         self.mean_pos = prep.stats[:, 1]
         genres = np.concatenate([np.zeros((1, prep.dataset.genres.shape[1])), prep.dataset.genres])
         self.genres = genres / np.maximum(np.linalg.norm(genres, axis=1, keepdims=True), 1e-6)
         self.text = prep.text
 
-    def build(self, lists: Lists, chunk: int = 2000) -> np.ndarray:
-        """(M * N, n_features) float32, rows in list order."""
+    def build(self, lists: Lists, leave_user_out: bool = False, chunk: int = 2000) -> np.ndarray:
+        """(M * N, n_features) float32, rows in list order.
+
+        ``leave_user_out`` for training lists: statistics of a candidate leave out the
+        list's own user, whose later items are in the training data (see
+        ``ItemKNN.sim_without_user``); without it the trees learn the leak.
+        """
         return np.concatenate(
-            [self._chunk(lists.hist[s : s + chunk], lists.cand[s : s + chunk])
+            [self._chunk(lists.subset(np.arange(s, min(s + chunk, len(lists)))), leave_user_out)
              for s in range(0, len(lists), chunk)]
         )  # fmt: skip
 
-    def _chunk(self, hist: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    def _own(self, lists: Lists) -> tuple[np.ndarray, np.ndarray]:
+        """Per list: 1.0 where a candidate is among the user's training items (M, N), and the
+        user's own transition weights from the last 3 history items to each candidate (M, 3, N)."""
+        from training.features import transitions
+
+        own = np.zeros(lists.cand.shape, dtype=np.float32)
+        trans = np.zeros((len(lists), 3, lists.cand.shape[1]), dtype=np.float32)
+        for u in np.unique(lists.user):
+            rows = np.flatnonzero(lists.user == u)
+            seq = self.train[u]
+            own[rows] = np.isin(lists.cand[rows], seq)
+            t_u = transitions([seq], self.knn.n_items)
+            trans[rows] = t_u[lists.hist[rows][:, -3:, None], lists.cand[rows][:, None, :]]
+        return own, trans
+
+    def _chunk(self, lists: Lists, leave_user_out: bool) -> np.ndarray:
+        hist, cand = lists.hist, lists.cand
         m, n = cand.shape
         mask = hist > 0  # (M, L)
-        sims = self.sim[hist[:, :, None], cand[:, None, :]] * mask[:, :, None]  # (M, L, N)
+        own, own_trans = self._own(lists) if leave_user_out else (np.zeros((m, n)), 0.0)
+        count = self.knn.count[cand] - own  # (M, N) users per candidate, the list's user out
+        co = self.knn.co[hist[:, :, None], cand[:, None, :]] - own[:, None, :]  # (M, L, N)
+        norm = np.sqrt(np.maximum(self.knn.count[hist], 1.0))[:, :, None] * np.sqrt(
+            np.maximum(count, 1.0)
+        )[:, None, :]
+        sims = np.maximum(co, 0.0) / norm * mask[:, :, None]  # (M, L, N)
         sim_sum = sims.sum(axis=1)
-        trans = self.trans[hist[:, :, None], cand[:, None, :]] * mask[:, :, None]
+        trans = np.log1p(
+            np.maximum(self.counts[hist[:, -3:, None], cand[:, None, :]] - own_trans, 0.0)
+        ) * mask[:, -3:, None]  # (M, 3, N)
         profile = (self.genres[hist] * mask[..., None]).sum(axis=1)  # (M, G)
         profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-6)
         recent = self.text[hist[:, -10:]].mean(axis=1)  # (M, T), padding rows are zeros
@@ -64,7 +92,7 @@ class FeatureBuilder:
         cols = [
             rank,
             np.log1p(rank),
-            self.log_pop[cand],
+            np.log1p(count),
             self.mean_pos[cand],
             sim_sum,
             sim_sum / np.maximum(sim_sum.max(axis=1, keepdims=True), 1e-6),
@@ -72,7 +100,7 @@ class FeatureBuilder:
             sims[:, -1],
             sims[:, -5:].sum(axis=1),
             trans[:, -1],
-            trans[:, -3:].sum(axis=1),
+            trans.sum(axis=1),
             np.einsum("mng,mg->mn", self.genres[cand], profile),
             np.einsum("mnt,mt->mn", self.text[cand], recent),
             np.broadcast_to(mask.sum(axis=1, keepdims=True), (m, n)),
@@ -91,21 +119,22 @@ def train_lightgbm(prep: Any, seed: int, max_lists: int = 20000) -> tuple[Any, F
     val = prep.val_lists.subset(prep.val_lists.target >= 0)
     fb = FeatureBuilder(prep)
 
-    def dataset(lists: Lists, reference: Any = None) -> Any:
+    def dataset(lists: Lists, leave_user_out: bool, reference: Any = None) -> Any:
         labels = np.zeros(lists.cand.shape, dtype=np.float32)
         labels[np.arange(len(lists)), lists.target] = 1.0
         groups = np.full(len(lists), lists.cand.shape[1])
-        return lgb.Dataset(fb.build(lists), labels.ravel(), group=groups, reference=reference,
+        features = fb.build(lists, leave_user_out)
+        return lgb.Dataset(features, labels.ravel(), group=groups, reference=reference,
                            feature_name=fb.names)  # fmt: skip
 
-    train_set = dataset(train)
+    train_set = dataset(train, leave_user_out=True)
     params = {
         "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": 0.05,
         "num_leaves": 31, "min_data_in_leaf": 50, "feature_fraction": 0.9,
         "num_threads": 2, "seed": seed, "verbose": -1,
     }  # fmt: skip
     booster = lgb.train(
-        params, train_set, num_boost_round=400, valid_sets=[dataset(val, train_set)],
+        params, train_set, num_boost_round=400, valid_sets=[dataset(val, False, train_set)],
         callbacks=[lgb.early_stopping(30, verbose=False)],
     )  # fmt: skip
     return booster, fb
@@ -119,8 +148,7 @@ def _scores(method: str, lists: Lists, prep: Any, model: Scorer, lgbm: Any) -> n
     if method == "recall order":
         return np.broadcast_to(-np.arange(n, dtype=np.float64), lists.cand.shape)
     if method == "popularity order":
-        counts = np.bincount(np.concatenate(prep.split.train), minlength=prep.knn.sim.shape[0])
-        return counts[lists.cand].astype(np.float64)
+        return prep.knn.count[lists.cand].astype(np.float64)
     if method == "lightgbm lambdarank":
         booster, fb = lgbm
         return booster.predict(fb.build(lists)).reshape(lists.cand.shape)

@@ -3,7 +3,8 @@
 - collaborative factors: the top singular vectors of the item co-occurrence (cosine) matrix,
   and of the "B follows A" transition matrix (left = as predecessor, right = as successor);
   these put the item-to-item signals that recall is built on into the item vector;
-- statistics: log popularity and the mean time position of an item's interactions.
+- statistics: log popularity, the mean position of an item in its users' timelines, the
+  mean clock time of its interactions (what was being watched when), and release year.
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def _standardise(x: np.ndarray) -> np.ndarray:
 
 
 def item_features(
-    train: list[np.ndarray], knn: ItemKNN, n_items: int, n_cf: int = 32
+    train: list[np.ndarray],
+    train_times: list[np.ndarray],
+    year: np.ndarray,
+    knn: ItemKNN,
+    n_items: int,
+    n_cf: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Collaborative factors (I+1, n_cf) and statistics (I+1, 2); row 0 (padding) is zero."""
+    """Collaborative factors (I+1, n_cf) and statistics (I+1, 4); row 0 (padding) is zero."""
     k_co, k_tr = n_cf // 2, n_cf // 4
     co, _ = _svd_factors(knn.sim, k_co)
     t = np.log1p(transitions(train, n_items))
@@ -45,11 +51,16 @@ def item_features(
 
     counts = np.bincount(np.concatenate(train), minlength=n_items + 1)[1:].astype(np.float64)
     # Where in its users' timelines an item is watched: early (0) or late (1).
-    position_sum = np.zeros(n_items + 1)
-    for seq in train:
+    position_sum, time_sum = np.zeros(n_items + 1), np.zeros(n_items + 1)
+    for seq, when in zip(train, train_times, strict=True):
         np.add.at(position_sum, seq, np.linspace(0.0, 1.0, len(seq)))
+        np.add.at(time_sum, seq, when)
     mean_pos = position_sum[1:] / np.maximum(counts, 1)
-    stats = _standardise(np.stack([np.log1p(counts), mean_pos], axis=1))
+    all_times = np.concatenate(train_times)
+    mean_time = np.where(counts > 0, time_sum[1:] / np.maximum(counts, 1), all_times.mean())
+    known = year > 0
+    year = np.where(known, year, np.median(year[known]) if known.any() else 0.0)
+    stats = _standardise(np.stack([np.log1p(counts), mean_pos, mean_time, year], axis=1))
 
     pad = np.zeros((1, cf.shape[1] + stats.shape[1]), dtype=np.float32)
     out = np.concatenate([pad, np.concatenate([cf, stats], axis=1).astype(np.float32)])

@@ -55,19 +55,26 @@ def eval_lists(
 
 
 def training_lists(
-    train: list[np.ndarray], knn: ItemKNN, n: int, history_len: int, min_history: int = 3
+    train: list[np.ndarray],
+    knn: ItemKNN,
+    n: int,
+    history_len: int,
+    min_history: int = 3,
+    max_per_user: int | None = None,
 ) -> Lists:
-    """Time-shifted replays: every prefix of every training sequence, kept where recall found
-    the true next item (the lists the model meets online, with a positive to learn from)."""
+    """Time-shifted replays: the prefixes of every training sequence (the most recent
+    ``max_per_user`` of them, so that a few heavy users do not dominate), kept where recall
+    found the true next item: the lists the model meets online, with a positive to learn."""
     hists, cands, targets, users = [], [], [], []
     for u, seq in enumerate(train):
-        if len(seq) <= min_history:
+        start = max(min_history, len(seq) - max_per_user) if max_per_user else min_history
+        if len(seq) <= start:
             continue
-        items, _ = knn.prefix_recall(seq, min_history, n)  # (T, n)
-        truth = seq[min_history:]
+        items, _ = knn.prefix_recall(seq, start, n)  # (T, n)
+        truth = seq[start:]
         pos = positions(items, truth)
         for j in np.flatnonzero(pos >= 0):
-            t = min_history + j
+            t = start + j
             hists.append(seq[max(0, t - history_len) : t])
             cands.append(items[j])
             targets.append(pos[j])

@@ -30,7 +30,7 @@ class ModelConfig:
     text_dim: int = 384  # MiniLM sentence embedding
     n_genres: int = 19
     n_cf: int = 32  # collaborative factors per item (co-occurrence and transition SVD)
-    n_stats: int = 2  # numeric item statistics (log popularity, recent popularity)
+    n_stats: int = 4  # numeric item statistics (see training/features.py)
     n_heads: int = 2
     n_layers: int = 2
     hidden: int = 64  # scorer MLP width
@@ -182,11 +182,16 @@ class Reranker(nn.Module):
         self.att_q = nn.Linear(d, d)
         self.att_k = nn.Linear(d, d)
         self.att_v = nn.Linear(d, d)
+        # A learned, asymmetric "watched A, then B" score between history items and a
+        # candidate: the transition signal that item-kNN's symmetric cosine cannot express.
+        self.from_proj = nn.Linear(d, d)
+        self.to_proj = nn.Linear(d, d)
+        self.decay = nn.Parameter(torch.tensor(0.3))  # recency decay of the transition sum
         # The scorer MLP's first layer, split in two: the user part is computed once per
         # user and broadcast over its N candidates instead of once per candidate.
-        # Per candidate: [cand, state*cand, context, cand*context] + 2 rank + 3 similarity.
+        # Per candidate: [cand, state*cand, context, cand*context] + 2 rank + 3 similarity\n        # + 3 transition.
         self.user_in = nn.Linear(d, cfg.hidden)
-        self.cand_in = nn.Linear(4 * d + 5, cfg.hidden)
+        self.cand_in = nn.Linear(4 * d + 8, cfg.hidden)
         self.mlp = nn.Sequential(
             nn.GELU(),
             nn.Linear(cfg.hidden, cfg.hidden // 2),
@@ -218,6 +223,17 @@ class Reranker(nn.Module):
         sim_max = sims.masked_fill(~hist_mask[:, None, :], -1.0).amax(dim=-1)  # (B, N)
         sim_mean = sims.sum(dim=-1) / n_hist  # (B, N)
         sim_last = sims[:, :, -1]  # (B, N) the newest item (0 when padding)
+        trans = (self.to_proj(cand) @ self.from_proj(hist).transpose(1, 2)) * scale  # (B, N, L)
+        trans = trans.masked_fill(~hist_mask[:, None, :], 0.0)
+        n = hist.shape[1]
+        recency = (n - 1 - torch.arange(n, device=hist.device)).float()  # (L,) newest = 0
+        weight = torch.exp(-self.decay.abs() * recency)[None, :] * hist_mask.float()  # (B, L)
+        weight = weight / weight.sum(dim=1, keepdim=True).clamp(min=1e-6)
+        trans_recent = (trans * weight[:, None, :]).sum(dim=-1)  # (B, N)
+        trans_max = trans.masked_fill(~hist_mask[:, None, :], NEG).amax(dim=-1)  # (B, N)
+        has_history = hist_mask.any(dim=1, keepdim=True)  # (B, 1)
+        trans_max = torch.where(has_history, trans_max, torch.zeros_like(trans_max))
+        trans_last = trans[:, :, -1]  # (B, N)
         rank = cand_rank.clamp(0, self.cfg.max_rank)
         per_cand = torch.cat(
             [
@@ -230,9 +246,12 @@ class Reranker(nn.Module):
                 sim_max[..., None],
                 sim_mean[..., None],
                 sim_last[..., None],
+                trans_recent[..., None],
+                trans_max[..., None],
+                trans_last[..., None],
             ],
             dim=-1,
-        )  # (B, N, 4D+5)
+        )  # (B, N, 4D+8)
         hidden = self.user_in(state)[:, None, :] + self.cand_in(per_cand)  # (B, N, hidden)
         scores = self.mlp(hidden).squeeze(-1)  # (B, N)
         scores = scores.masked_fill(~cand_mask, NEG)

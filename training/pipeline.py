@@ -37,6 +37,7 @@ class PipelineConfig:
     dropout: float = 0.2
     use_text: bool = True  # MiniLM over item text; synthetic data uses random text vectors
     als_factors: int = 64
+    lists_per_user: int = 120  # training lists from each user's most recent positions
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -70,7 +71,7 @@ def _text_vectors(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None)
 
 
 def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None) -> Prepared:
-    split = leave_last_out(dataset.sequences)
+    split = leave_last_out(dataset.sequences, dataset.times)
     n_users, n = len(dataset.users), cfg.n_candidates
     val_hist = [split.val_history(u) for u in range(n_users)]
     test_hist = [split.test_history(u) for u in range(n_users)]
@@ -90,13 +91,15 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         if source is knn:
             val_lists = eval_lists(val_hist, split.val, val_cand, cfg.history_len)
     assert val_lists is not None
-    cf, stats = item_features(split.train, knn, dataset.n_items)
+    cf, stats = item_features(split.train, split.train_times, dataset.year, knn, dataset.n_items)
     return Prepared(
         dataset=dataset,
         split=split,
         knn=knn,
         als=als,
-        train_lists=training_lists(split.train, knn, n, cfg.history_len),
+        train_lists=training_lists(
+            split.train, knn, n, cfg.history_len, max_per_user=cfg.lists_per_user
+        ),
         val_lists=val_lists,
         test_lists=test_lists,
         text=_text_vectors(dataset, cfg, cache_dir),
@@ -156,7 +159,7 @@ def run(
     report["train_log"] = log
     report["minutes"] = (time.monotonic() - started) / 60
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    version = version or f"{dataset.name.split('-')[0]}-{stamp}"
+    version = version or f"{dataset.name}-{stamp}"
     extra = {
         "dataset": dataset.name,
         "training": cfg.to_dict(),

@@ -42,10 +42,10 @@ class ItemKNN:
 
     def __init__(self, train: list[np.ndarray], n_items: int) -> None:
         x = user_item_matrix(train, n_items)
-        co = (x.T @ x).toarray().astype(np.float32)  # (I+1, I+1) co-occurrence counts
-        norm = np.sqrt(np.diag(co)).astype(np.float32)
-        norm[norm == 0] = 1.0
-        self.sim = co / norm[:, None] / norm[None, :]
+        self.co = (x.T @ x).toarray().astype(np.float32)  # (I+1, I+1) co-occurrence counts
+        self.count = np.diag(self.co).copy()  # (I+1,) users per item
+        norm = np.sqrt(np.maximum(self.count, 1.0))
+        self.sim = self.co / norm[:, None] / norm[None, :]
         np.fill_diagonal(self.sim, 0.0)
         self.n_items = n_items
 
@@ -55,9 +55,28 @@ class ItemKNN:
         scores = np.asarray(h @ self.sim)  # (B, I+1)
         return top_n(scores, h.toarray() > 0, n)
 
+    def sim_without_user(self, rows: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """Similarity of items ``rows`` (of the user) to every item, with the user's own
+        interactions taken out of the columns' counts: (len(rows), I+1).
+
+        A training list at position t of a user's sequence must not see that the user went
+        on to watch its candidates; at test time the target is absent from the training
+        data in the same way. ``own`` (I+1,) is 1.0 for the items of the user's sequence.
+        """
+        co = self.co[rows] - own[None, :]  # the user's own row adds 1 to every own pair
+        denom = np.sqrt(np.maximum(self.count[rows], 1.0))[:, None] * np.sqrt(
+            np.maximum(self.count - own, 1.0)
+        )[None, :]
+        sim = np.maximum(co, 0.0) / denom
+        sim[np.arange(len(rows)), rows] = 0.0
+        return sim
+
     def prefix_recall(self, seq: np.ndarray, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Recall lists for every prefix ``seq[:t]``, t = start..len(seq)-1: (T, n) each."""
-        rows = self.sim[seq]  # (len, I+1)
+        """Recall lists for every prefix ``seq[:t]``, t = start..len(seq)-1: (T, n) each,
+        scored as if the user's later items were not in the training data."""
+        own = np.zeros(self.n_items + 1, dtype=np.float32)
+        own[seq] = 1.0
+        rows = self.sim_without_user(seq, own)  # (len, I+1)
         cum = np.cumsum(rows, axis=0)[start - 1 : len(seq) - 1]  # prefix sums, (T, I+1)
         seen = np.zeros_like(cum, dtype=bool)
         for j, t in enumerate(range(start, len(seq))):

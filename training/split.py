@@ -15,6 +15,7 @@ import numpy as np
 @dataclass
 class Split:
     train: list[np.ndarray]  # per user, item rows in time order
+    train_times: list[np.ndarray]  # per user, when each training interaction happened
     val: np.ndarray  # (n_users,) item row
     test: np.ndarray  # (n_users,) item row
 
@@ -25,12 +26,13 @@ class Split:
         return np.append(self.train[u], self.val[u])
 
 
-def leave_last_out(sequences: list[np.ndarray]) -> Split:
+def leave_last_out(sequences: list[np.ndarray], times: list[np.ndarray]) -> Split:
     short = [i for i, s in enumerate(sequences) if len(s) < 3]
     if short:
         raise ValueError(f"users {short[:5]} have fewer than 3 interactions; cannot split")
     return Split(
         train=[s[:-2] for s in sequences],
+        train_times=[t[:-2] for t in times],
         val=np.array([s[-2] for s in sequences]),
         test=np.array([s[-1] for s in sequences]),
     )

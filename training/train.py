@@ -16,11 +16,11 @@ from training.model import Reranker
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
+    epochs: int = 6
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 4  # epochs without a better validation NDCG@10 before stopping
+    patience: int = 2  # epochs without a better validation NDCG@10 before stopping
     seed: int = 0
     threads: int = 2
     max_minutes: float = 12.0  # a hard cap that keeps `make train` inside its budget

@@ -1,0 +1,80 @@
+"""The README's promises are the project's behaviour: settings, quick start, example, report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.config import Settings, settings_table
+from app.embedded import EmbeddedRedis
+from app.factory import create_app
+from app.loader import load_model
+from app.manifest import default_version
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+MODELS = ROOT / "models"
+
+
+def section(name: str) -> str:
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", README, re.S)
+    assert match, f"README has no {name} section"
+    return match.group(1)
+
+
+def test_settings_table_matches_the_code() -> None:
+    assert section("settings").strip() == settings_table().strip()
+
+
+def test_quick_start_is_two_make_targets_that_exist() -> None:
+    quick = README.split("## Quick start", 1)[1].split("##", 1)[0]
+    commands = re.findall(r"^    (make \S+)", quick, re.M)
+    assert commands == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("demo", "test", "train", "eval", "bench", "lint", "docker", "install"):
+        assert re.search(rf"^(\S+ )*{target}( \S+)*:", makefile, re.M), target
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def _curl_bodies() -> list[tuple[str, dict]]:
+    """(path, JSON body) of each curl command in the README example, in order."""
+    text = section("readme-example").replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        if line.startswith("curl"):
+            words = shlex.split(line)
+            url = next(w for w in words if w.startswith("localhost:"))
+            body = json.loads(words[words.index("-d") + 1])
+            calls.append((url.split(":8000", 1)[1], body))
+    return calls
+
+
+@pytest.mark.skipif(default_version(MODELS) is None, reason="no default model yet")
+def test_example_answer_is_what_the_default_model_says(
+    redis_server: EmbeddedRedis, prefix: str, settings_factory: Callable[..., Settings]
+) -> None:
+    version = default_version(MODELS)
+    load_model(redis_server.url, MODELS / str(version), prefix)
+    shown = json.loads(section("readme-answer").split("```json", 1)[1].split("```", 1)[0])
+    settings = settings_factory(model_dir=MODELS)
+    with TestClient(create_app(settings)) as client:
+        answers = [client.post(path, json=body) for path, body in _curl_bodies()]
+    assert [a.status_code for a in answers] == [200, 200]
+    got = answers[-1].json()
+    assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in shown["items"]]
+    for mine, theirs in zip(got["items"], shown["items"], strict=True):
+        if theirs["score"] is not None:
+            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-3)
+    assert got["missing"] == shown["missing"] and got["model_version"] == shown["model_version"]
+
+
+@pytest.mark.skipif(default_version(MODELS) is None, reason="no default model yet")
+def test_report_table_is_the_default_models() -> None:
+    report = (MODELS / str(default_version(MODELS)) / "report.md").read_text()
+    assert section("report").strip() == report.strip()
