@@ -76,14 +76,16 @@ class FeatureBuilder:
         own, own_trans = self._own(lists) if leave_user_out else (np.zeros((m, n)), 0.0)
         count = self.knn.count[cand] - own  # (M, N) users per candidate, the list's user out
         co = self.knn.co[hist[:, :, None], cand[:, None, :]] - own[:, None, :]  # (M, L, N)
-        norm = np.sqrt(np.maximum(self.knn.count[hist], 1.0))[:, :, None] * np.sqrt(
-            np.maximum(count, 1.0)
-        )[:, None, :]
+        norm = (
+            np.sqrt(np.maximum(self.knn.count[hist], 1.0))[:, :, None]
+            * np.sqrt(np.maximum(count, 1.0))[:, None, :]
+        )
         sims = np.maximum(co, 0.0) / norm * mask[:, :, None]  # (M, L, N)
         sim_sum = sims.sum(axis=1)
-        trans = np.log1p(
-            np.maximum(self.counts[hist[:, -3:, None], cand[:, None, :]] - own_trans, 0.0)
-        ) * mask[:, -3:, None]  # (M, 3, N)
+        trans = (
+            np.log1p(np.maximum(self.counts[hist[:, -3:, None], cand[:, None, :]] - own_trans, 0.0))
+            * mask[:, -3:, None]
+        )  # (M, 3, N)
         profile = (self.genres[hist] * mask[..., None]).sum(axis=1)  # (M, G)
         profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-6)
         recent = self.text[hist[:, -10:]].mean(axis=1)  # (M, T), padding rows are zeros

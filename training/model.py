@@ -189,7 +189,8 @@ class Reranker(nn.Module):
         self.decay = nn.Parameter(torch.tensor(0.3))  # recency decay of the transition sum
         # The scorer MLP's first layer, split in two: the user part is computed once per
         # user and broadcast over its N candidates instead of once per candidate.
-        # Per candidate: [cand, state*cand, context, cand*context] + 2 rank + 3 similarity\n        # + 3 transition.
+        # Per candidate: [cand, state*cand, context, cand*context] + 2 rank + 3 similarity
+        # + 3 transition.
         self.user_in = nn.Linear(d, cfg.hidden)
         self.cand_in = nn.Linear(4 * d + 8, cfg.hidden)
         self.mlp = nn.Sequential(

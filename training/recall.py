@@ -64,9 +64,10 @@ class ItemKNN:
         data in the same way. ``own`` (I+1,) is 1.0 for the items of the user's sequence.
         """
         co = self.co[rows] - own[None, :]  # the user's own row adds 1 to every own pair
-        denom = np.sqrt(np.maximum(self.count[rows], 1.0))[:, None] * np.sqrt(
-            np.maximum(self.count - own, 1.0)
-        )[None, :]
+        denom = (
+            np.sqrt(np.maximum(self.count[rows], 1.0))[:, None]
+            * np.sqrt(np.maximum(self.count - own, 1.0))[None, :]
+        )
         sim = np.maximum(co, 0.0) / denom
         sim[np.arange(len(rows)), rows] = 0.0
         return sim
