@@ -222,6 +222,8 @@ BAD_RERANK = [
     ({"candidates": ["1", ""]}, "candidates"),
     ({"candidates": ["1", "y" * 129]}, "candidates"),
     ({"candidates": ["1", None]}, "candidates"),
+    ({"candidates": ["1", True]}, "candidates"),
+    ({"candidates": ["1", 2.5]}, "candidates"),
     ({"candidates": None}, "candidates"),
     ({"k": 0}, "k"),
     ({"k": -1}, "k"),
