@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
@@ -28,6 +28,8 @@ from app.store import ClusterStore, Store, VectorCache
 from app.swap import ModelHolder, ModelSpec, VersionWatcher
 
 log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 5.0
 
 
 def start_embedded(settings: Settings) -> EmbeddedRedis:
@@ -73,6 +75,15 @@ def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metric
     return Store(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
 
 
+async def bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
+    """Close one part, but never let it hold up the shutdown of the others."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await close()
+    except TimeoutError:
+        log.warning("closing the %s took over %g s; shut down without it", name, CLOSE_TIMEOUT_S)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
     metrics = Metrics()
@@ -89,14 +100,14 @@ def create_app(settings: Settings) -> FastAPI:
                 stack.callback(server.close)
                 url = server.url
             client = redis_client(url, settings)
-            stack.push_async_callback(client.aclose)
+            stack.push_async_callback(bounded, "redis client", client.aclose)
             store = make_store(client, settings, metrics)
             holder = ModelHolder()
             batcher = Batcher(
                 settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics
             )
             batcher.start()
-            stack.push_async_callback(batcher.close)
+            stack.push_async_callback(bounded, "batcher", batcher.close)
             spec = ModelSpec(
                 settings.model_dir,
                 choose_providers(settings.onnx_providers),
@@ -113,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
             except StoreUnavailable as exc:
                 log.warning("starting without a model, Redis unavailable: %s", exc)
             watcher.start()
-            stack.push_async_callback(watcher.close)
+            stack.push_async_callback(bounded, "version watcher", watcher.close)
             app.state.service = RerankService(
                 store, holder, batcher, metrics, settings.explain_top, settings.max_history
             )
