@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install -q -c constraints.txt
 HOST   ?= 127.0.0.1
 RERANK_PORT ?= 8000
 
-.PHONY: install install-train install-dev demo run test train eval bench chaos lint docker docker-gpu \
+.PHONY: install install-train install-dev demo run test train eval bench chaos readme lint docker docker-gpu \
         compose compose-monitoring clean
 
 $(BIN)/python:
@@ -61,6 +61,10 @@ lint: install-dev
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off
+
+# The README sections generated from committed files (settings, report, bench, chaos).
+readme: install
+	$(BIN)/python scripts/update_readme.py
 
 docker:
 	docker build -t rerank:latest .

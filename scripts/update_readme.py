@@ -1,0 +1,87 @@
+"""Regenerate the README sections that come from committed files (``make readme``).
+
+Sections are marked ``<!-- name:start -->`` ... ``<!-- name:end -->``:
+settings (app/config.py), report (the default model's report.md), bench (the newest
+benchmark summary in loadtest/results/), chaos (the newest chaos run). tests/test_readme.py
+fails when the README and these files disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "loadtest" / "results"
+
+
+def newest(pattern: str) -> Path | None:
+    found = sorted(RESULTS.glob(pattern))
+    return found[-1] if found else None
+
+
+def bench_summary() -> str | None:
+    runs = sorted(RESULTS.glob("20*-*.md"))
+    if not runs:
+        return None
+    text = runs[-1].read_text()
+    table = text.split("## Against the standard", 1)[1].split("\n## ", 1)[0].strip()
+    return f"From `loadtest/results/{runs[-1].name}`:\n\n{table}"
+
+
+def chaos_table() -> str | None:
+    path = newest("chaos-*.json")
+    if path is None:
+        return None
+    rows = [
+        f"From `loadtest/results/{path.name}`:",
+        "",
+        "| fault | sent | 200 | degraded 200 | 503 shed | other errors | worst ms | recovery s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in json.loads(path.read_text())["scenarios"]:
+        recovery = "-" if s["recovery_s"] is None else s["recovery_s"]
+        rows.append(
+            f"| {s['scenario']} | {s['sent']} | {s['normal']} | {s['degraded']} | {s['shed']} "
+            f"| {s['errors']} | {s['worst_fault_ms']} | {recovery} |"
+        )
+    return "\n".join(rows)
+
+
+def model_report() -> str | None:
+    from app.manifest import default_version
+
+    version = default_version(ROOT / "models")
+    return None if version is None else (ROOT / "models" / version / "report.md").read_text()
+
+
+def sections() -> dict[str, str | None]:
+    from app.config import settings_table
+
+    return {
+        "settings": settings_table(),
+        "report": model_report(),
+        "bench": bench_summary(),
+        "chaos": chaos_table(),
+    }
+
+
+def render(readme: str) -> str:
+    for name, body in sections().items():
+        if body is None:
+            continue
+        readme = re.sub(
+            rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)",
+            lambda m, body=body: m.group(1) + body.strip() + "\n" + m.group(2),
+            readme,
+            flags=re.S,
+        )
+    return readme
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    path = ROOT / "README.md"
+    path.write_text(render(path.read_text()))
