@@ -6,7 +6,6 @@ model folder is never left behind for the service or the loader to pick up.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -18,20 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
+# The service checks the hashes with this same function.
+from app.manifest import sha256_file
 from training.model import ItemTower, ModelConfig, Reranker, ScoreGraph
 
 OPSET = 17
 VECTOR_DTYPE = "float16"
 INPUT_NAMES = ["hist", "hist_mask", "cand", "cand_mask", "cand_rank"]
 OUTPUT_NAMES = ["scores", "attn"]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def example_inputs(cfg: ModelConfig, batch: int = 2, n: int = 5) -> tuple[torch.Tensor, ...]:
