@@ -1,9 +1,13 @@
 """Micro-batcher: the one caller of the ONNX sessions.
 
-Requests wait in a bounded queue; a single loop takes up to ``max_batch`` of them, or what
-arrived within ``max_wait`` of the first, and runs them as one padded batch on a dedicated
-worker thread, so the event loop never waits on ONNX Runtime (which releases the GIL).
-While a batch runs the next one gathers, so batches grow with load by themselves.
+Requests wait in a bounded queue; a single loop takes up to ``max_batch`` of them and runs
+them as one padded batch on a dedicated worker thread, so the event loop never waits on ONNX
+Runtime (which releases the GIL). Batching is natural: a request that finds the model idle
+runs at once, with whatever was submitted in the same turn of the event loop, and a request
+that arrives while a batch runs waits for that run only, then goes with everything else that
+queued up meanwhile (at most ``max_batch``). Nobody is held back for company, so batches grow
+with load by themselves and an idle service adds no wait. ``max_wait`` is kept as an upper
+bound on any deliberate wait; the loop has none today.
 
 Each request carries the ``LoadedModel`` it was pinned to when it started: a batch that spans
 a model swap is split by model, so a request is always scored by the version whose vectors it
@@ -45,7 +49,6 @@ class Batcher:
         self.metrics = metrics
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
-        self._full = asyncio.Event()
         # One thread: batches run one after another, and ONNX Runtime uses its own
         # intra-op threads inside a run.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
@@ -77,28 +80,17 @@ class Batcher:
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(model, job, future))
         self._nonempty.set()
-        if len(self._queue) >= self.max_batch:
-            self._full.set()
         return await future
 
     async def _loop(self) -> None:
+        # The wake-up runs after the callbacks already due in this turn of the event loop, so
+        # requests submitted together (asyncio.gather) are all queued by then; what arrives
+        # while a batch runs is the next batch.
         while True:
             await self._nonempty.wait()
-            await self._gather()
             batch = self._take()
             if batch:
                 await self._run(batch)
-
-    async def _gather(self) -> None:
-        """Wait until the batch is full or the oldest request has waited max_wait."""
-        if len(self._queue) >= self.max_batch or self.max_wait_s == 0:
-            return
-        self._full.clear()
-        remaining = self._queue[0].queued_at + self.max_wait_s - time.perf_counter()
-        if remaining > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._full.wait()
 
     def _take(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -108,8 +100,6 @@ class Batcher:
                 batch.append(pending)
         if not self._queue:
             self._nonempty.clear()
-        if len(self._queue) < self.max_batch:
-            self._full.clear()
         return batch
 
     async def _run(self, batch: list[_Pending]) -> None:

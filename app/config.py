@@ -63,7 +63,9 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(
         default=2.0,
-        description="Longest time the first request of a batch waits for others to join.",
+        description="Upper bound on any deliberate wait for a batch to fill; the batcher has "
+        "none: a request that finds the model idle runs at once, and a batch is what queued "
+        "up while the previous one ran.",
     )
     queue_limit: int = Field(
         default=256,

@@ -139,3 +139,34 @@ def test_the_event_loop_runs_while_the_model_does() -> None:
         await request
 
     run(body, max_wait_s=0)
+
+
+def test_an_idle_batcher_runs_a_lone_request_at_once() -> None:
+    model = FakeModel()
+
+    async def body(b: Batcher) -> None:
+        start = time.perf_counter()
+        await b.submit(model, job(1))  # type: ignore[arg-type]
+        # Natural batching: nothing is running, so nothing is worth waiting for. The bound
+        # is generous (half of max_wait), only to tell "at once" from "after max_wait".
+        assert time.perf_counter() - start < 0.25
+
+    run(body, max_batch=8, max_wait_s=0.5)
+    assert model.batches == [1]
+
+
+def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def body(b: Batcher) -> None:
+        first = asyncio.create_task(b.submit(model, job(0)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)  # running alone, blocked in the model
+        later = [asyncio.create_task(b.submit(model, job(i))) for i in range(1, 7)]  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        gate.set()
+        results = await asyncio.gather(first, *later)
+        assert [r.scores[0] for r in results] == list(range(7))
+
+    run(body, max_batch=4, max_wait_s=0.5)
+    assert model.batches == [1, 4, 2]  # capped at max_batch, the rest right after
