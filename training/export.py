@@ -110,6 +110,7 @@ def export_model(
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
         tmp.rename(final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
