@@ -10,9 +10,11 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from app.config import Settings
 from app.logs import configure_logging
@@ -24,6 +26,10 @@ OFFLINE_VERBS = {
     "train": "train the reranker and export a model version",
     "eval": "evaluate a model version against the baselines",
 }
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,6 +44,9 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         server = start_embedded(settings)
         os.environ["RERANK_REDIS_URL"] = server.url
         log.info("RERANK_REDIS_URL unset: embedded Redis at %s", server.url)
+        # uvicorn re-raises the signal that stopped it once it has shut down; under the
+        # default SIGTERM action that would end the process before `finally` stops Redis.
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(
             "app.main:app",
@@ -54,6 +63,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if server is not None:
             server.close()
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

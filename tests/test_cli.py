@@ -62,6 +62,41 @@ def test_serve_without_redis_starts_one_with_the_default_model(
     assert seen["active"] == VERSION_B.encode()  # the newest folder: no models/DEFAULT here
 
 
+def test_sigterm_stops_the_embedded_redis_too(model_dir: Path) -> None:
+    """uvicorn re-raises SIGTERM after its shutdown; the embedded Redis must not outlive it."""
+    import re
+    import signal
+    import time
+
+    from app.embedded import free_port
+
+    env = {k: v for k, v in os.environ.items() if k != "RERANK_REDIS_URL"}
+    env.update(RERANK_MODEL_DIR=str(model_dir), RERANK_SHUTDOWN_DELAY_S="0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(free_port())],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    url = None
+    deadline = time.monotonic() + 60
+    while url is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        found = re.search(r"embedded Redis at (redis://\S+)", line)
+        url = found.group(1) if found else None
+    assert url, "rerank serve did not report its embedded Redis"
+    time.sleep(1.0)  # let uvicorn install its own signal handlers
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+    finally:
+        client.close()
+
+
 def test_offline_verbs_go_to_training_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[list[str]] = []
     fake = types.ModuleType("training.cli")
