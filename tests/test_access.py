@@ -94,7 +94,7 @@ def tls_capable_redis() -> Path | None:
         candidates.append(str(find_redis_server()))
     except FileNotFoundError:
         pass
-    for name in dict.fromkeys(c for c in candidates if c):
+    for name in dict.fromkeys(c for c in candidates if c and Path(c).is_file()):
         probe = subprocess.run(
             [name, "--port", "0", "--tls-port", "0", "--test-memory", "0"],
             capture_output=True,
