@@ -105,8 +105,10 @@ class Settings(BaseSettings):
         "separated. Empty: CUDAExecutionProvider when available, then CPUExecutionProvider.",
     )
     onnx_threads: int = Field(
-        default=0,
-        description="Intra-op threads of the ONNX Runtime session (0: ONNX Runtime's default).",
+        default=1,
+        description="Intra-op threads of the ONNX Runtime session (0: ONNX Runtime's default, "
+        "one per physical core). 1: the batcher's own thread runs each batch, the least CPU "
+        "per request at the small batches of a CPU box that also runs the event loop.",
     )
     version_poll_s: float = Field(
         default=1.0,

@@ -391,9 +391,13 @@ def floor_model(
     budget_s: float,
 ) -> dict[str, Any]:
     """The ONNX session alone at the service's batch sizes: CPU and wall time per request."""
+    from app.config import Settings
     from app.model import MIN_N_BUCKET, bucket, ladder, load_session
 
-    session = load_session(folder / "model.onnx", ["CPUExecutionProvider"], 0)
+    # The service's own session settings (RERANK_ONNX_THREADS or its default), so the floor
+    # is the same session the service runs, not a cheaper or dearer one.
+    threads = Settings().onnx_threads
+    session = load_session(folder / "model.onnx", ["CPUExecutionProvider"], threads)
     has_rank = "cand_rank" in {i.name for i in session.get_inputs()}
     l_buckets = ladder(manifest.history_len)
     n_buckets = ladder(max(1000, MIN_N_BUCKET), MIN_N_BUCKET)
@@ -442,6 +446,7 @@ def floor_model(
         }
     total = sum(v["share_of_requests"] for v in per_size.values()) or 1.0
     return {
+        "onnx_threads": threads,
         "batch_sizes": per_size,
         "cpu_ms_per_request": sum(
             v["share_of_requests"] * v["cpu_ms_per_request"] for v in per_size.values()
