@@ -108,9 +108,7 @@ def build_router(settings: Settings) -> APIRouter:
     # The body types are built from the settings at run time, which mypy cannot follow.
     # response_model documents the answer; the route returns it already serialised (see
     # RerankBody in app/schemas.py), so FastAPI neither validates nor re-encodes it.
-    @router.post(
-        "/rerank", dependencies=work, responses=work_errors, response_model=RerankResponse
-    )
+    @router.post("/rerank", dependencies=work, responses=work_errors, response_model=RerankResponse)
     async def rerank(body: rerank_body, service: ServiceDep) -> Response:  # type: ignore[valid-type]
         """Reorder the candidates for the user; top k, missing ones last."""
         return Response(orjson.dumps(await service.rerank(body)), media_type="application/json")

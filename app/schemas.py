@@ -29,9 +29,7 @@ def _ints_to_str(value: Any) -> Any:
     # validator per id was most of the validation's time. Anything else is left for the
     # item schema to refuse, with the item's index in the error.
     if isinstance(value, list):
-        return [
-            str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
-        ]
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
     return value
 
 
