@@ -20,7 +20,9 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    patience: int = 2  # epochs without a better validation NDCG@10 before stopping
+    # OneCycle anneals the learning rate in the last epochs, where validation NDCG usually
+    # peaks; a patience of 2 stopped a run at epoch 4 of 6 on a dip (0.1167 -> 0.1142).
+    patience: int = 3  # epochs without a better validation NDCG@10 before stopping
     seed: int = 0
     threads: int = 2
     max_minutes: float = 12.0  # a hard cap that keeps `make train` inside its budget
