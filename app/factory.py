@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import Redis, RedisCluster
@@ -49,23 +50,17 @@ def redis_client(url: str, settings: Settings) -> Redis | RedisCluster:
     # The per-request deadline (asyncio.timeout) bounds every call; socket timeouts are
     # a backstop only. Retrying inside a 50 ms deadline would only add load to a sick
     # Redis, so the client does not retry: the next request is the retry.
+    options: dict[str, Any] = {
+        "max_connections": settings.redis_max_connections,
+        "socket_timeout": 1.0,
+        "socket_connect_timeout": 1.0,
+        "retry": Retry(NoBackoff(), 0),
+    }
     if is_cluster or settings.redis_cluster:
         # max_connections is per node here; a failed call makes the client re-read the
         # slot map before the next one, which is how it follows a node that came back.
-        return RedisCluster.from_url(
-            plain,
-            max_connections=settings.redis_max_connections,
-            socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-            retry=Retry(NoBackoff(), 0),
-        )
-    return Redis.from_url(
-        url,
-        max_connections=settings.redis_max_connections,
-        socket_timeout=1.0,
-        socket_connect_timeout=1.0,
-        retry=Retry(NoBackoff(), 0),
-    )
+        return RedisCluster.from_url(plain, **options)
+    return Redis.from_url(url, **options)
 
 
 def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metrics) -> Store:

@@ -164,13 +164,20 @@ class Store:
     client: Redis | RedisCluster
 
     def __init__(
-        self, client: Redis, prefix: str, timeout_s: float, cache: VectorCache, metrics: Metrics
+        self,
+        client: Redis | RedisCluster,
+        prefix: str,
+        timeout_s: float,
+        cache: VectorCache,
+        metrics: Metrics,
     ) -> None:
         self.client = client
         self.keys = Keys(prefix)
         self.timeout_s = timeout_s
         self.cache = cache
         self.metrics = metrics
+        # Registering only computes the script's hash (no Redis call); ClusterStore, whose
+        # keys span slots, never runs it.
         self._fetch_script = client.register_script(FETCH_SCRIPT)
 
     async def _call(self, op: str, awaitable: Any, timeout_s: float | None = None) -> Any:
@@ -315,21 +322,6 @@ class ClusterStore(Store):
     """
 
     client: RedisCluster
-
-    def __init__(
-        self,
-        client: RedisCluster,
-        prefix: str,
-        timeout_s: float,
-        cache: VectorCache,
-        metrics: Metrics,
-    ) -> None:
-        # Not Store.__init__: there is no fetch script to register on a cluster.
-        self.client = client
-        self.keys = Keys(prefix)
-        self.timeout_s = timeout_s
-        self.cache = cache
-        self.metrics = metrics
 
     async def prepare(self) -> None:
         """Learn the slot map now (start-up deadline), not in the first request's."""
