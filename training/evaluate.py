@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from training.features import transitions
 from training.lists import Lists, right_align
 from training.metrics import bootstrap_ci, ndcg_at, ranked_positions, summary
 
@@ -32,8 +33,6 @@ class FeatureBuilder:
     ]  # fmt: skip
 
     def __init__(self, prep: Any) -> None:
-        from training.features import transitions
-
         self.knn = prep.knn
         self.train = prep.split.train
         self.counts = transitions(prep.split.train, prep.dataset.n_items)  # raw weights
@@ -57,8 +56,6 @@ class FeatureBuilder:
     def _own(self, lists: Lists) -> tuple[np.ndarray, np.ndarray]:
         """Per list: 1.0 where a candidate is among the user's training items (M, N), and the
         user's own transition weights from the last 3 history items to each candidate (M, 3, N)."""
-        from training.features import transitions
-
         own = np.zeros(lists.cand.shape, dtype=np.float32)
         trans = np.zeros((len(lists), 3, lists.cand.shape[1]), dtype=np.float32)
         for u in np.unique(lists.user):

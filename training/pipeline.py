@@ -50,7 +50,6 @@ class Prepared:
     dataset: Dataset
     split: Split
     knn: ItemKNN
-    als: ALSRecall
     train_lists: Lists
     val_lists: Lists  # item-kNN lists for the validation item: early stopping, tuning
     test_lists: dict[str, Lists]  # per recall source, one list per user for the test item
@@ -96,7 +95,6 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         dataset=dataset,
         split=split,
         knn=knn,
-        als=als,
         train_lists=training_lists(
             split.train, knn, n, cfg.history_len, max_per_user=cfg.lists_per_user
         ),
