@@ -24,6 +24,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from app.admission import Admission
 from app.errors import ModelError, Overloaded
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
@@ -41,12 +42,18 @@ class _Pending:
 
 class Batcher:
     def __init__(
-        self, max_batch: int, max_wait_s: float, queue_limit: int, metrics: Metrics
+        self,
+        max_batch: int,
+        max_wait_s: float,
+        queue_limit: int,
+        metrics: Metrics,
+        admission: Admission | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.metrics = metrics
+        self.admission = admission  # told every wait: the queue is its signal
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
         # One thread: batches run one after another, and ONNX Runtime uses its own
@@ -106,6 +113,8 @@ class Batcher:
         now = time.perf_counter()
         for pending in batch:
             self.metrics.queue_wait.observe(now - pending.queued_at)
+            if self.admission is not None:
+                self.admission.observe_wait(now - pending.queued_at)
         # Split by model: only during a swap does a batch hold two versions.
         groups: dict[int, list[_Pending]] = {}
         for pending in batch:

@@ -123,7 +123,15 @@ class Settings(BaseSettings):
     max_inflight: int = Field(
         default=64,
         description="Most /rerank and /events requests one process works on at once; beyond "
-        "it a request gets 503 with Retry-After at once, before its body is read (0: no limit).",
+        "the current limit a request gets 503 with Retry-After at once, before its body is "
+        "read (0: no limit).",
+    )
+    admission_target_ms: float = Field(
+        default=10.0,
+        description="Queueing the adaptive in-flight limit allows: while the 90th percentile "
+        "wait for the model or the event-loop lag stays past it, the limit drops by a quarter "
+        "every 100 ms (down to 4); while within it and full, the limit grows by one, up to "
+        "max_inflight. 0: the limit stays at max_inflight.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -164,7 +172,13 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "cache_size", "onnx_threads", "max_wait_ms", "max_inflight", "shutdown_delay_s", "drain_s"
+        "cache_size",
+        "onnx_threads",
+        "max_wait_ms",
+        "max_inflight",
+        "admission_target_ms",
+        "shutdown_delay_s",
+        "drain_s",
     )
     @classmethod
     def _not_negative(cls, value: float, info: Any) -> float:

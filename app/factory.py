@@ -13,6 +13,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from app.admission import Admission
 from app.api import RequestContext, build_router
 from app.batcher import Batcher
 from app.config import Settings, cluster_url
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
     metrics = Metrics()
     drain = Drain(settings.shutdown_delay_s)
+    admission = Admission(settings.max_inflight, settings.admission_target_ms / 1000, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,9 +101,11 @@ def create_app(settings: Settings) -> FastAPI:
             store = make_store(client, settings, metrics)
             holder = ModelHolder()
             batcher = Batcher(
-                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics
+                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics, admission
             )
             batcher.start()
+            admission.start()
+            stack.push_async_callback(bounded, "admission", admission.close)
             stack.push_async_callback(bounded, "batcher", batcher.close)
             spec = ModelSpec(
                 settings.model_dir,
@@ -142,7 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         Guard,
         max_body_bytes=settings.max_body_bytes,
-        max_inflight=settings.max_inflight,
+        admission=admission,
         retry_after_s=settings.retry_after_s,
         metrics=metrics,
     )

@@ -1,7 +1,8 @@
 """Admission at the door: the in-flight limit and the body size limit, before any parsing.
 
 A pure ASGI middleware, so that a request the service will refuse costs as little as
-possible: an overloaded process answers 503 (with Retry-After) without reading the body, and
+possible: an overloaded process (past the limit that ``app.admission`` sets) answers 503
+(with Retry-After) without reading the body, and
 a body larger than ``max_body_bytes`` gets 413 as soon as its Content-Length, or the bytes
 read so far, pass the limit. Only the work routes (/rerank, /events) count against the
 in-flight limit; health, readiness and metrics stay answerable under overload.
@@ -13,6 +14,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.admission import Admission
 from app.metrics import Metrics
 
 WORK_ROUTES = frozenset({"/rerank", "/events"})
@@ -23,13 +25,13 @@ class Guard:
         self,
         app: ASGIApp,
         max_body_bytes: int,
-        max_inflight: int,
+        admission: Admission,
         retry_after_s: int,
         metrics: Metrics,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
-        self.max_inflight = max_inflight
+        self.admission = admission
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.inflight = 0
@@ -39,7 +41,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         work = scope["path"] in WORK_ROUTES
-        if work and self.max_inflight and self.inflight >= self.max_inflight:
+        if work and not self.admission.admits(self.inflight):
             self.metrics.shed.inc()
             await _reply(
                 send,

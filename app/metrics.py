@@ -56,7 +56,14 @@ class Metrics:
         self.degraded = Counter(
             "rerank_degraded", "Answers in the caller's order, by reason", ["reason"], registry=r
         )
-        self.shed = Counter("rerank_shed", "Requests refused with 503: queue full", registry=r)
+        self.shed = Counter(
+            "rerank_shed", "Requests refused with 503: in-flight limit or queue full", registry=r
+        )
+        self.admission_limit = Gauge(
+            "rerank_admission_limit",
+            "Work requests one process takes on at once now (adaptive, app/admission.py)",
+            registry=r,
+        )
         self.swap_failures = Counter(
             "rerank_model_swap_failures", "New model versions that failed to load", registry=r
         )

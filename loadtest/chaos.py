@@ -49,6 +49,7 @@ OVERLOAD_S = 30.0  # the overload run
 OVERLOAD_FACTOR = 3.0  # offered load as a multiple of the measured capacity
 CAPACITY_S = 5.0  # the capacity measurement (closed loop)
 CAPACITY_CONNECTIONS = 32
+CAPACITY_BACKOFF_S = 0.05  # a closed-loop client's pause after a 503
 SHUTDOWN_DELAY_S = 1.0  # RERANK_SHUTDOWN_DELAY_S of the service under test
 DRAIN_S = 5.0  # RERANK_DRAIN_S
 N_ITEMS = 1000  # items of the random models exported for the run
@@ -131,8 +132,11 @@ def classify(status: int, headers: dict[str, str], data: bytes) -> tuple[str, st
 class Load:
     """Bounded request loops at a steady rate; every answer is recorded."""
 
-    def __init__(self, port: int, ids: list[str], rate: float, connections: int) -> None:
+    def __init__(
+        self, port: int, ids: list[str], rate: float, connections: int, backoff_s: float = 0.0
+    ) -> None:
         self.port, self.ids, self.rate, self.connections = port, ids, rate, connections
+        self.backoff_s = backoff_s  # a pause after each 503, as a client honouring Retry-After
         self.records: list[Record] = []
         self.t0 = time.perf_counter()
         self.stop = asyncio.Event()
@@ -166,6 +170,8 @@ class Load:
                     kind, detail = "error", repr(exc)
                 took = time.perf_counter() - start
                 self.records.append(Record(start - self.t0, took, kind, detail))
+                if kind == "shed" and self.backoff_s:
+                    await asyncio.sleep(self.backoff_s)
         finally:
             conn.close()
 
@@ -493,7 +499,9 @@ async def overload(
         await asyncio.sleep(max(2.0, seconds / 10))
     unloaded_p99 = percentile([x.took for x in quiet.records if x.kind == "normal"], 0.99)
 
-    closed = Load(env.port, env.ids, 1e9, CAPACITY_CONNECTIONS)  # no pacing: as fast as it goes
+    # No pacing: as fast as it goes. A refused client pauses, or the refusals it hammers the
+    # service with would eat the capacity being measured.
+    closed = Load(env.port, env.ids, 1e9, CAPACITY_CONNECTIONS, backoff_s=CAPACITY_BACKOFF_S)
     async with closed.running():
         await asyncio.sleep(min(CAPACITY_S, seconds))
     capacity = sum(1 for x in closed.records if x.kind == "normal") / min(CAPACITY_S, seconds)
