@@ -152,3 +152,18 @@ def test_cache_batched_reads_and_writes() -> None:
     assert cache.get_many("v2", ["x"]) == [b"x"] and len(cache) == 3
     cache.put_many("v2", ["y", "z"], [b"y", b"z"])  # then v is emptied and dropped
     assert cache.get_many("v", ["a", "e"]) == [None, None] and len(cache) == 3
+
+
+def test_decode_keeps_only_values_of_the_right_length() -> None:
+    from app.store import decode
+
+    manifest = Manifest("v", 2, 5, "float16", 3, {}, {})
+    a, b = np.array([1, 2], "<f2").tobytes(), np.array([3, 4], "<f2").tobytes()
+    present, matrix = decode([a, b], manifest)  # every value fine: the fast path
+    assert present.tolist() == [True, True] and matrix.tolist() == [[1, 2], [3, 4]]
+    assert matrix.dtype == np.float32
+    present, matrix = decode([a, None, b[:3], b + b, b], manifest)
+    assert present.tolist() == [True, False, False, False, True]
+    assert matrix.tolist() == [[1, 2], [3, 4]]
+    present, matrix = decode([], manifest)
+    assert present.tolist() == [] and matrix.shape == (0, 2)
