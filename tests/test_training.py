@@ -62,3 +62,27 @@ def test_test_item_never_reaches_training(dataset) -> None:  # type: ignore[no-u
     np.testing.assert_array_equal(a.val_lists.cand, b.val_lists.cand)
     np.testing.assert_array_equal(a.test_lists["item-knn"].cand, b.test_lists["item-knn"].cand)
     np.testing.assert_array_equal(a.test_lists["item-knn"].hist, b.test_lists["item-knn"].hist)
+
+
+def test_weight_averaging_is_kept_only_when_validation_says_so(dataset) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from training.pipeline import fit
+    from training.train import _mean_state, evaluate_ndcg
+
+    cfg = _cfg(epochs=4)
+    cfg = replace(cfg, train=replace(cfg.train, average_last=3))
+    prep = prepare(dataset, cfg)
+    model, log = fit(prep, cfg)
+    epochs = [e["val_ndcg@10"] for e in log if e["epoch"] >= 0]
+    averaged = [e["val_ndcg@10"] for e in log if e["epoch"] < 0]
+    assert len(epochs) == 4 and len(averaged) == 1 and log[-1]["epoch"] == -3
+    # The returned model is the better of the best epoch and the mean of the last three.
+    assert evaluate_ndcg(model, prep.val_lists) == pytest.approx(max(*epochs, *averaged))
+
+    a = {"w": np.ones(2, np.float32), "step": np.array([1])}
+    b = {"w": 3 * np.ones(2, np.float32), "step": np.array([2])}
+    import torch
+
+    mean = _mean_state([{k: torch.from_numpy(v) for k, v in s.items()} for s in (a, b)])
+    assert mean["w"].tolist() == [2.0, 2.0] and mean["step"].tolist() == [2]

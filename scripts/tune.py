@@ -1,0 +1,82 @@
+"""Tune the deep reranker on the VALIDATION split only; the test split is never scored here.
+
+Prepares MovieLens once, trains each named variant, and appends one JSON line per variant to
+``--out`` with its per-epoch validation NDCG@10. Seed ensembles are scored by averaging the
+members' validation scores, pairwise. Run: ``.venv/bin/python scripts/tune.py --variants base e8 seed1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from itertools import combinations
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from training.data import fetch_movielens, load_movielens
+from training.metrics import ndcg_at, ranked_positions
+from training.pipeline import PipelineConfig, Prepared, fit, prepare
+from training.train import TrainConfig, predict
+
+BASE = PipelineConfig()
+VARIANTS: dict[str, PipelineConfig] = {
+    "base": BASE,
+    "e8": replace(BASE, train=replace(BASE.train, epochs=8)),
+    "seed1": replace(BASE, seed=1, train=replace(BASE.train, seed=1)),
+    "e8seed1": replace(BASE, seed=1, train=replace(BASE.train, seed=1, epochs=8)),
+    "lists200": replace(BASE, lists_per_user=200),
+    "e8avg3": replace(BASE, train=replace(BASE.train, epochs=8, average_last=3)),
+    "avg3": replace(BASE, train=replace(BASE.train, average_last=3)),
+}
+
+
+def _val_ndcg(prep: Prepared, scores: np.ndarray) -> float:
+    return float(ndcg_at(ranked_positions(scores, prep.val_lists.target)).mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--variants", nargs="+", default=["base"], choices=sorted(VARIANTS))
+    p.add_argument("--out", type=Path, default=Path("data/tune.jsonl"))
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.add_argument("--with-saved", nargs="*", default=[], help="earlier variants' saved scores")
+    args = p.parse_args()
+    fetch_movielens(args.data_dir)
+    dataset = load_movielens(args.data_dir)
+    scores: dict[str, np.ndarray] = {}
+    preps: dict[int, Prepared] = {}
+    for name in args.variants:
+        cfg = VARIANTS[name]
+        key = cfg.lists_per_user
+        if key not in preps:
+            preps[key] = prepare(dataset, cfg, args.data_dir / "cache")
+        prep = preps[key]
+        started = time.monotonic()
+        model, log = fit(prep, cfg)
+        scores[name] = predict(model, prep.val_lists)
+        row = {
+            "variant": name,
+            "val_ndcg@10": _val_ndcg(prep, scores[name]),
+            "minutes": (time.monotonic() - started) / 60,
+            "log": log,
+        }
+        print(json.dumps(row))
+        with args.out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        np.save(args.out.with_name(f"tune-{name}.npy"), scores[name])
+    for name in args.with_saved:
+        scores[name] = np.load(args.out.with_name(f"tune-{name}.npy"))
+    if len(scores) > 1 and len(preps) == 1:
+        prep = next(iter(preps.values()))
+        for a, b in combinations(scores, 2):
+            row = {"variant": f"{a}+{b}", "val_ndcg@10": _val_ndcg(prep, scores[a] + scores[b])}
+            print(json.dumps(row))
+            with args.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
