@@ -1,14 +1,13 @@
 """Micro-batcher: the one caller of the ONNX sessions.
 
 Requests wait in a bounded queue; a single loop takes up to ``max_batch`` of them and runs
-them as one padded batch on a dedicated worker thread, so the event loop does not wait on
-ONNX Runtime (which releases the GIL); only a lone job of a fast model runs on the loop
-itself, where it is cheaper than the thread hop (``INLINE_UNDER_S``). Batching is natural: a
-request that finds the model idle runs at once, with whatever was submitted in the same turn
-of the event loop, and a request that arrives while a batch runs waits for that run only,
-then goes with everything else that queued up meanwhile (at most ``max_batch``). Nobody is
-held back for company, so batches grow with load by themselves and an idle service adds no
-wait. ``max_wait`` is kept as an upper bound on any deliberate wait; the loop has none today.
+them as one padded batch on a dedicated worker thread, so the event loop never waits on ONNX
+Runtime (which releases the GIL). Batching is natural: a request that finds the model idle
+runs at once, with whatever was submitted in the same turn of the event loop, and a request
+that arrives while a batch runs waits for that run only, then goes with everything else that
+queued up meanwhile (at most ``max_batch``). Nobody is held back for company, so batches grow
+with load by themselves and an idle service adds no wait. ``max_wait`` is kept as an upper
+bound on any deliberate wait; the loop has none today.
 
 Each request carries the ``LoadedModel`` it was pinned to when it started: a batch that spans
 a model swap is split by model, so a request is always scored by the version whose vectors it
@@ -31,13 +30,6 @@ from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
 
 log = logging.getLogger(__name__)
-
-# A lone job that the model finishes in a millisecond or so costs less on the event loop
-# than the hop to the worker thread and back: measured here, 0.3-0.6 ms of CPU per hop on a
-# 2-core box, half of the model's own time at batch 1. So a batch of one whose model ran its
-# recent lone jobs in under this time runs inline; batches, and slower models, go to the
-# thread, and the loop stays free while they run. A model's first lone job takes the thread.
-INLINE_UNDER_S = 0.002
 
 
 @dataclass
@@ -68,7 +60,6 @@ class Batcher:
         # intra-op threads inside a run.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._task: asyncio.Task[None] | None = None
-        self._lone_s: dict[str, float] = {}  # per model version: its last lone job's time
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="batcher")
@@ -118,10 +109,6 @@ class Batcher:
             self._nonempty.clear()
         return batch
 
-    def _inline(self, model: LoadedModel, jobs: list[Job]) -> bool:
-        fast = self._lone_s.get(model.version, INLINE_UNDER_S) < INLINE_UNDER_S
-        return len(jobs) == 1 and fast
-
     async def _run(self, batch: list[_Pending]) -> None:
         now = time.perf_counter()
         for pending in batch:
@@ -139,10 +126,7 @@ class Batcher:
             self.metrics.batch_size.observe(len(jobs))
             start = time.perf_counter()
             try:
-                if self._inline(model, jobs):
-                    results = model.run_batch(jobs)
-                else:
-                    results = await loop.run_in_executor(self._executor, model.run_batch, jobs)
+                results = await loop.run_in_executor(self._executor, model.run_batch, jobs)
             except asyncio.CancelledError:  # shutdown: nobody will answer these any more
                 for p in group:
                     p.future.cancel()
@@ -155,10 +139,7 @@ class Batcher:
                         p.future.set_exception(error)
                 continue
             finally:
-                took = time.perf_counter() - start
-                self.metrics.model_seconds.observe(took)
-                if len(jobs) == 1:
-                    self._lone_s[model.version] = took
+                self.metrics.model_seconds.observe(time.perf_counter() - start)
             for p, result in zip(group, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)

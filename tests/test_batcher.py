@@ -170,36 +170,3 @@ def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
 
     run(body, max_batch=4, max_wait_s=0.5)
     assert model.batches == [1, 4, 2]  # capped at max_batch, the rest right after
-
-
-def test_lone_jobs_of_a_fast_model_run_on_the_loop_others_on_the_thread(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Wide margins, so a busy test machine cannot make the fast model look slow.
-    monkeypatch.setattr("app.batcher.INLINE_UNDER_S", 0.2)
-    threads: list[str] = []
-
-    class Recording(FakeModel):
-        def __init__(self, delay: float) -> None:
-            super().__init__(version=f"delay-{delay}")
-            self.delay = delay
-
-        def run_batch(self, jobs: list[Job]) -> list[Scored]:
-            threads.append(threading.current_thread().name)
-            time.sleep(self.delay)
-            return super().run_batch(jobs)
-
-    async def body(b: Batcher) -> None:
-        fast, slow = Recording(0.0), Recording(0.25)
-        for _ in range(3):
-            await b.submit(fast, job(1))  # type: ignore[arg-type]
-        await asyncio.gather(*(b.submit(fast, job(i)) for i in range(3)))  # type: ignore[arg-type]
-        for _ in range(2):
-            await b.submit(slow, job(1))  # type: ignore[arg-type]
-
-    run(body, max_wait_s=0)
-    main = threading.main_thread().name
-    # fast: the first lone job takes the thread (no timing yet), then the loop; a batch of
-    # three takes the thread; slow (past INLINE_UNDER_S): always the thread.
-    assert threads[:3] == ["onnx_0", main, main]
-    assert threads[3] != main and threads[4:] == [threads[3]] * 2
