@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         "read (0: no limit).",
     )
     admission_target_ms: float = Field(
-        default=10.0,
+        default=4.0,
         description="Queueing the adaptive in-flight limit allows: while the 90th percentile "
         "wait for the model or the event-loop lag stays past it, the limit drops by a quarter "
         "every 100 ms (down to 4); while within it and full, the limit grows by one, up to "
