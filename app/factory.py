@@ -130,9 +130,10 @@ def create_app(settings: Settings) -> FastAPI:
             )
             app.state.holder = holder
             app.state.batcher = batcher
-            # Everything built so far lives as long as the process: moved out of the
-            # collector's reach, it is not scanned again by every full collection, a pause
-            # that otherwise lands on whichever request is running.
+            # What start-up built lives as long as the process: moved out of the
+            # collector's reach (after a last collection of start-up's garbage), it is not
+            # scanned again by every full collection, a pause that would land on a request.
+            gc.collect()
             gc.freeze()
             yield
 
