@@ -2,7 +2,8 @@
 
 Prepares MovieLens once, trains each named variant, and appends one JSON line per variant to
 ``--out`` with its per-epoch validation NDCG@10. Seed ensembles are scored by averaging the
-members' validation scores, pairwise. Run: ``.venv/bin/python scripts/tune.py --variants base e8 seed1``.
+members' validation scores, pairwise.
+Run: ``.venv/bin/python scripts/tune.py --variants base seed1 e8avg3``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from itertools import combinations
 from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from training.data import fetch_movielens, load_movielens
 from training.metrics import ndcg_at, ranked_positions
 from training.pipeline import PipelineConfig, Prepared, fit, prepare
-from training.train import TrainConfig, predict
+from training.train import predict
 
 BASE = PipelineConfig()
 VARIANTS: dict[str, PipelineConfig] = {

@@ -2,16 +2,19 @@
 
 Sections are marked ``<!-- name:start -->`` ... ``<!-- name:end -->``:
 settings (app/config.py), report (the default model's report.md), bench (the newest
-benchmark summary in loadtest/results/), chaos (the newest chaos run). tests/test_readme.py
-fails when the README and these files disagree.
+benchmark summary in loadtest/results/), chaos (the newest chaos run), readme-answer (the
+README's own curl example, replayed against the default model on an embedded Redis).
+tests/test_readme.py fails when the README and these files disagree.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "loadtest" / "results"
@@ -57,7 +60,42 @@ def model_report() -> str | None:
     return None if version is None else (ROOT / "models" / version / "report.md").read_text()
 
 
-def sections() -> dict[str, str | None]:
+def example_calls(readme: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path, JSON body) of each curl command of the README's example section."""
+    after_start = readme.split("<!-- readme-example:start -->", 1)[1]
+    example = after_start.split("<!-- readme-example:end", 1)[0]
+    calls = []
+    for line in example.replace("\\\n", " ").splitlines():
+        if line.startswith("curl"):
+            words = shlex.split(line)
+            url = next(w for w in words if w.startswith("localhost:"))
+            calls.append((url.split(":8000", 1)[1], json.loads(words[words.index("-d") + 1])))
+    return calls
+
+
+def example_answer(readme: str) -> str | None:
+    """The last answer of the README's example, from the default model as served."""
+    from fastapi.testclient import TestClient
+
+    from app.config import Settings
+    from app.embedded import EmbeddedRedis
+    from app.factory import create_app
+    from app.loader import load_model
+    from app.manifest import default_version
+
+    models = ROOT / "models"
+    version = default_version(models)
+    if version is None:
+        return None
+    with EmbeddedRedis() as redis_server:
+        load_model(redis_server.url, models / version, "rr")
+        settings = Settings(_env_file=None, redis_url=redis_server.url, model_dir=models)  # type: ignore[call-arg]
+        with TestClient(create_app(settings)) as client:
+            answers = [client.post(path, json=body) for path, body in example_calls(readme)]
+    return "```json\n" + json.dumps(answers[-1].json(), indent=2) + "\n```"
+
+
+def sections(readme: str) -> dict[str, str | None]:
     from app.config import settings_table
 
     return {
@@ -65,11 +103,12 @@ def sections() -> dict[str, str | None]:
         "report": model_report(),
         "bench": bench_summary(),
         "chaos": chaos_table(),
+        "readme-answer": example_answer(readme),
     }
 
 
 def render(readme: str) -> str:
-    for name, body in sections().items():
+    for name, body in sections(readme).items():
         if body is None:
             continue
         readme = re.sub(
