@@ -182,13 +182,13 @@ class Load:
     def now(self) -> float:
         return time.perf_counter() - self.t0
 
-    @contextlib.asynccontextmanager
     async def lag_probe(self) -> None:
         while not self.stop.is_set():
             start = time.perf_counter()
             await asyncio.sleep(LAG_PROBE_S)
             self.lags.append(time.perf_counter() - start - LAG_PROBE_S)
 
+    @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Load]:
         tasks = [asyncio.create_task(self.worker(i)) for i in range(self.connections)]
         tasks.append(asyncio.create_task(self.lag_probe()))
