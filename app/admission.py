@@ -10,10 +10,12 @@ in TCP congestion control:
   the model (the batcher's queue) and the largest event-loop lag (how late a timer fired;
   a loop that is behind delays every request, before the guard even sees it). Time spent
   on a slow Redis is neither, so a sick Redis still gets degraded answers, not 503s;
-- after each window whose signal passed the target, the limit drops by a quarter, down to
-  ``FLOOR`` (a few requests in flight, so batches still form);
-- after a window within the target in which the limit turned a request away, it grows by
-  one, up to ``max_inflight``.
+- after two windows in a row whose signal passed the target, the limit drops by a quarter,
+  down to ``FLOOR`` (a few requests in flight, so batches still form). One window is not
+  enough: a burst of answers when Redis comes back from a pause lags the loop for a moment,
+  and cutting on it turned degraded answers into 503s;
+- after a window within the target in which the limit turned a request away, it grows by an
+  eighth (at least one), up to ``max_inflight``.
 
 A target of 0 turns this off: the limit stays at ``max_inflight``.
 """
@@ -48,6 +50,7 @@ class Admission:
         self._waits: list[float] = []
         self._lag = 0.0
         self._refused = False
+        self._over = False  # the last window's signal passed the target
         self._window_end = clock() + WINDOW_S
         self._probe: asyncio.Task[None] | None = None
         metrics.admission_limit.set(max_inflight)
@@ -81,10 +84,12 @@ class Admission:
         p90 = waits[int(0.9 * (len(waits) - 1))] if waits else 0.0
         signal, self._lag = max(p90, self._lag), 0.0
         refused, self._refused = self._refused, False
-        if signal > self.target_s:
+        over = signal > self.target_s
+        sustained, self._over = over and self._over, over
+        if sustained:
             self.limit = max(min(FLOOR, self.ceiling), self.limit * 3 // 4)
-        elif refused:
-            self.limit = min(self.ceiling, self.limit + 1)
+        elif not over and refused:
+            self.limit = min(self.ceiling, self.limit + max(1, self.limit // 8))
         self.metrics.admission_limit.set(self.limit)
 
     def start(self) -> None:

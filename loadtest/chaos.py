@@ -321,41 +321,6 @@ async def metric(port: int, name: str) -> float:
     return total
 
 
-async def served_buckets(port: int) -> dict[float, float]:
-    """Cumulative counts of the service's own latency histogram for /rerank answers (200)."""
-    conn = Conn(port)
-    try:
-        _, _, data = await conn.request("GET", "/metrics")
-    finally:
-        conn.close()
-    counts: dict[float, float] = {}
-    for line in data.decode().splitlines():
-        if (
-            line.startswith("rerank_request_seconds_bucket")
-            and 'route="/rerank",status="200"' in line
-        ):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            counts[float(le)] = float(line.rsplit(" ", 1)[1])
-    return counts
-
-
-def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
-    """The q-quantile of what was observed between two scrapes, linear within a bucket, as
-    Prometheus's histogram_quantile does."""
-    bounds = sorted(after)
-    counts = [after[b] - before.get(b, 0.0) for b in bounds]
-    if not counts or counts[-1] == 0:
-        return 0.0
-    rank, lower, below = q * counts[-1], 0.0, 0.0
-    for bound, count in zip(bounds, counts, strict=True):
-        if count >= rank:
-            if bound == float("inf"):
-                return lower
-            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-9)
-        lower, below = bound, count
-    return lower
-
-
 # --- Scenarios ----------------------------------------------------------------------------
 
 
@@ -558,14 +523,12 @@ async def overload(
     # box; the loops here are paced (open loop), and the report says what was really sent.
     heavy = Load(env.port, env.ids, rate, max(64, CAPACITY_CONNECTIONS * 4))
     rss_peak = rss_before
-    served_before = await served_buckets(env.port)
     async with heavy.running():
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             await asyncio.sleep(0.5)
             rss_peak = max(rss_peak, service.memory_info().rss)
     fault = (0.0, heavy.now())
-    served = histogram_quantile(served_before, await served_buckets(env.port), 0.99)
     after = Load(env.port, env.ids, 20.0, 1)
     async with after.running():
         await asyncio.sleep(2.0)
@@ -580,7 +543,6 @@ async def overload(
         "unloaded_p99_ms": round(unloaded_p99 * 1000, 2),
         "accepted_p99_ms": round(percentile(accepted, 0.99) * 1000, 2),
         "accepted_p50_ms": round(percentile(accepted, 0.5) * 1000, 2),
-        "accepted_in_service_p99_ms": round(served * 1000, 2),  # the service's own histogram
         "generator_lag_p99_ms": round(percentile(heavy.lags, 0.99) * 1000, 2),
         "unloaded_generator_lag_p99_ms": round(percentile(quiet.lags, 0.99) * 1000, 2),
         "rss_before_mb": round(rss_before / 2**20, 1),

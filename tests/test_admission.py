@@ -35,26 +35,35 @@ def test_starts_at_the_ceiling_and_refuses_past_it() -> None:
     assert adm.admits(7) and not adm.admits(8)
 
 
-def test_long_waits_cut_the_limit_by_a_quarter_down_to_the_floor() -> None:
+def test_long_waits_two_windows_running_cut_the_limit_by_a_quarter_down_to_the_floor() -> None:
     adm, clock = admission()
     window(adm, clock, wait_s=0.05)
+    assert adm.limit == 64  # one bad window may be a burst: no cut yet
+    window(adm, clock, wait_s=0.05)
     assert adm.limit == 48
+    window(adm, clock, wait_s=0.001)
+    window(adm, clock, wait_s=0.05)
+    assert adm.limit == 48  # good, bad: not two in a row
     for _ in range(30):
         window(adm, clock, wait_s=0.05)
     assert adm.limit == FLOOR
     assert adm.metrics.admission_limit._value.get() == FLOOR  # exported
 
 
-def test_short_waits_grow_the_limit_by_one_only_when_it_refused() -> None:
+def test_short_waits_grow_the_limit_by_an_eighth_only_when_it_refused() -> None:
     adm, clock = admission()
-    for _ in range(20):
+    for _ in range(40):
         window(adm, clock, wait_s=0.05)
-    low = adm.limit
+    assert adm.limit == FLOOR
     window(adm, clock, wait_s=0.001)
-    assert adm.limit == low  # within the target but never full: no reason to grow
-    assert not adm.admits(low)
+    assert adm.limit == FLOOR  # within the target but never full: no reason to grow
+    assert not adm.admits(FLOOR)
     window(adm, clock, wait_s=0.001)
-    assert adm.limit == low + 1
+    assert adm.limit == FLOOR + 1  # at least one
+    adm.limit = 40
+    adm.admits(40)
+    window(adm, clock, wait_s=0.001)
+    assert adm.limit == 45
 
 
 def test_the_limit_never_passes_the_ceiling() -> None:
@@ -67,9 +76,10 @@ def test_the_limit_never_passes_the_ceiling() -> None:
 
 def test_event_loop_lag_counts_like_a_wait() -> None:
     adm, clock = admission()
-    adm.observe_lag(0.05)
-    clock.now += WINDOW_S
-    adm.observe_lag(0.0)
+    for _ in range(2):
+        adm.observe_lag(0.05)
+        clock.now += WINDOW_S
+        adm.observe_lag(0.05)
     assert adm.limit == 48
 
 
