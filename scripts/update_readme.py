@@ -44,12 +44,25 @@ def chaos_table() -> str | None:
         "| fault | sent | 200 | degraded 200 | 503 shed | other errors | worst ms | recovery s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for s in json.loads(path.read_text())["scenarios"]:
+    document = json.loads(path.read_text())
+    scenarios = document["scenarios"]
+    for s in scenarios:
         recovery = "-" if s["recovery_s"] is None else s["recovery_s"]
         rows.append(
             f"| {s['scenario']} | {s['sent']} | {s['normal']} | {s['degraded']} | {s['shed']} "
             f"| {s['errors']} | {s['worst_fault_ms']} | {recovery} |"
         )
+    over = next((s["extra"] for s in scenarios if s["scenario"] == "overload"), None)
+    if over and "accepted_p99_ms" in over:
+        rows += [
+            "",
+            f"Overload: {over['offered_rps']} req/s offered for "
+            f"{document['parameters']['OVERLOAD_S']:g} s against a measured capacity "
+            f"of {over['capacity_rps']} req/s; {over['accepted_rps']} req/s accepted with p99 "
+            f"{over['accepted_p99_ms']} ms (p50 {over['accepted_p50_ms']} ms) against "
+            f"{over['unloaded_p99_ms']} ms unloaded, the rest 503; resident memory "
+            f"{over['rss_before_mb']} -> {over['rss_peak_mb']} MB.",
+        ]
     return "\n".join(rows)
 
 
