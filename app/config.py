@@ -128,10 +128,11 @@ class Settings(BaseSettings):
     )
     admission_target_ms: float = Field(
         default=4.0,
-        description="Queueing the adaptive in-flight limit allows: while the 90th percentile "
-        "wait for the model or the event-loop lag stays past it, the limit drops by a quarter "
-        "every 100 ms (down to 4); while within it and full, the limit grows by one, up to "
-        "max_inflight. 0: the limit stays at max_inflight.",
+        description="Queueing the adaptive in-flight limit allows (app/admission.py): after "
+        "two 100 ms windows in a row whose 90th percentile wait for the model or event-loop "
+        "lag passed it, the limit drops by a quarter (down to 4); after a window within it in "
+        "which the limit refused a request, it grows by an eighth, up to max_inflight. 0: the "
+        "limit stays at max_inflight.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

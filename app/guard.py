@@ -2,10 +2,10 @@
 
 A pure ASGI middleware, so that a request the service will refuse costs as little as
 possible: an overloaded process (past the limit that ``app.admission`` sets) answers 503
-(with Retry-After) without reading the body, and
-a body larger than ``max_body_bytes`` gets 413 as soon as its Content-Length, or the bytes
-read so far, pass the limit. Only the work routes (/rerank, /events) count against the
-in-flight limit; health, readiness and metrics stay answerable under overload.
+(with Retry-After) without reading the body, and a body larger than ``max_body_bytes`` gets
+413 as soon as its Content-Length, or the bytes read so far, pass the limit. Only the work
+routes (/rerank, /events) count against the in-flight limit; health, readiness and metrics
+stay answerable under overload.
 """
 
 from __future__ import annotations
