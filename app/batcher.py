@@ -112,9 +112,10 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         now = time.perf_counter()
         for pending in batch:
-            self.metrics.queue_wait.observe(now - pending.queued_at)
+            wait = now - pending.queued_at
+            self.metrics.queue_wait.observe(wait)
             if self.admission is not None:
-                self.admission.observe_wait(now - pending.queued_at)
+                self.admission.observe_wait(wait)
         # Split by model: only during a swap does a batch hold two versions.
         groups: dict[int, list[_Pending]] = {}
         for pending in batch:

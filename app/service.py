@@ -63,8 +63,8 @@ def rank(
     explain_top: int | None,
 ) -> tuple[list[RankedItemBody], list[str]]:
     """Scored candidates by score (ties in the caller's order), then the missing ones."""
-    present = np.flatnonzero(fetched.cand_present)  # positions in `candidates`
-    missing = [candidates[i] for i in np.flatnonzero(~fetched.cand_present)]
+    present = fetched.cand_positions
+    missing = [candidates[i] for i in fetched.missing_positions]
     items: list[RankedItemBody] = []
     if scored is not None:
         order = np.argsort(-scored.scores, kind="stable")[:k]
@@ -116,7 +116,7 @@ class RerankService:
             log.warning("degraded answer for user %s: %s", req.user_id, exc)
             self.metrics.degraded.labels("store").inc()
             return caller_order(req.user_id, candidates, req.k)
-        self.metrics.missing_vectors.inc(int((~fetched.cand_present).sum()))
+        self.metrics.missing_vectors.inc(len(fetched.missing_positions))
         try:
             scored = await self._score(model, fetched)
         except ModelError as exc:
@@ -139,7 +139,7 @@ class RerankService:
             return None
         # cand_rank is the position in the caller's deduplicated list, gaps included, so a
         # missing vector does not shift the recall-order signal of the ones after it.
-        positions = np.flatnonzero(fetched.cand_present).astype(np.float32)
+        positions = fetched.cand_positions.astype(np.float32)
         return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions))
 
     async def events(self, req: EventsRequest) -> EventsResponse:

@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import compress
 from typing import Any
 
@@ -144,6 +145,17 @@ class Fetched:
     hist: np.ndarray  # (Lh, D) float32
     cand_present: np.ndarray  # (N,) bool: the candidate has a vector
     cand: np.ndarray  # (n_present, D) float32, in the candidates' order
+
+    # Read by both the scoring and the ranking of a request: worked out once.
+    @cached_property
+    def cand_positions(self) -> np.ndarray:
+        """Positions in the candidate list of the candidates that have a vector."""
+        return np.flatnonzero(self.cand_present)
+
+    @cached_property
+    def missing_positions(self) -> np.ndarray:
+        """Positions in the candidate list of the candidates without a vector."""
+        return np.flatnonzero(~self.cand_present)
 
 
 def decode(raw: Sequence[bytes | None], manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:

@@ -590,6 +590,11 @@ def fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def server_cpu(rung: dict[str, Any]) -> float | None:
+    """CPU ms per request of the server a rung measured (its one named process group)."""
+    return next(iter(rung["cpu_ms_per_request"].values()), None)
+
+
 def ladder_table(ladder: dict[str, Any]) -> list[str]:
     rows = [
         "| offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | "
@@ -599,7 +604,7 @@ def ladder_table(ladder: dict[str, Any]) -> list[str]:
     rungs = list(ladder["rungs"]) + ([ladder["half"]] if ladder.get("half") else [])
     for r in rungs:
         lat = r["latency_ms"]
-        cpu = next(iter(r["cpu_ms_per_request"].values()), None)
+        cpu = server_cpu(r)
         rows.append(
             f"| {fmt(r['offered_rps'])} | {fmt(r['achieved_rps'])} | {fmt(lat['p50'], 2)} | "
             f"{fmt(lat['p90'], 2)} | {fmt(lat['p99'], 2)} | {fmt(lat['p99.9'], 2)} | "
@@ -661,7 +666,7 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in res["scaling"]["candidates"]:
-        cpu = next(iter(r["cpu_ms_per_request"].values()), None)
+        cpu = server_cpu(r)
         lines.append(
             f"| {r['candidates']} | {fmt(cpu, 3)} | {fmt(r['latency_ms']['p50'], 2)} | "
             f"{fmt(r['latency_ms']['p99'], 2)} | {fmt(r.get('mean_batch'))} |"
@@ -676,7 +681,7 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for c in res["scaling"]["catalogue"]:
         r = c["rung"]
-        cpu = next(iter(r["cpu_ms_per_request"].values()), None)
+        cpu = server_cpu(r)
         lines.append(
             f"| {c['items']} | {fmt(c['redis_bytes_per_item'])} | {fmt(cpu, 3)} | "
             f"{fmt(r['latency_ms']['p50'], 2)} | {fmt(r['latency_ms']['p99'], 2)} | "

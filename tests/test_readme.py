@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_model
 from app.manifest import default_version
+from scripts.update_readme import example_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -49,19 +49,6 @@ def test_quick_start_is_two_make_targets_that_exist() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
-def _curl_bodies() -> list[tuple[str, dict]]:
-    """(path, JSON body) of each curl command in the README example, in order."""
-    text = section("readme-example").replace("\\\n", " ")
-    calls = []
-    for line in text.splitlines():
-        if line.startswith("curl"):
-            words = shlex.split(line)
-            url = next(w for w in words if w.startswith("localhost:"))
-            body = json.loads(words[words.index("-d") + 1])
-            calls.append((url.split(":8000", 1)[1], body))
-    return calls
-
-
 @pytest.mark.skipif(default_version(MODELS) is None, reason="no default model yet")
 def test_example_answer_is_what_the_default_model_says(
     redis_server: EmbeddedRedis, prefix: str, settings_factory: Callable[..., Settings]
@@ -71,7 +58,7 @@ def test_example_answer_is_what_the_default_model_says(
     shown = json.loads(section("readme-answer").split("```json", 1)[1].split("```", 1)[0])
     settings = settings_factory(model_dir=MODELS)
     with TestClient(create_app(settings)) as client:
-        answers = [client.post(path, json=body) for path, body in _curl_bodies()]
+        answers = [client.post(path, json=body) for path, body in example_calls(README)]
     assert [a.status_code for a in answers] == [200, 200]
     got = answers[-1].json()
     assert [i["item_id"] for i in got["items"]] == [i["item_id"] for i in shown["items"]]
