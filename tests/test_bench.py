@@ -48,6 +48,11 @@ def test_smoke_run_writes_results(model_dir: Path, tmp_path: Path) -> None:
         assert floors[part]["cpu_ms_per_request"] > 0, part
     assert floors["model"]["batch_sizes"]
     assert floors["sum_cpu_ms_per_request"] > 0
+    # Paced floors (the standard's) and hot-loop ones (the lower bound) are both reported.
+    for part in ("model", "redis"):
+        assert floors[part]["hot_cpu_ms_per_request"] > 0, part
+        assert floors[part]["rate"] == floors["at_offered_rps"], part
+    assert floors["service_over_hot_floors"] > 0
     scaling = res["scaling"]
     assert [c["candidates"] for c in scaling["candidates"]] == res["params"]["sweep_candidates"]
     assert [c["items"] for c in scaling["catalogue"]] == [200, res["params"]["catalogue"]]
