@@ -1,37 +1,48 @@
-"""Adaptive admission: how many /rerank and /events requests one process takes on at once.
+"""Adaptive admission: how many /rerank and /events requests one process works on at once.
 
 A fixed in-flight cap suits one machine only. At 64 on a 2-core box, three times the
 capacity offered for 30 s kept 64 requests queued inside the process, and the accepted ones
 waited: p99 670 ms against 17 ms unloaded. A cap low enough for that box would starve a GPU
-box of the concurrency its batches need. So the cap follows the queueing it causes, AIMD as
-in TCP congestion control:
+box of the concurrency its batches need. By Little's law the time a request spends in the
+process is the number in flight over the throughput, so the limit follows that time, AIMD
+as in TCP congestion control, every 100 ms window:
 
-- the signal is waiting, not working: the 90th percentile of the time requests waited for
-  the model (the batcher's queue) and the largest event-loop lag (how late a timer fired;
-  a loop that is behind delays every request, before the guard even sees it). Time spent
-  on a slow Redis is neither, so a sick Redis still gets degraded answers, not 503s;
-- after two windows in a row whose signal passed the target, the limit drops by a quarter,
-  down to ``FLOOR`` (a few requests in flight, so batches still form). One window is not
-  enough: a burst of answers when Redis comes back from a pause lags the loop for a moment,
-  and cutting on it turned degraded answers into 503s;
-- after a window within the target in which the limit turned a request away, it grows by an
-  eighth (at least one), up to ``max_inflight``.
+- the signal is the 90th percentile of the time work requests spent in the process, less
+  the time they waited on Redis;
+- past the target, the limit is cut only in a window in which it turned a request away:
+  then it is the bottleneck, and it is cut in proportion (target / signal), down to
+  ``FLOOR``. Slow answers at a load the limit does not reach (another process taking the
+  CPU, a model loading) would not get faster for refusals;
+- within the target, it grows by half (at least one) after a window in which it refused,
+  up to ``max_inflight``; without refusals it only drifts back up to ``START`` (one a
+  window), so that normal traffic after an overload is not refused for long;
+- it starts at ``START``, not at the ceiling, and never drifts above it unpressed: a limit
+  at the ceiling would let the first moment of the next overload in whole (64 requests at
+  once: p50 78 ms in the first second, which alone made the run's p99).
+
+Time waiting on Redis is left out of the signal: a sick Redis is not the process's
+overload, and its answers are degraded 200s. Those requests still count against the limit
+(parking them, so that they did not, let in everything an overloaded loop was slow to hand
+its Redis replies to: p50 100 ms); a limit that has not been pressed since its start is well
+above what a Redis at its deadline holds in flight at a normal load.
 
 A target of 0 turns this off: the limit stays at ``max_inflight``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 from app.metrics import Metrics
 
-FLOOR = 4  # the smallest limit the controller sets
+FLOOR = 2  # the smallest limit the controller sets: one batch running, one forming
+START = 16  # the limit before the controller has seen any pressure
 WINDOW_S = 0.1  # how often the limit moves
-LAG_PROBE_S = 0.02  # the event-loop lag probe's sleep
+MAX_CUT = 0.1  # a window's cut leaves at least this share of the limit
 
 
 class Admission:
@@ -46,64 +57,78 @@ class Admission:
         self.target_s = target_s
         self.metrics = metrics
         self.clock = clock
-        self.limit = max_inflight
-        self._waits: list[float] = []
-        self._lag = 0.0
+        self.limit = min(START, max_inflight) if self.adaptive else max_inflight
+        self._times: list[float] = []
         self._refused = False
-        self._over = False  # the last window's signal passed the target
         self._window_end = clock() + WINDOW_S
-        self._probe: asyncio.Task[None] | None = None
-        metrics.admission_limit.set(max_inflight)
+        metrics.admission_limit.set(self.limit)
 
     @property
     def adaptive(self) -> bool:
         return self.ceiling > 0 and self.target_s > 0
 
     def admits(self, inflight: int) -> bool:
-        """Whether one more request may start now, with ``inflight`` already running."""
+        """Whether one more request may start now, with ``inflight`` already admitted."""
         if self.ceiling == 0 or inflight < self.limit:
             return True
         self._refused = True
         return False
 
-    def observe_wait(self, seconds: float) -> None:
-        """One request's wait in the model queue."""
-        self._waits.append(seconds)
-        self._maybe_adjust()
+    def enter(self) -> Visit:
+        """An admitted request starts (in its own task: the visit is its context's)."""
+        visit = Visit(self, self.clock())
+        _VISIT.set(visit)
+        return visit
 
-    def observe_lag(self, seconds: float) -> None:
-        self._lag = max(self._lag, seconds)
-        self._maybe_adjust()
+    def leave(self, visit: Visit) -> None:
+        """The request has been answered: its time in the process, less Redis, is a sample."""
+        self.observe(self.clock() - visit.started - visit.redis_s)
 
-    def _maybe_adjust(self) -> None:
+    def observe(self, seconds: float) -> None:
+        self._times.append(seconds)
         now = self.clock()
-        if not self.adaptive or now < self._window_end:
-            return
-        self._window_end = now + WINDOW_S
-        waits, self._waits = sorted(self._waits), []
-        p90 = waits[int(0.9 * (len(waits) - 1))] if waits else 0.0
-        signal, self._lag = max(p90, self._lag), 0.0
+        if now >= self._window_end:
+            self._window_end = now + WINDOW_S
+            self._adjust()
+
+    def _adjust(self) -> None:
+        times, self._times = sorted(self._times), []
         refused, self._refused = self._refused, False
-        over = signal > self.target_s
-        sustained, self._over = over and self._over, over
-        if sustained:
-            self.limit = max(min(FLOOR, self.ceiling), self.limit * 3 // 4)
-        elif not over and refused:
-            self.limit = min(self.ceiling, self.limit + max(1, self.limit // 8))
+        if not self.adaptive or not times:
+            return
+        p90 = times[int(0.9 * (len(times) - 1))]
+        if p90 > self.target_s:
+            if refused:
+                cut = max(MAX_CUT, self.target_s / p90)
+                self.limit = max(min(FLOOR, self.ceiling), int(self.limit * cut))
+        elif refused:
+            self.limit = min(self.ceiling, self.limit + max(1, self.limit // 2))
+        elif self.limit < START:
+            self.limit += 1
         self.metrics.admission_limit.set(self.limit)
 
-    def start(self) -> None:
-        if self.adaptive:
-            self._probe = asyncio.create_task(self._lag_probe(), name="admission-lag-probe")
 
-    async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
+@dataclass
+class Visit:
+    """One admitted request's stay: when it came in, how long it has waited on Redis."""
 
-    async def _lag_probe(self) -> None:
-        while True:
-            start = self.clock()
-            await asyncio.sleep(LAG_PROBE_S)
-            self.observe_lag(self.clock() - start - LAG_PROBE_S)
+    admission: Admission
+    started: float
+    redis_s: float = 0.0
+
+
+_VISIT: ContextVar[Visit | None] = ContextVar("rerank_visit", default=None)
+
+
+@contextmanager
+def on_redis() -> Iterator[None]:
+    """Around each Redis call of the store: its time is the current request's Redis wait."""
+    visit = _VISIT.get()
+    if visit is None:  # start-up, the version watcher: not a request
+        yield
+        return
+    start = visit.admission.clock()
+    try:
+        yield
+    finally:
+        visit.redis_s += visit.admission.clock() - start

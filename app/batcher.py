@@ -24,7 +24,6 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from app.admission import Admission
 from app.errors import ModelError, Overloaded
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
@@ -47,13 +46,11 @@ class Batcher:
         max_wait_s: float,
         queue_limit: int,
         metrics: Metrics,
-        admission: Admission | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.metrics = metrics
-        self.admission = admission  # told every wait: the queue is its signal
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
         # One thread: batches run one after another, and ONNX Runtime uses its own
@@ -112,10 +109,7 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         now = time.perf_counter()
         for pending in batch:
-            wait = now - pending.queued_at
-            self.metrics.queue_wait.observe(wait)
-            if self.admission is not None:
-                self.admission.observe_wait(wait)
+            self.metrics.queue_wait.observe(now - pending.queued_at)
         # Split by model: only during a swap does a batch hold two versions.
         groups: dict[int, list[_Pending]] = {}
         for pending in batch:

@@ -127,12 +127,12 @@ class Settings(BaseSettings):
         "read (0: no limit).",
     )
     admission_target_ms: float = Field(
-        default=4.0,
-        description="Queueing the adaptive in-flight limit allows (app/admission.py): after "
-        "two 100 ms windows in a row whose 90th percentile wait for the model or event-loop "
-        "lag passed it, the limit drops by a quarter (down to 4); after a window within it in "
-        "which the limit refused a request, it grows by an eighth, up to max_inflight. 0: the "
-        "limit stays at max_inflight.",
+        default=6.0,
+        description="Time in the process (Redis waits left out) that the adaptive in-flight "
+        "limit allows (app/admission.py). The limit starts at 16 and moves only in a 100 ms "
+        "window in which it refused a request: when the 90th percentile of that time passed "
+        "the target, it is cut in proportion (down to 2); else it grows by a quarter, up to "
+        "max_inflight. 0: the limit stays at max_inflight.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

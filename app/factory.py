@@ -7,12 +7,14 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from starlette.types import ASGIApp
 
 from app.admission import Admission
 from app.api import RequestContext, build_router
@@ -21,7 +23,7 @@ from app.config import Settings, cluster_url
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
-from app.guard import Guard
+from app.guard import BodyLimit, Door
 from app.loader import load_model
 from app.manifest import default_version
 from app.metrics import Metrics
@@ -81,6 +83,18 @@ async def bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
         log.warning("closing the %s took over %g s; shut down without it", name, CLOSE_TIMEOUT_S)
 
 
+class RerankApp(FastAPI):
+    """FastAPI with a door outside all of its middleware (its own included): a request the
+    door refuses costs one call, not a pass through every layer (app/guard.py)."""
+
+    def __init__(self, door: Callable[[ASGIApp], ASGIApp], **kwargs: Any) -> None:
+        self.door = door
+        super().__init__(**kwargs)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return self.door(super().build_middleware_stack())
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
     metrics = Metrics()
@@ -102,11 +116,9 @@ def create_app(settings: Settings) -> FastAPI:
             store = make_store(client, settings, metrics)
             holder = ModelHolder()
             batcher = Batcher(
-                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics, admission
+                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics
             )
             batcher.start()
-            admission.start()
-            stack.push_async_callback(bounded, "admission", admission.close)
             stack.push_async_callback(bounded, "batcher", batcher.close)
             spec = ModelSpec(
                 settings.model_dir,
@@ -137,7 +149,8 @@ def create_app(settings: Settings) -> FastAPI:
             gc.freeze()
             yield
 
-    app = FastAPI(
+    app = RerankApp(
+        partial(Door, admission=admission, retry_after_s=settings.retry_after_s, metrics=metrics),
         title="rerank",
         summary="Reranks a recall list with a deep model over Redis-cached item vectors.",
         version="0.1.0",
@@ -148,13 +161,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.drain = drain
     install_handlers(app, settings.retry_after_s)
     app.include_router(build_router(settings))
-    # Added last is outermost: every request is logged and timed, refused ones included.
-    app.add_middleware(
-        Guard,
-        max_body_bytes=settings.max_body_bytes,
-        admission=admission,
-        retry_after_s=settings.retry_after_s,
-        metrics=metrics,
-    )
+    # Added last is outermost: every request the door lets in is logged and timed, 413s
+    # included.
+    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -1,65 +1,94 @@
-"""Admission at the door: the in-flight limit and the body size limit, before any parsing.
+"""Admission at the door (the in-flight limit) and the body size limit, before any parsing.
 
-A pure ASGI middleware, so that a request the service will refuse costs as little as
-possible: an overloaded process (past the limit that ``app.admission`` sets) answers 503
-(with Retry-After) without reading the body, and a body larger than ``max_body_bytes`` gets
-413 as soon as its Content-Length, or the bytes read so far, pass the limit. Only the work
-routes (/rerank, /events) count against the in-flight limit; health, readiness and metrics
-stay answerable under overload.
+Two pure ASGI middlewares:
+
+- ``Door`` sits outside every other layer, FastAPI's own included (``factory.RerankApp``
+  puts it there): under overload it refuses a thousand requests a second or more, on the
+  same event loop that serves the accepted ones, so a refusal must cost next to nothing. Past
+  the limit that ``app.admission`` sets, a work request (/rerank, /events) gets a 503 with
+  Retry-After, rendered once at start-up, without its body being read. Refusals are counted
+  (``rerank_shed_total``) and logged once a second in sum, not one line each: a log line per
+  refusal would be the overload's own amplifier. Health, readiness and metrics are never
+  refused.
+- ``BodyLimit`` answers 413 as soon as a body's Content-Length, or the bytes read so far,
+  pass ``max_body_bytes``; it sits inside the request context, so those answers are logged.
 """
 
 from __future__ import annotations
 
-import json
+import logging
+import time
 
+import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.admission import Admission
 from app.metrics import Metrics
 
+log = logging.getLogger(__name__)
+
 WORK_ROUTES = frozenset({"/rerank", "/events"})
+REFUSALS_LOG_S = 1.0  # at most one summary line of refusals this often
 
 
-class Guard:
+class Door:
     def __init__(
-        self,
-        app: ASGIApp,
-        max_body_bytes: int,
-        admission: Admission,
-        retry_after_s: int,
-        metrics: Metrics,
+        self, app: ASGIApp, admission: Admission, retry_after_s: int, metrics: Metrics
     ) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
         self.admission = admission
-        self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.inflight = 0
+        self._refusal = _response(
+            503,
+            "overloaded: too many requests in flight, retry later",
+            [(b"retry-after", str(retry_after_s).encode())],
+        )
+        self._refused = 0
+        self._logged_at = time.monotonic()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in WORK_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        if not self.admission.admits(self.inflight):
+            await self._refuse(send)
+            return
+        self.inflight += 1
+        visit = self.admission.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+            self.admission.leave(visit)
+
+    async def _refuse(self, send: Send) -> None:
+        self.metrics.shed.inc()
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSALS_LOG_S:
+            log.warning(
+                "overloaded: refused %d requests in the last %.1f s (in-flight limit %d)",
+                self._refused,
+                now - self._logged_at,
+                self.admission.limit,
+            )
+            self._refused, self._logged_at = 0, now
+        start, body = self._refusal
+        await send(start)
+        await send(body)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the body up to the limit, then hand it on; 413 past the limit."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        work = scope["path"] in WORK_ROUTES
-        if work and not self.admission.admits(self.inflight):
-            self.metrics.shed.inc()
-            await _reply(
-                send,
-                503,
-                "overloaded: too many requests in flight, retry later",
-                [(b"retry-after", str(self.retry_after_s).encode())],
-            )
-            return
-        if work:
-            self.inflight += 1
-        try:
-            await self._bounded(scope, receive, send)
-        finally:
-            if work:
-                self.inflight -= 1
-
-    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Read the body up to the limit, then hand it on; 413 past the limit."""
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
             await self._too_large(send)
@@ -96,12 +125,13 @@ class Guard:
         await self.app(scope, replay, send)
 
     async def _too_large(self, send: Send) -> None:
-        await _reply(
-            send,
+        start, body = _response(
             413,
             f"request body larger than {self.max_body_bytes} bytes",
             [(b"connection", b"close")],
         )
+        await send(start)
+        await send(body)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -114,17 +144,18 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reply(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+def _response(
+    status: int, detail: str, headers: list[tuple[bytes, bytes]]
+) -> tuple[Message, Message]:
+    """The two ASGI messages of a JSON error answer ``{"detail": ...}``."""
+    body = orjson.dumps({"detail": detail})
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ],
+    }
+    return start, {"type": "http.response.body", "body": body}

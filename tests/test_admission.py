@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextvars
 
-from app.admission import FLOOR, WINDOW_S, Admission
+from app.admission import FLOOR, START, WINDOW_S, Admission, on_redis
 from app.metrics import Metrics
 
 
@@ -21,87 +21,95 @@ def admission(ceiling: int = 64, target_ms: float = 10.0) -> tuple[Admission, Cl
     return Admission(ceiling, target_ms / 1000, Metrics(), clock), clock
 
 
-def window(adm: Admission, clock: Clock, wait_s: float, n: int = 20) -> None:
-    """One window in which ``n`` requests waited ``wait_s`` for the model."""
+def window(adm: Admission, clock: Clock, took_s: float, refused: bool, n: int = 20) -> None:
+    """One window in which ``n`` requests took ``took_s`` each, some refused or none."""
+    if refused:
+        assert not adm.admits(adm.limit)
     for _ in range(n):
-        adm.observe_wait(wait_s)
+        adm.observe(took_s)
     clock.now += WINDOW_S
-    adm.observe_wait(wait_s)  # the first observation past the window moves the limit
+    adm.observe(took_s)  # the first observation past the window moves the limit
 
 
-def test_starts_at_the_ceiling_and_refuses_past_it() -> None:
-    adm, _ = admission(ceiling=8)
-    assert adm.limit == 8
-    assert adm.admits(7) and not adm.admits(8)
+def test_starts_below_the_ceiling_and_refuses_past_the_limit() -> None:
+    adm, _ = admission(ceiling=64)
+    assert adm.limit == START
+    assert adm.admits(START - 1) and not adm.admits(START)
+    assert admission(ceiling=4)[0].limit == 4
 
 
-def test_long_waits_two_windows_running_cut_the_limit_by_a_quarter_down_to_the_floor() -> None:
-    adm, clock = admission()
-    window(adm, clock, wait_s=0.05)
-    assert adm.limit == 64  # one bad window may be a burst: no cut yet
-    window(adm, clock, wait_s=0.05)
-    assert adm.limit == 48
-    window(adm, clock, wait_s=0.001)
-    window(adm, clock, wait_s=0.05)
-    assert adm.limit == 48  # good, bad: not two in a row
-    for _ in range(30):
-        window(adm, clock, wait_s=0.05)
+def test_slow_and_refusing_cuts_in_proportion_down_to_the_floor() -> None:
+    adm, clock = admission(target_ms=10)
+    window(adm, clock, took_s=0.0125, refused=True)
+    assert adm.limit == 12  # 16 * 10 / 12.5
+    window(adm, clock, took_s=0.04, refused=True)
+    assert adm.limit == 3  # 12 * 10 / 40
+    window(adm, clock, took_s=1.0, refused=True)
     assert adm.limit == FLOOR
     assert adm.metrics.admission_limit._value.get() == FLOOR  # exported
 
 
-def test_short_waits_grow_the_limit_by_an_eighth_only_when_it_refused() -> None:
+def test_slow_without_refusals_leaves_the_limit_alone() -> None:
+    # Slow answers at a load the limit does not reach: refusing would not speed them up.
     adm, clock = admission()
-    for _ in range(40):
-        window(adm, clock, wait_s=0.05)
-    assert adm.limit == FLOOR
-    window(adm, clock, wait_s=0.001)
-    assert adm.limit == FLOOR  # within the target but never full: no reason to grow
-    assert not adm.admits(FLOOR)
-    window(adm, clock, wait_s=0.001)
-    assert adm.limit == FLOOR + 1  # at least one
-    adm.limit = 40
-    adm.admits(40)
-    window(adm, clock, wait_s=0.001)
-    assert adm.limit == 45
+    for _ in range(5):
+        window(adm, clock, took_s=1.0, refused=False)
+    assert adm.limit == START
 
 
-def test_the_limit_never_passes_the_ceiling() -> None:
-    adm, clock = admission(ceiling=5)
-    for _ in range(10):
-        adm.admits(5)
-        window(adm, clock, wait_s=0.0)
-    assert adm.limit == 5
+def test_refusing_within_the_target_grows_by_half_up_to_the_ceiling() -> None:
+    adm, clock = admission(ceiling=40)
+    window(adm, clock, took_s=0.001, refused=True)
+    assert adm.limit == START + START // 2
+    for _ in range(5):
+        window(adm, clock, took_s=0.001, refused=True)
+    assert adm.limit == 40
 
 
-def test_event_loop_lag_counts_like_a_wait() -> None:
+def test_unpressed_it_drifts_back_to_the_start_but_not_above() -> None:
     adm, clock = admission()
-    for _ in range(2):
-        adm.observe_lag(0.05)
-        clock.now += WINDOW_S
-        adm.observe_lag(0.05)
-    assert adm.limit == 48
+    window(adm, clock, took_s=1.0, refused=True)
+    low = adm.limit
+    assert low < START
+    window(adm, clock, took_s=0.001, refused=False)
+    assert adm.limit == low + 1
+    for _ in range(3 * START):
+        window(adm, clock, took_s=0.001, refused=False)
+    assert adm.limit == START
+
+
+def test_time_waiting_on_redis_is_left_out() -> None:
+    adm, clock = admission(target_ms=10)
+
+    def request() -> None:  # 40 ms in the process, 38 of them waiting on Redis
+        visit = adm.enter()
+        with on_redis():
+            clock.now += 0.038
+        clock.now += 0.002
+        adm.leave(visit)
+
+    assert not adm.admits(START)
+    for _ in range(3):  # each request in its own context, as each has its own task
+        contextvars.copy_context().run(request)
+    assert adm.limit > START  # refused, and the process itself answered in 2 ms: grows
+
+
+def test_redis_time_counts_for_the_request_of_its_own_context_only() -> None:
+    adm, clock = admission()
+    visit = contextvars.copy_context().run(adm.enter)
+    with on_redis():  # another context: start-up, the version watcher, another request
+        clock.now += 1.0
+    assert visit.redis_s == 0.0
 
 
 def test_target_zero_keeps_the_fixed_limit() -> None:
     adm, clock = admission(ceiling=16, target_ms=0)
+    assert adm.limit == 16
     for _ in range(5):
-        window(adm, clock, wait_s=1.0)
+        window(adm, clock, took_s=1.0, refused=True)
     assert adm.limit == 16
 
 
 def test_no_ceiling_admits_everything() -> None:
     adm, _ = admission(ceiling=0)
     assert adm.admits(10_000)
-
-
-def test_the_lag_probe_runs_and_stops() -> None:
-    async def main() -> float:
-        adm = Admission(64, 0.01, Metrics())
-        adm.start()
-        await asyncio.sleep(0.1)
-        lag = adm._lag
-        await adm.close()
-        return lag
-
-    assert 0.0 <= asyncio.run(main()) < 1.0

@@ -130,6 +130,33 @@ def test_queue_full_is_503_with_retry_after(
     assert all(r.headers["retry-after"] == "2" for r in shed)
 
 
+def test_past_the_in_flight_limit_the_door_answers_503_and_health_stays_open(
+    loaded: str, settings_factory: Callable[..., Settings]
+) -> None:
+    settings = settings_factory(max_inflight=1, admission_target_ms=0, retry_after_s=3)
+    app = create_app(settings)
+
+    async def main() -> tuple[list[Any], Any, str]:
+        async with serve(app) as client:
+            slow(app.state.holder.model, 0.3)
+            body = {"user_id": "d", "candidates": ["1", "2"], "history": []}
+            first = asyncio.create_task(client.post("/rerank", json=body))
+            await asyncio.sleep(0.1)  # the first one is in, waiting on the slow model
+            refused = await asyncio.gather(*(client.post("/rerank", json=body) for _ in range(3)))
+            health = await client.get("/healthz")
+            await first
+            metrics = (await client.get("/metrics")).text
+            return [first.result(), *refused], health, metrics
+
+    responses, health, metrics = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200, 503, 503, 503]
+    for r in responses[1:]:
+        assert r.headers["retry-after"] == "3"
+        assert "overloaded" in r.json()["detail"]
+    assert health.status_code == 200  # never counted against the limit
+    assert "rerank_shed_total 3.0" in metrics
+
+
 def test_model_failure_is_degraded(client: TestClient) -> None:
     model = client.app.state.holder.model  # type: ignore[attr-defined]
 
