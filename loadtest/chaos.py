@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -570,7 +571,10 @@ async def run_all() -> list[Report]:
 
 def main() -> int:
     started = dt.datetime.now(dt.UTC)
-    reports = asyncio.run(run_all())
+    # The load generator shares the service's cores; on uvloop it costs less and lags less
+    # (overload, two runs each: generator lag p99 3.0-3.2 ms against 3.7-4.2 on asyncio's
+    # loop, accepted p99 17.3-17.6 ms against 18.7-21.8), so less of what it measures is its own.
+    reports = uvloop.run(run_all())
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"chaos-{started:%Y-%m-%d}.json"
     params = {
