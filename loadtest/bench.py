@@ -58,6 +58,7 @@ from app.embedded import EmbeddedRedis, free_port  # noqa: E402
 from app.loader import load_model  # noqa: E402
 from app.manifest import Manifest, default_version, sha256_file, verify_folder  # noqa: E402
 from loadtest import traffic as tf  # noqa: E402
+from loadtest.gen import HALF_RUNG_FACTOR  # noqa: E402
 
 # ---- Parameters (each one is also a flag; `--smoke` shrinks them to seconds) ----------------
 MODEL_DIR = ROOT / "models"  # a models/ root (DEFAULT names the version) or one version
@@ -908,7 +909,8 @@ def run(args: argparse.Namespace) -> Path:
             with server("http-floor", uvicorn_cmd("loadtest.peers.nothing:app", port),
                         base_env, port, logs) as floor:  # fmt: skip
                 http = drive(args, port, traffic_path, {"http": [floor.proc.pid]},
-                             rates=[half_rate], refine=0, metrics=False)  # fmt: skip
+                             rates=[half_rate], refine=0, metrics=False,
+                             duration=HALF_RUNG_FACTOR * args.duration)  # fmt: skip
             f_http = rung_summary(http["rungs"][0])
             f_http["cpu_ms_per_request"] = f_http["cpu_ms_per_request"]["http"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import random
@@ -46,10 +47,12 @@ BEFORE_S = 1.0  # load before each fault
 FAULT_S = 2.0  # length of each fault (SIGSTOP, CLIENT PAUSE, Redis down)
 AFTER_S = 3.0  # load after each fault, for the recovery
 CANDIDATES = 100  # candidates per request
+BODIES_PER_CONNECTION = 50  # distinct request bodies each connection cycles through
 OVERLOAD_S = 30.0  # the overload run
-# The unloaded p99 before it, at 20 req/s: 3 s of it (60 answers) made the p99 the slowest
-# answer or two, 6.8 to 14 ms from one run to the next.
-UNLOADED_S = 10.0
+# The unloaded p99 before it, at 20 req/s, over as long as the overload: 3 s of it (60
+# answers) made the p99 the slowest answer, 6.8 to 14 ms from one run to the next, and 10 s
+# still 6.5 to 13 ms.
+UNLOADED_S = 30.0
 OVERLOAD_FACTOR = 3.0  # offered load as a multiple of the measured capacity
 CAPACITY_S = 5.0  # the capacity measurement (closed loop)
 CAPACITY_CONNECTIONS = 32
@@ -150,13 +153,19 @@ class Load:
         # latency it measures, so its lag is reported beside them.
         self.lags: list[float] = []
 
-    def body(self, rng: random.Random) -> bytes:
-        cands = rng.sample(self.ids, min(CANDIDATES, len(self.ids))) + ["no-such-item"]
-        user = f"u{rng.randint(1, 50)}"
-        return json.dumps({"user_id": user, "candidates": cands, "k": 10}).encode()
+    def bodies(self, rng: random.Random) -> list[bytes]:
+        """One connection's request bodies, rendered before the run starts: at three times
+        capacity, drawing 100 candidates and encoding JSON for every request cost the
+        generator CPU that the service on the same cores then lacked."""
+        rendered = []
+        for _ in range(BODIES_PER_CONNECTION):
+            cands = rng.sample(self.ids, min(CANDIDATES, len(self.ids))) + ["no-such-item"]
+            user = f"u{rng.randint(1, 50)}"
+            rendered.append(json.dumps({"user_id": user, "candidates": cands, "k": 10}).encode())
+        return rendered
 
-    async def worker(self, seed: int) -> None:
-        rng = random.Random(seed)
+    async def worker(self, rng: random.Random, rendered: list[bytes]) -> None:
+        bodies = itertools.cycle(rendered)
         conn = Conn(self.port)
         interval = self.connections / self.rate
         next_at = time.perf_counter() + rng.random() * interval
@@ -168,7 +177,7 @@ class Load:
                 next_at = max(next_at + interval, time.perf_counter() - interval)
                 if self.pause.is_set() or self.stop.is_set():
                     continue
-                body = self.body(rng)
+                body = next(bodies)
                 start = time.perf_counter()
                 try:
                     kind, detail = classify(*await conn.request("POST", "/rerank", body))
@@ -194,7 +203,12 @@ class Load:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Load]:
-        tasks = [asyncio.create_task(self.worker(i)) for i in range(self.connections)]
+        rngs = [random.Random(seed) for seed in range(self.connections)]
+        rendered = [self.bodies(rng) for rng in rngs]
+        tasks = [
+            asyncio.create_task(self.worker(rng, bodies))
+            for rng, bodies in zip(rngs, rendered, strict=True)
+        ]
         tasks.append(asyncio.create_task(self.lag_probe()))
         try:
             yield self

@@ -31,6 +31,8 @@ VARIANTS: dict[str, PipelineConfig] = {
     "lists200": replace(BASE, lists_per_user=200),
     "e8avg3": replace(BASE, train=replace(BASE.train, epochs=8, average_last=3)),
     "avg3": replace(BASE, train=replace(BASE.train, average_last=3)),
+    "drop3": replace(BASE, dropout=0.3),
+    "e10": replace(BASE, train=replace(BASE.train, epochs=10, max_minutes=15.0)),
 }
 
 
