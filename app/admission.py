@@ -23,8 +23,8 @@ as in TCP congestion control, every 100 ms window:
 Time waiting on Redis is left out of the signal: a sick Redis is not the process's
 overload, and its answers are degraded 200s. Those requests still count against the limit
 (parking them, so that they did not, let in everything an overloaded loop was slow to hand
-its Redis replies to: p50 100 ms); a limit that has not been pressed since its start is well
-above what a Redis at its deadline holds in flight at a normal load.
+its Redis replies to: p50 100 ms). ``START`` is above what a Redis at its deadline holds in
+flight at a normal load (200 req/s x 50 ms = 10).
 
 A target of 0 turns this off: the limit stays at ``max_inflight``.
 """

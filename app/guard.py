@@ -8,8 +8,8 @@ Two pure ASGI middlewares:
   the limit that ``app.admission`` sets, a work request (/rerank, /events) gets a 503 with
   Retry-After, rendered once at start-up, without its body being read. Refusals are counted
   (``rerank_shed_total``) and logged once a second in sum, not one line each: a log line per
-  refusal would be the overload's own amplifier. Health, readiness and metrics are never
-  refused.
+  refusal would be the overload's own amplifier (nor do refusals carry an X-Request-ID: the
+  request context is inside the door). Health, readiness and metrics are never refused.
 - ``BodyLimit`` answers 413 as soon as a body's Content-Length, or the bytes read so far,
   pass ``max_body_bytes``; it sits inside the request context, so those answers are logged.
 """
