@@ -42,13 +42,14 @@ perf = time.perf_counter
 
 # Status codes as the results count them.
 SHED = 503
+CONNECT_ERROR = -1
+TIMEOUT = -2
+BAD_RESPONSE = -3
+
 # The half rung is the one the standards read (its p99, the CPU per request): three times the
 # samples of a ladder rung, so that its p99 is not the ninth-slowest of 900 answers, which one
 # stall of the shared machine decides (15.0 ms in a run whose neighbouring rungs had 9.7).
 HALF_RUNG_FACTOR = 3
-CONNECT_ERROR = -1
-TIMEOUT = -2
-BAD_RESPONSE = -3
 
 
 class Recorder:
