@@ -32,8 +32,7 @@ A target of 0 turns this off: the limit stays at ``max_inflight``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -79,7 +78,7 @@ class Admission:
 
     def enter(self) -> Visit:
         """An admitted request starts (in its own task: the visit is its context's)."""
-        visit = Visit(self, self.clock())
+        visit = Visit(self.clock())
         _VISIT.set(visit)
         return visit
 
@@ -115,7 +114,6 @@ class Admission:
 class Visit:
     """One admitted request's stay: when it came in, how long it has waited on Redis."""
 
-    admission: Admission
     started: float
     redis_s: float = 0.0
 
@@ -123,15 +121,8 @@ class Visit:
 _VISIT: ContextVar[Visit | None] = ContextVar("rerank_visit", default=None)
 
 
-@contextmanager
-def on_redis() -> Iterator[None]:
-    """Around each Redis call of the store: its time is the current request's Redis wait."""
+def waited_on_redis(seconds: float) -> None:
+    """The store reports each Redis call's time, as it measured it, for the current request."""
     visit = _VISIT.get()
-    if visit is None:  # start-up, the version watcher: not a request
-        yield
-        return
-    start = visit.admission.clock()
-    try:
-        yield
-    finally:
-        visit.redis_s += visit.admission.clock() - start
+    if visit is not None:  # None: start-up, the version watcher; not a request
+        visit.redis_s += seconds

@@ -41,11 +41,7 @@ class _Pending:
 
 class Batcher:
     def __init__(
-        self,
-        max_batch: int,
-        max_wait_s: float,
-        queue_limit: int,
-        metrics: Metrics,
+        self, max_batch: int, max_wait_s: float, queue_limit: int, metrics: Metrics
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s

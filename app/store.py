@@ -29,7 +29,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from app.admission import on_redis
+from app.admission import waited_on_redis
 from app.errors import StoreUnavailable
 from app.manifest import Manifest
 from app.metrics import Metrics
@@ -202,15 +202,16 @@ class Store:
         timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
         try:
-            with on_redis():  # the admission limit is about this process, not Redis
-                async with asyncio.timeout(timeout_s):
-                    result = await awaitable
+            async with asyncio.timeout(timeout_s):
+                result = await awaitable
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis {op}: no answer within {timeout_s * 1000:g} ms") from exc
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"redis {op}: {exc}") from exc
         finally:
-            self.metrics.redis_seconds.labels(op).observe(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            self.metrics.redis_seconds.labels(op).observe(took)
+            waited_on_redis(took)  # the admission limit is about this process, not Redis
         return result
 
     async def prepare(self) -> None:

@@ -397,8 +397,9 @@ def floor_model(
     Two ways for each batch size: ``paced``, one batch every ``size / rate`` seconds, the
     spacing the service's batches had at ``rate`` req/s; and ``hot``, back to back. The
     paced one is the floor: on a core that does other work (or sleeps) between runs, a run
-    costs several times its hot-loop CPU (cold caches and branch predictors), and a service
-    at ``rate`` cannot run hot. The hot figure is kept beside it as the lower bound.
+    costs two to three times its hot-loop CPU (what it left in the core's caches is gone by
+    the next), and a service at ``rate`` cannot run hot. The hot figure is kept beside it as
+    the lower bound.
     """
     from app.config import Settings
     from app.model import MIN_N_BUCKET, bucket, ladder, load_session

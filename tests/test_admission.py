@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 
-from app.admission import FLOOR, START, WINDOW_S, Admission, on_redis
+from app.admission import FLOOR, START, WINDOW_S, Admission, waited_on_redis
 from app.metrics import Metrics
 
 
@@ -83,8 +83,8 @@ def test_time_waiting_on_redis_is_left_out() -> None:
 
     def request() -> None:  # 40 ms in the process, 38 of them waiting on Redis
         visit = adm.enter()
-        with on_redis():
-            clock.now += 0.038
+        clock.now += 0.038
+        waited_on_redis(0.038)
         clock.now += 0.002
         adm.leave(visit)
 
@@ -95,10 +95,9 @@ def test_time_waiting_on_redis_is_left_out() -> None:
 
 
 def test_redis_time_counts_for_the_request_of_its_own_context_only() -> None:
-    adm, clock = admission()
+    adm, _ = admission()
     visit = contextvars.copy_context().run(adm.enter)
-    with on_redis():  # another context: start-up, the version watcher, another request
-        clock.now += 1.0
+    waited_on_redis(1.0)  # another context: start-up, the version watcher, another request
     assert visit.redis_s == 0.0
 
 
