@@ -36,6 +36,9 @@ VARIANTS: dict[str, PipelineConfig] = {
     # spread.
     "drop3": replace(BASE, dropout=0.3),
     "e10": replace(BASE, train=replace(BASE.train, epochs=10, max_minutes=15.0)),
+    # Session 4: the user's next items after the true one as further, weaker positives.
+    "later3": replace(BASE, later_window=3, train=replace(BASE.train, later_decay=0.5)),
+    "later8": replace(BASE, later_window=8, train=replace(BASE.train, later_decay=0.7)),
 }
 
 
@@ -53,10 +56,10 @@ def main() -> None:
     fetch_movielens(args.data_dir)
     dataset = load_movielens(args.data_dir)
     scores: dict[str, np.ndarray] = {}
-    preps: dict[int, Prepared] = {}
+    preps: dict[tuple[int, int], Prepared] = {}
     for name in args.variants:
         cfg = VARIANTS[name]
-        key = cfg.lists_per_user
+        key = (cfg.lists_per_user, cfg.later_window)
         if key not in preps:
             preps[key] = prepare(dataset, cfg, args.data_dir / "cache")
         prep = preps[key]
