@@ -86,27 +86,3 @@ def test_weight_averaging_is_kept_only_when_validation_says_so(dataset) -> None:
 
     mean = _mean_state([{k: torch.from_numpy(v) for k, v in s.items()} for s in (a, b)])
     assert mean["w"].tolist() == [2.0, 2.0] and mean["step"].tolist() == [2]
-
-
-def test_later_items_are_weaker_positives_of_the_same_list(dataset) -> None:  # type: ignore[no-untyped-def]
-    from dataclasses import replace
-
-    from training.train import _tensors
-
-    prep = prepare(dataset, replace(_cfg(), later_window=3))
-    lists = prep.train_lists
-    assert lists.later is not None and lists.later.shape == (len(lists), 3)
-    # Each recorded position holds the user's k-th item after the true one.
-    i = int(np.flatnonzero((lists.later >= 0).all(axis=1))[0])
-    seq = prep.split.train[lists.user[i]]
-    t = int(np.flatnonzero(seq == lists.cand[i, lists.target[i]])[-1])
-    for k in range(3):
-        assert lists.cand[i, lists.later[i, k]] == seq[t + 1 + k]
-    _, _, dist = _tensors(lists, np.array([i]), later_decay=0.5)
-    expected = np.zeros(lists.cand.shape[1], dtype=np.float32)
-    expected[lists.target[i]] = 1.0
-    expected[lists.later[i]] += [0.5, 0.25, 0.125]
-    np.testing.assert_allclose(dist[0].numpy(), expected / expected.sum(), rtol=1e-6)
-    # Without a decay the target stays the true item's position.
-    _, _, plain = _tensors(lists, np.array([i]))
-    assert plain.tolist() == [lists.target[i]]

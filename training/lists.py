@@ -2,9 +2,7 @@
 
 Arrays are padded with item row 0: histories right-aligned to length L (newest last),
 candidate lists in recall order. ``target`` is the true item's position in the list, or -1
-when recall missed it (such a list scores 0 in evaluation and is not trained on). Training
-lists may also carry ``later``: where the items the user watched after the true one sit in
-the list, -1 where absent.
+when recall missed it (such a list scores 0 in evaluation and is not trained on).
 """
 
 from __future__ import annotations
@@ -22,14 +20,12 @@ class Lists:
     cand: np.ndarray  # (M, N) item rows in recall order
     target: np.ndarray  # (M,) position of the true item in cand, -1 if absent
     user: np.ndarray  # (M,) user index
-    later: np.ndarray | None = None  # (M, W) positions of the W items after the true one
 
     def __len__(self) -> int:
         return len(self.target)
 
     def subset(self, keep: np.ndarray) -> Lists:
-        later = None if self.later is None else self.later[keep]
-        return Lists(self.hist[keep], self.cand[keep], self.target[keep], self.user[keep], later)
+        return Lists(self.hist[keep], self.cand[keep], self.target[keep], self.user[keep])
 
 
 def right_align(histories: list[np.ndarray], length: int) -> np.ndarray:
@@ -65,14 +61,11 @@ def training_lists(
     history_len: int,
     min_history: int = 3,
     max_per_user: int | None = None,
-    later_window: int = 0,
 ) -> Lists:
     """Time-shifted replays: the prefixes of every training sequence (the most recent
     ``max_per_user`` of them, so that a few heavy users do not dominate), kept where recall
-    found the true next item: the lists the model meets online, with a positive to learn.
-    With ``later_window`` W, each list also records where the W items after the true one sit
-    in it."""
-    hists, cands, targets, users, laters = [], [], [], [], []
+    found the true next item: the lists the model meets online, with a positive to learn."""
+    hists, cands, targets, users = [], [], [], []
     for u, seq in enumerate(train):
         start = max(min_history, len(seq) - max_per_user) if max_per_user else min_history
         if len(seq) <= start:
@@ -86,14 +79,6 @@ def training_lists(
             cands.append(items[j])
             targets.append(pos[j])
             users.append(u)
-            after = np.zeros(later_window, dtype=np.int64)  # row 0 is never a candidate
-            upcoming = seq[t + 1 : t + 1 + later_window]
-            after[: len(upcoming)] = upcoming
-            laters.append(positions(np.broadcast_to(items[j], (later_window, n)), after))
     return Lists(
-        right_align(hists, history_len),
-        np.stack(cands),
-        np.array(targets),
-        np.array(users),
-        np.stack(laters).reshape(len(targets), later_window) if later_window else None,
+        right_align(hists, history_len), np.stack(cands), np.array(targets), np.array(users)
     )

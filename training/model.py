@@ -262,7 +262,7 @@ class Reranker(nn.Module):
         self,
         hist_idx: Tensor,  # (B, L) item indices, 0 = padding
         cand_idx: Tensor,  # (B, N) item indices, 0 = padding
-        target: Tensor,  # (B,) position of the true next item, or (B, N) a distribution
+        target: Tensor,  # (B,) position of the true next item in the candidate list
     ) -> tuple[Tensor, Tensor]:
         """Training path: listwise softmax cross-entropy over each candidate list."""
         hist_mask = hist_idx > 0

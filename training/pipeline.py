@@ -38,9 +38,6 @@ class PipelineConfig:
     use_text: bool = True  # MiniLM over item text; synthetic data uses random text vectors
     als_factors: int = 64
     lists_per_user: int = 120  # training lists from each user's most recent positions
-    # The user's next items after the true one, as further positives of a training list
-    # (0: off; their weight is train.later_decay ** k).
-    later_window: int = 0
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -99,12 +96,7 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         split=split,
         knn=knn,
         train_lists=training_lists(
-            split.train,
-            knn,
-            n,
-            cfg.history_len,
-            max_per_user=cfg.lists_per_user,
-            later_window=cfg.later_window,
+            split.train, knn, n, cfg.history_len, max_per_user=cfg.lists_per_user
         ),
         val_lists=val_lists,
         test_lists=test_lists,

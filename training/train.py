@@ -30,9 +30,6 @@ class TrainConfig:
     # Also try the mean of the weights of the last `average_last` epochs (0: off), and keep
     # it when its validation NDCG@10 beats the best single epoch's.
     average_last: int = 3
-    # Weight of the k-th item after the true one as a further positive of the same list,
-    # relative to the true one's 1: later_decay ** k (only for lists built with later_window).
-    later_decay: float = 0.5
     seed: int = 0
     threads: int = 2
     max_minutes: float = 12.0  # a hard cap that keeps `make train` inside its budget
@@ -50,22 +47,12 @@ def set_seed(seed: int, threads: int) -> None:
     torch.set_flush_denormal(True)
 
 
-def _tensors(
-    lists: Lists, idx: np.ndarray, later_decay: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """History, candidates, and the target: a position (B,), or with ``later`` positions a
-    distribution over the list (B, N) that gives the user's next few items some weight too."""
-    hist, cand, target = lists.hist[idx], lists.cand[idx], lists.target[idx]
-    if lists.later is None or not later_decay:
-        return torch.from_numpy(hist), torch.from_numpy(cand), torch.from_numpy(target)
-    rows = np.arange(len(idx))
-    dist = np.zeros(cand.shape, dtype=np.float32)
-    dist[rows, target] = 1.0
-    for k, pos in enumerate(lists.later[idx].T, start=1):  # pos (B,), -1 where absent
-        found = pos >= 0
-        dist[rows[found], pos[found]] += later_decay**k
-    dist /= dist.sum(axis=1, keepdims=True)
-    return torch.from_numpy(hist), torch.from_numpy(cand), torch.from_numpy(dist)
+def _tensors(lists: Lists, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.from_numpy(lists.hist[idx]),
+        torch.from_numpy(lists.cand[idx]),
+        torch.from_numpy(lists.target[idx]),
+    )
 
 
 @torch.no_grad()
@@ -102,8 +89,7 @@ def train(
         order = rng.permutation(len(train_lists))
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
-            batch = order[start : start + cfg.batch_size]
-            hist, cand, target = _tensors(train_lists, batch, cfg.later_decay)
+            hist, cand, target = _tensors(train_lists, order[start : start + cfg.batch_size])
             _, loss = model(hist, cand, target)
             opt.zero_grad()
             loss.backward()
