@@ -130,9 +130,10 @@ class Settings(BaseSettings):
         default=6.0,
         description="Time in the process (Redis waits left out) that the adaptive in-flight "
         "limit allows (app/admission.py). The limit starts at 16 and moves only in a 100 ms "
-        "window in which it refused a request: when the 90th percentile of that time passed "
-        "the target, it is cut in proportion (down to 1); else it grows by half, up to "
-        "max_inflight. 0: the limit stays at max_inflight.",
+        "window in which it refused a request (closed early once 4 answers in it passed the "
+        "target): when the 90th percentile of that time passed the target, it is cut in "
+        "proportion (down to 1); else it grows by half, up to max_inflight. 0: the limit "
+        "stays at max_inflight.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

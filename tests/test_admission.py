@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 
-from app.admission import FLOOR, START, WINDOW_S, Admission, waited_on_redis
+from app.admission import EARLY_SLOW, FLOOR, START, WINDOW_S, Admission, waited_on_redis
 from app.metrics import Metrics
 
 
@@ -41,9 +41,11 @@ def test_starts_below_the_ceiling_and_refuses_past_the_limit() -> None:
 def test_slow_and_refusing_cuts_in_proportion_down_to_the_floor() -> None:
     adm, clock = admission(target_ms=10)
     window(adm, clock, took_s=0.0125, refused=True)
-    assert adm.limit == 12  # 16 * 10 / 12.5
-    window(adm, clock, took_s=0.04, refused=True)
-    assert adm.limit == 3  # 12 * 10 / 40
+    cut = int(START * 10 / 12.5)
+    assert FLOOR < cut < START
+    assert adm.limit == cut
+    window(adm, clock, took_s=0.02, refused=True)
+    assert adm.limit == max(FLOOR, int(cut * 10 / 20))
     window(adm, clock, took_s=1.0, refused=True)
     assert adm.limit == FLOOR
     assert adm.metrics.admission_limit._value.get() == FLOOR  # exported
@@ -76,6 +78,22 @@ def test_unpressed_it_drifts_back_to_the_start_but_not_above() -> None:
     for _ in range(3 * START):
         window(adm, clock, took_s=0.001, refused=False)
     assert adm.limit == START
+
+
+def test_a_refusing_window_closes_early_after_a_few_slow_answers() -> None:
+    """The onset of an overload: the clock has not moved, the first answers are slow."""
+    adm, _ = admission(target_ms=10)
+    assert not adm.admits(adm.limit)
+    for _ in range(EARLY_SLOW - 1):
+        adm.observe(0.05)
+    assert adm.limit == START  # still open
+    adm.observe(0.05)
+    assert adm.limit == max(FLOOR, int(START * 10 / 50))
+
+    unrefused, _ = admission(target_ms=10)  # slow but not refusing: the window runs its time
+    for _ in range(3 * EARLY_SLOW):
+        unrefused.observe(0.05)
+    assert unrefused.limit == START
 
 
 def test_time_waiting_on_redis_is_left_out() -> None:
