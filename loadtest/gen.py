@@ -110,6 +110,8 @@ class Conn(asyncio.Protocol):
             stop = head.find(b"\r\n", at + 2)
             length = int(head[at + 17 : stop if stop >= 0 else None])
             self.status = int(head[9:12])
+            if self.status == SHED and b"\r\nretry-after:" not in head:
+                self.status = BAD_RESPONSE  # a shed the caller cannot schedule a retry from
             self.body_at = end + 4
             self.need = self.body_at + length
         if len(self.buf) < self.need:
