@@ -72,7 +72,9 @@ class Settings(BaseSettings):
         description="Most requests waiting for the model; beyond it requests get 503 at once.",
     )
     retry_after_s: int = Field(
-        default=1, description="Retry-After seconds sent with a 503 when the queue is full."
+        default=1,
+        description="Retry-After seconds sent with a 503: past the in-flight limit, or with "
+        "the batch queue full.",
     )
     redis_timeout_ms: float = Field(
         default=50.0,
