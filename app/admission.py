@@ -93,6 +93,8 @@ class Admission:
         self.observe(self.clock() - visit.started - visit.redis_s)
 
     def observe(self, seconds: float) -> None:
+        if not self.adaptive:
+            return
         self._times.append(seconds)
         self._slow += seconds > self.target_s
         now = self.clock()
@@ -103,7 +105,7 @@ class Admission:
     def _adjust(self) -> None:
         times, self._times, self._slow = sorted(self._times), [], 0
         refused, self._refused = self._refused, False
-        if not self.adaptive or not times:
+        if not times:
             return
         p90 = times[int(0.9 * (len(times) - 1))]
         if p90 > self.target_s:

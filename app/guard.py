@@ -74,15 +74,16 @@ class Door:
                 self.admission.limit,
             )
             self._refused, self._logged_at = 0, now
-        start, body = self._refusal
-        await send(start)
-        await send(body)
+        await _send(send, self._refusal)
 
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self._too_large = _response(
+            413, f"request body larger than {max_body_bytes} bytes", [(b"connection", b"close")]
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read the body up to the limit, then hand it on; 413 past the limit."""
@@ -91,7 +92,7 @@ class BodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
-            await self._too_large(send)
+            await _send(send, self._too_large)
             return
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
@@ -107,7 +108,7 @@ class BodyLimit:
             body = message.get("body", b"")
             size += len(body)
             if size > self.max_body_bytes:
-                await self._too_large(send)
+                await _send(send, self._too_large)
                 return
             chunks.append(body)
             if not message.get("more_body", False):
@@ -124,15 +125,6 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        start, body = _response(
-            413,
-            f"request body larger than {self.max_body_bytes} bytes",
-            [(b"connection", b"close")],
-        )
-        await send(start)
-        await send(body)
-
 
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope["headers"]:
@@ -147,7 +139,7 @@ def _content_length(scope: Scope) -> int | None:
 def _response(
     status: int, detail: str, headers: list[tuple[bytes, bytes]]
 ) -> tuple[Message, Message]:
-    """The two ASGI messages of a JSON error answer ``{"detail": ...}``."""
+    """The two ASGI messages of a JSON error answer ``{"detail": ...}``, rendered once."""
     body = orjson.dumps({"detail": detail})
     start: Message = {
         "type": "http.response.start",
@@ -159,3 +151,9 @@ def _response(
         ],
     }
     return start, {"type": "http.response.body", "body": body}
+
+
+async def _send(send: Send, response: tuple[Message, Message]) -> None:
+    start, body = response
+    await send(start)
+    await send(body)

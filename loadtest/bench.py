@@ -447,12 +447,9 @@ def floor_model(
         per_size[size] = {
             "share_of_requests": share,
             "interval_ms": 1000 * size / rate,
-            **{k: v / size for k, v in paced.items() if k != "runs"},
-            "runs": paced["runs"],
-            "batch_ms": paced["wall_ms"],
-            "hot": {"runs": hot["runs"], "batch_ms": hot["wall_ms"],
-                    **{k: v / size for k, v in hot.items() if k != "runs"}},
-        }  # fmt: skip
+            **_per_request(paced, size),
+            "hot": _per_request(hot, size),
+        }
     total = sum(v["share_of_requests"] for v in per_size.values()) or 1.0
 
     def mean(get: Any) -> float:
@@ -465,6 +462,16 @@ def floor_model(
         "cpu_ms_per_request": mean(lambda v: v["cpu_ms"]),
         "wall_ms_per_request": mean(lambda v: v["wall_ms"]),
         "hot_cpu_ms_per_request": mean(lambda v: v["hot"]["cpu_ms"]),
+    }
+
+
+def _per_request(runs: dict[str, float], size: int) -> dict[str, float]:
+    """_model_runs' per-run figures of batches of ``size``, as per-request ones."""
+    return {
+        "runs": runs["runs"],
+        "batch_ms": runs["wall_ms"],
+        "cpu_ms": runs["cpu_ms"] / size,
+        "wall_ms": runs["wall_ms"] / size,
     }
 
 

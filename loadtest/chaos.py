@@ -164,12 +164,6 @@ class Load:
         self.stop = asyncio.Event()
         self.pause = asyncio.Event()  # set: send nothing (a balancer that saw not-ready)
 
-    def bodies(self, rng: random.Random) -> list[bytes]:
-        """One connection's request bodies, rendered before the run starts: at three times
-        capacity, drawing 100 candidates and encoding JSON for every request cost the
-        generator CPU that the service on the same cores then lacked."""
-        return request_bodies(self.ids, rng, BODIES_PER_CONNECTION)
-
     async def worker(self, rng: random.Random, rendered: list[bytes]) -> None:
         bodies = itertools.cycle(rendered)
         conn = Conn(self.port)
@@ -202,7 +196,10 @@ class Load:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Load]:
         rngs = [random.Random(seed) for seed in range(self.connections)]
-        rendered = [self.bodies(rng) for rng in rngs]
+        # Each connection's bodies rendered before the run starts: at three times capacity,
+        # drawing 100 candidates and encoding JSON for every request cost the generator CPU
+        # that the service on the same cores then lacked.
+        rendered = [request_bodies(self.ids, rng, BODIES_PER_CONNECTION) for rng in rngs]
         tasks = [
             asyncio.create_task(self.worker(rng, bodies))
             for rng, bodies in zip(rngs, rendered, strict=True)
@@ -519,11 +516,17 @@ async def _open_loop(env: Env, payloads: list[bytes], rate: float, seconds: floa
     return pool.rec
 
 
-def _accepted_ms(rec: gen.Recorder, since_sent: bool = False) -> np.ndarray:
+def _accepted_s(rec: gen.Recorder, since_sent: bool = False) -> np.ndarray:
     """Latency of the 200s, from each request's due time (the generator's own send lag and
     backlog waits included), or from the moment it was written."""
     ok = rec.status == 200
-    return (rec.done - (rec.sent if since_sent else rec.due))[ok] * 1000
+    return (rec.done - (rec.sent if since_sent else rec.due))[ok]
+
+
+def _ms(seconds: np.ndarray, q: float) -> float | None:
+    """gen.py's percentile in ms, rounded for the report; None without samples."""
+    value = gen.pct(seconds, q)
+    return None if value is None else round(value, 2)
 
 
 async def _capacity(env: Env, payloads: list[bytes], seconds: float) -> float:
@@ -558,8 +561,8 @@ async def overload(
     gc.collect()
     gc.freeze()
     quiet = await _open_loop(env, payloads, UNLOADED_RPS, min(UNLOADED_S, seconds))
-    unloaded_p99 = float(np.percentile(_accepted_ms(quiet), 99))
-    unloaded_sent_p99 = float(np.percentile(_accepted_ms(quiet, since_sent=True), 99))
+    unloaded_p99 = _ms(_accepted_s(quiet), 99)
+    unloaded_sent_p99 = _ms(_accepted_s(quiet, since_sent=True), 99)
     capacity = await _capacity(env, payloads, min(CAPACITY_S, seconds))
 
     rss_before = service.memory_info().rss
@@ -583,8 +586,8 @@ async def overload(
     return _overload_report(heavy, seconds, {
         "capacity_rps": round(capacity, 1),
         "target_rps": round(rate, 1),
-        "unloaded_p99_ms": round(unloaded_p99, 2),
-        "unloaded_p99_since_sent_ms": round(unloaded_sent_p99, 2),
+        "unloaded_p99_ms": unloaded_p99,
+        "unloaded_p99_since_sent_ms": unloaded_sent_p99,
         "rss_before_mb": round(rss_before / 2**20, 1),
         "rss_peak_mb": round(rss_peak / 2**20, 1),
         "after_normal": sum(1 for x in after.records if x.kind == "normal"),
@@ -595,7 +598,7 @@ async def overload(
 def _overload_report(rec: gen.Recorder, seconds: float, extra: dict[str, Any]) -> Report:
     ok = rec.status == 200
     shed = rec.status == gen.SHED  # gen.py counts a 503 without Retry-After as a bad response
-    accepted, since_sent = _accepted_ms(rec), _accepted_ms(rec, since_sent=True)
+    accepted = _accepted_s(rec)
     report = Report(
         "overload",
         sent=len(rec.status),
@@ -610,12 +613,10 @@ def _overload_report(rec: gen.Recorder, seconds: float, extra: dict[str, Any]) -
         **extra,
         "offered_rps": round(len(rec.status) / seconds, 1),
         "accepted_rps": round(len(accepted) / seconds, 1),
-        "accepted_p99_ms": round(float(np.percentile(accepted, 99)), 2) if len(accepted) else None,
-        "accepted_p50_ms": round(float(np.percentile(accepted, 50)), 2) if len(accepted) else None,
-        "accepted_p99_since_sent_ms": round(float(np.percentile(since_sent, 99)), 2)
-        if len(since_sent)
-        else None,
-        "generator_send_lag_p99_ms": round(float(np.percentile(rec.sent - rec.due, 99)) * 1000, 2),
+        "accepted_p99_ms": _ms(accepted, 99),
+        "accepted_p50_ms": _ms(accepted, 50),
+        "accepted_p99_since_sent_ms": _ms(_accepted_s(rec, since_sent=True), 99),
+        "generator_send_lag_p99_ms": _ms(rec.sent - rec.due, 99),
     }
     return report
 
