@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(prep, OnnxScorer(args.model_dir, dataset.item_ids), cfg)
     report["recall"] = prep.recall
     report["scored_by"] = "onnxruntime on the exported float16 vectors"
+    # What only the training run knew (its per-epoch log, the pipeline's minutes) stays.
+    old = args.model_dir / "report.json"
+    if old.exists():
+        trained = json.loads(old.read_text())
+        report |= {k: trained[k] for k in ("train_log", "minutes") if k in trained}
     write_report(report, args.model_dir)
     print(markdown(report))
     return 0

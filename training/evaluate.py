@@ -18,7 +18,7 @@ import numpy as np
 
 from training.features import transitions
 from training.lists import Lists, right_align
-from training.metrics import bootstrap_ci, ndcg_at, ranked_positions, summary
+from training.metrics import bootstrap_ci, bootstrap_ratio_ci, ndcg_at, ranked_positions, summary
 
 METHODS = ["recall order", "popularity order", "lightgbm lambdarank", "deep reranker"]
 
@@ -195,6 +195,9 @@ def evaluate(prep: Any, model: Scorer, cfg: Any) -> dict[str, Any]:
         deep = users["deep reranker"]
         comparisons[source] = {
             "deep / recall order": float(deep.mean() / max(users["recall order"].mean(), 1e-9)),
+            "deep / recall order ci95 (paired)": bootstrap_ratio_ci(
+                deep, users["recall order"], seed=cfg.seed
+            ),
             "deep - lightgbm": float(deep.mean() - users["lightgbm lambdarank"].mean()),
             "deep - lightgbm ci95 (paired)": bootstrap_ci(
                 deep - users["lightgbm lambdarank"], seed=cfg.seed
@@ -231,8 +234,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
     for source, c in report["comparisons"].items():
         lo, hi = c["deep - lightgbm ci95 (paired)"]
+        r_lo, r_hi = c["deep / recall order ci95 (paired)"]
         lines.append(
-            f"- {source}: deep / recall order = {c['deep / recall order']:.2f}x; "
+            f"- {source}: deep / recall order = {c['deep / recall order']:.2f}x "
+            f"(paired 95% CI {r_lo:.2f}x to {r_hi:.2f}x); "
             f"deep - LightGBM = {c['deep - lightgbm']:+.4f} (paired 95% CI {lo:+.4f} to {hi:+.4f})"
         )
     s = report["sampled_protocol"]["deep reranker"]

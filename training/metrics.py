@@ -30,12 +30,27 @@ def summary(pos: np.ndarray, k: int = 10) -> dict[str, float]:
     }
 
 
+def _resampled_users(n_users: int, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_users) user indices drawn with replacement."""
+    return np.random.default_rng(seed).integers(0, n_users, size=(n_boot, n_users))
+
+
+def _interval(stats: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+
+
 def bootstrap_ci(per_user: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of the mean, resampling users with replacement."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(per_user), size=(n_boot, len(per_user)))
-    means = per_user[idx].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    idx = _resampled_users(len(per_user), n_boot, seed)
+    return _interval(per_user[idx].mean(axis=1))
+
+
+def bootstrap_ratio_ci(
+    num: np.ndarray, den: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% interval of mean(num) / mean(den) over users, both resampled with the same users."""
+    idx = _resampled_users(len(num), n_boot, seed)
+    return _interval(num[idx].mean(axis=1) / np.maximum(den[idx].mean(axis=1), 1e-9))
 
 
 def ranked_positions(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
