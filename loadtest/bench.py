@@ -413,7 +413,7 @@ def floor_model(
     n_buckets = ladder(max(1000, MIN_N_BUCKET), MIN_N_BUCKET)
     jobs = jobs_from_traffic(traffic, folder, manifest, n_cand, 512)
     d = manifest.dim
-    per_size = {}
+    per_size: dict[int, dict[str, Any]] = {}
     for size, share in shares.items():
         feeds = []
         for start in range(0, min(len(jobs), 8 * size), size):  # up to 8 distinct batches
@@ -872,7 +872,7 @@ def run(args: argparse.Namespace) -> Path:
                 "RERANK_KEY_PREFIX": prefix,
             }
             redis_pid = redis_server.pid
-            workers_results = []
+            workers_results: list[dict[str, Any]] = []
 
             # -- the service, --workers 1: ladder, then the candidates sweep
             port = free_port()
