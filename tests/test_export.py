@@ -77,3 +77,27 @@ def test_versions_are_immutable(tmp_path: Path) -> None:
     export_random_model(tmp_path, n_items=20, version="v1")
     with pytest.raises(FileExistsError, match="versions are immutable"):
         export_random_model(tmp_path, n_items=20, version="v1")
+
+
+def test_padded_candidates_change_no_score() -> None:
+    """The list context reads the whole list, so padding must stay out of it: the service
+    pads every list to a bucket size, and a score may not depend on which bucket."""
+    cfg = ModelConfig(n_items=11, dim=16, history_len=8, text_dim=8, n_cf=4, hidden=16)
+    assert cfg.list_context
+    model = random_model(cfg, seed=0)
+    arrays = _inputs(np.random.default_rng(2), 4, 8, 6, 16)
+    feed = {k: torch.from_numpy(v) for k, v in arrays.items()}
+    padded, extra = dict(feed), 5
+    padded["cand"] = torch.cat([feed["cand"], 100 * torch.randn(4, extra, 16)], dim=1)
+    padded["cand_mask"] = torch.cat([feed["cand_mask"], torch.zeros(4, extra, dtype=torch.bool)], 1)
+    padded["cand_rank"] = torch.cat([feed["cand_rank"], torch.zeros(4, extra)], dim=1)
+    with torch.no_grad():
+        scores, _ = model.score(*(feed[k] for k in export.INPUT_NAMES))
+        wider, _ = model.score(*(padded[k] for k in export.INPUT_NAMES))
+    valid = feed["cand_mask"]
+    np.testing.assert_allclose(wider[:, :6][valid].numpy(), scores[valid].numpy(), atol=1e-5)
+    # and the context is really there: another real candidate does change the scores
+    padded["cand_mask"] = torch.ones_like(padded["cand_mask"])
+    with torch.no_grad():
+        crowded, _ = model.score(*(padded[k] for k in export.INPUT_NAMES))
+    assert not np.allclose(crowded[:, :6][valid].numpy(), scores[valid].numpy(), atol=1e-5)

@@ -1,4 +1,5 @@
-"""The deep reranker: item tower, causal user encoder, target-attention MLP scorer.
+"""The deep reranker: item tower, causal user encoder, target-attention MLP scorer with one
+attention layer across the candidate list.
 
 Two paths share the weights and nothing else:
 
@@ -36,6 +37,7 @@ class ModelConfig:
     hidden: int = 64  # scorer MLP width
     dropout: float = 0.2
     max_rank: int = 1000  # cand_rank values are clipped here
+    list_context: bool = True  # candidates attend to each other before they are scored
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -142,6 +144,22 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class ListContext(nn.Module):
+    """One pre-norm attention layer over a candidate list (no causal mask, no positions:
+    the rank is already a feature); padded candidates are neither read nor changed."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, n_heads)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        # x (B, N, H), mask (B, N)
+        allowed = mask[:, None, None, :]  # (B, 1, 1, N): every candidate reads every real one
+        return x + self.drop(self.attn(self.ln(x), allowed))
+
+
 class UserEncoder(nn.Module):
     """Causal Transformer over right-aligned history vectors; the state is read at the newest."""
 
@@ -199,6 +217,11 @@ class Reranker(nn.Module):
             nn.GELU(),
             nn.Linear(cfg.hidden // 2, 1),
         )
+        # A candidate's worth depends on the rest of the list (the best of five similar
+        # films, the one outlier among sequels): one attention layer across the list.
+        self.context = (
+            ListContext(cfg.hidden, cfg.n_heads, cfg.dropout) if cfg.list_context else None
+        )
 
     def score(
         self,
@@ -254,6 +277,8 @@ class Reranker(nn.Module):
             dim=-1,
         )  # (B, N, 4D+8)
         hidden = self.user_in(state)[:, None, :] + self.cand_in(per_cand)  # (B, N, hidden)
+        if self.context is not None:
+            hidden = self.context(hidden, cand_mask)
         scores = self.mlp(hidden).squeeze(-1)  # (B, N)
         scores = scores.masked_fill(~cand_mask, NEG)
         return scores, attn

@@ -38,6 +38,7 @@ class PipelineConfig:
     use_text: bool = True  # MiniLM over item text; synthetic data uses random text vectors
     als_factors: int = 64
     lists_per_user: int = 120  # training lists from each user's most recent positions
+    list_context: bool = True  # see ModelConfig
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -120,6 +121,7 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         n_layers=cfg.n_layers,
         hidden=cfg.hidden,
         dropout=cfg.dropout,
+        list_context=cfg.list_context,
     )
     torch.manual_seed(cfg.seed)
     genres = np.concatenate([np.zeros((1, prep.dataset.genres.shape[1])), prep.dataset.genres])
