@@ -52,6 +52,8 @@ VARIANTS: dict[str, PipelineConfig] = {
     # loss, weight 0.5: 0.1168 (8 epochs did not fit in max_minutes: 1.5 min each).
     # Session 5, adopted: one attention layer across the candidate list before the scorer's
     # output (ModelConfig.list_context), with 10 epochs: "ctxe10" 0.1234 is the default now.
+    # (Measured with every candidate reading the whole list; on these lists of 100 the cap
+    # context_size = 100 that came after it changes nothing but the layer's parameterisation.)
     # With 8 epochs 0.1229; with 8 epochs and an 8-period time profile of each item among its
     # statistics 0.1217 (not kept, nor its code). Not kept either: a history of L=100
     # 0.1171 (1.9 min an epoch).

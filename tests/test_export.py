@@ -101,3 +101,24 @@ def test_padded_candidates_change_no_score() -> None:
     with torch.no_grad():
         crowded, _ = model.score(*(padded[k] for k in export.INPUT_NAMES))
     assert not np.allclose(crowded[:, :6][valid].numpy(), scores[valid].numpy(), atol=1e-5)
+
+
+def test_context_reads_only_the_head_of_the_list(tmp_path: Path) -> None:
+    """Past ``context_size`` a candidate is scored in the context of the list's head and
+    changes no other score; the exported graph slices the same head for any N."""
+    cfg = ModelConfig(
+        n_items=11, dim=16, history_len=8, text_dim=8, n_cf=4, hidden=16, context_size=3
+    )
+    model = random_model(cfg, seed=0)
+    folder = export_model(model, [str(i) for i in range(10)], tmp_path, "v1")
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    feed = _inputs(np.random.default_rng(3), 4, 8, 6, 16)
+    feed["cand_mask"][:] = True
+    changed = {k: v.copy() for k, v in feed.items()}
+    changed["cand"][:, 5] += 10.0  # a candidate past the head
+    with torch.no_grad():
+        ref, _ = model.score(*(torch.from_numpy(feed[k]) for k in export.INPUT_NAMES))
+        moved, _ = model.score(*(torch.from_numpy(changed[k]) for k in export.INPUT_NAMES))
+    np.testing.assert_allclose(moved[:, :5].numpy(), ref[:, :5].numpy(), atol=1e-6)
+    scores, _ = session.run(["scores", "attn"], feed)
+    np.testing.assert_allclose(scores, ref.numpy(), atol=1e-4, rtol=1e-4)
