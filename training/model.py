@@ -110,6 +110,20 @@ def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     return torch.softmax(logits.masked_fill(~mask, NEG), dim=-1)
 
 
+def multi_head_attention(
+    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, n_heads: int, scale: float
+) -> Tensor:
+    """Dot-product attention over ``n_heads`` heads: q (B, Nq, D), k and v (B, Nk, D),
+    ``allowed`` broadcastable to (B, heads, Nq, Nk) -> (B, Nq, D). ``scale`` is a Python
+    float (1 / sqrt(D / heads)): computed from traced shapes, export could not turn it into
+    a constant."""
+    b, n, d = q.shape
+    q, k, v = (t.reshape(b, -1, n_heads, d // n_heads).transpose(1, 2) for t in (q, k, v))
+    logits = (q @ k.transpose(-1, -2)) * scale  # (B, heads, Nq, Nk)
+    weights = masked_softmax(logits, allowed)
+    return (weights @ v).transpose(1, 2).reshape(b, n, d)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int) -> None:
         super().__init__()
@@ -120,15 +134,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         # x (B, L, D); allowed (B, 1, L, L): query i may read key j
-        b, n, d = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = (
-            t.reshape(b, n, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v)
-        )
-        logits = (q @ k.transpose(-1, -2)) * self.scale  # (B, H, L, L)
-        weights = masked_softmax(logits, allowed)
-        y = (weights @ v).transpose(1, 2).reshape(b, n, d)
-        return self.out(y)
+        return self.out(multi_head_attention(q, k, v, allowed, self.n_heads, self.scale))
 
 
 class Block(nn.Module):
@@ -166,17 +173,10 @@ class ListContext(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         # x (B, N, H), mask (B, N)
-        b, n, d = x.shape
         y = self.ln(x)
-        head = y[:, : self.size]  # (B, K, H), K = min(N, size)
-        k, v = self.kv(head).chunk(2, dim=-1)
-        q, k, v = (
-            t.reshape(b, -1, self.n_heads, d // self.n_heads).transpose(1, 2)
-            for t in (self.q(y), k, v)
-        )  # (B, heads, N or K, H / heads)
-        logits = (q @ k.transpose(-1, -2)) * self.scale  # (B, heads, N, K)
-        weights = masked_softmax(logits, mask[:, None, None, : self.size])
-        context = (weights @ v).transpose(1, 2).reshape(b, n, d)
+        k, v = self.kv(y[:, : self.size]).chunk(2, dim=-1)  # the head: K = min(N, size)
+        allowed = mask[:, None, None, : self.size]  # (B, 1, 1, K)
+        context = multi_head_attention(self.q(y), k, v, allowed, self.n_heads, self.scale)
         return x + self.drop(self.out(context))
 
 
