@@ -60,6 +60,19 @@ VARIANTS: dict[str, PipelineConfig] = {
     "ctx8": replace(BASE, train=replace(BASE.train, epochs=8, max_minutes=12.0)),
     "noctx": replace(BASE, list_context=False, train=replace(BASE.train, epochs=8)),
     "hist100": replace(BASE, history_len=100, train=replace(BASE.train, max_minutes=20.0)),
+    # Session 6, not kept (nor its code): recency-weighted cosine of a candidate to the
+    # history (learned decay) among the scorer's inputs, and recency embeddings on the keys
+    # of the target attention: 0.1220. Over the validation lists, item-kNN similarity to the
+    # last 5 items alone ranks at 0.0997 against 0.0712 to all of them (the recall order):
+    # recency matters, but the model already had it from its encoder and transition sum.
+    # Not kept either (nor its code): each list weighted n_u ** -0.5 in the loss, n_u its
+    # user's number of lists, towards the evaluation's one vote per user: 0.1205.
+    # Not adopted: weight decay 0.01 instead of 1e-4, 0.1235, within one seed's spread of
+    # base (0.1220 and 0.1234 in its two runs). A scorer of width 128 took 2.1 min an epoch
+    # (1.2-1.4 for 64), too slow for make train's 20 minutes; stopped after 4 epochs, on a
+    # curve no higher than base's (0.1170 at epoch 3).
+    "wd01": replace(BASE, train=replace(BASE.train, weight_decay=0.01)),
+    "h128": replace(BASE, hidden=128),
 }
 
 

@@ -86,3 +86,14 @@ def test_weight_averaging_is_kept_only_when_validation_says_so(dataset) -> None:
 
     mean = _mean_state([{k: torch.from_numpy(v) for k, v in s.items()} for s in (a, b)])
     assert mean["w"].tolist() == [2.0, 2.0] and mean["step"].tolist() == [2]
+
+
+def test_training_is_reproducible(dataset) -> None:  # type: ignore[no-untyped-def]
+    """The same seed gives the same weights, bit for bit: one run's figures mean something."""
+    from training.pipeline import fit
+
+    cfg = _cfg(epochs=2)
+    prep = prepare(dataset, cfg)
+    first, second = (fit(prep, cfg)[0].state_dict() for _ in range(2))
+    for name, weights in first.items():
+        assert np.array_equal(weights.numpy(), second[name].numpy()), name
