@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.data import synthetic
-from training.pipeline import PipelineConfig, prepare, run
+from training.pipeline import PipelineConfig, fit, prepare, run
 from training.train import TrainConfig
 
 
@@ -90,8 +90,6 @@ def test_weight_averaging_is_kept_only_when_validation_says_so(dataset) -> None:
 
 def test_training_is_reproducible(dataset) -> None:  # type: ignore[no-untyped-def]
     """The same seed gives the same weights, bit for bit: one run's figures mean something."""
-    from training.pipeline import fit
-
     cfg = _cfg(epochs=2)
     prep = prepare(dataset, cfg)
     first, second = (fit(prep, cfg)[0].state_dict() for _ in range(2))
