@@ -80,8 +80,8 @@ def test_versions_are_immutable(tmp_path: Path) -> None:
 
 
 def test_padded_candidates_change_no_score() -> None:
-    """The list context reads the whole list, so padding must stay out of it: the service
-    pads every list to a bucket size, and a score may not depend on which bucket."""
+    """The list context reads the other candidates, so padding must stay out of it: the
+    service pads every list to a bucket size, and a score may not depend on which bucket."""
     cfg = ModelConfig(n_items=11, dim=16, history_len=8, text_dim=8, n_cf=4, hidden=16)
     assert cfg.list_context
     model = random_model(cfg, seed=0)

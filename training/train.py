@@ -19,7 +19,8 @@ class TrainConfig:
     # Validation NDCG@10 (scripts/tune.py; the test split unseen): without the list context,
     # 8 epochs with the mean of the last 3 beat 6 epochs, 0.1211 against 0.1182, and 10
     # epochs gave 0.1216. With it, 8 epochs 0.1229 and 10 epochs 0.1234 (ctxe10), its
-    # curve still rising at epoch 8; the run that made the default model, 0.1220.
+    # curve still rising at epoch 8. The deterministic run that made the default model
+    # (session 6): 0.1231 at its best epoch.
     epochs: int = 10
     batch_size: int = 256
     lr: float = 2e-3
@@ -32,7 +33,8 @@ class TrainConfig:
     average_last: int = 3
     seed: int = 0
     threads: int = 2
-    # A hard cap that keeps `make train` inside its 20 minutes: 10 epochs took 12-13 min here.
+    # A hard cap that keeps `make train` inside its 20 minutes: 10 epochs took 12-16 min
+    # here, depending on the day. A run it stops early is not the committed model.
     max_minutes: float = 15.0
 
     def to_dict(self) -> dict[str, float | int]:
