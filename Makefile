@@ -60,7 +60,7 @@ chaos: install-dev
 # OSV access) skipped all 157 pins and still printed "No known vulnerabilities found".
 lint: install-dev
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check app
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off --strict

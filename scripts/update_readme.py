@@ -133,11 +133,13 @@ def render(readme: str) -> str:
     for name, body in sections(readme).items():
         if body is None:
             continue
+        text = body.strip()
+
+        def fill(m: re.Match[str], text: str = text) -> str:  # not a template: no escapes
+            return m.group(1) + text + "\n" + m.group(2)
+
         readme = re.sub(
-            rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)",
-            lambda m, body=body: m.group(1) + body.strip() + "\n" + m.group(2),
-            readme,
-            flags=re.S,
+            rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", fill, readme, flags=re.S
         )
     return readme
 

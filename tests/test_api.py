@@ -162,9 +162,10 @@ def test_answer_is_exactly_the_documented_schema(client: TestClient) -> None:
     ):
         model = RerankResponse.model_validate(body)
         assert body == model.model_dump(mode="json")
-    assert client.post("/rerank", json={"user_id": "s", "candidates": ["1"]}).headers[
-        "content-type"
-    ] == "application/json"
+    assert (
+        client.post("/rerank", json={"user_id": "s", "candidates": ["1"]}).headers["content-type"]
+        == "application/json"
+    )
     schema = client.get("/openapi.json").json()["paths"]["/rerank"]["post"]["responses"]["200"]
     assert schema["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/RerankResponse"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnxruntime as ort
@@ -51,12 +52,13 @@ def vector(item_id: str) -> np.ndarray | None:
     raw = r.get(f"{prefix}:v:{version}:{item_id}")
     if raw is None:
         return None
-    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    return np.frombuffer(cast(bytes, raw), dtype=dtype).astype(np.float32)
 
 
 @app.post("/rerank")
 def rerank(req: RerankIn) -> dict:
-    history = [i.decode() for i in r.lrange(f"{prefix}:h:{req.user_id}", 0, history_len - 1)]
+    newest_first = r.lrange(f"{prefix}:h:{req.user_id}", 0, history_len - 1)
+    history = [cast(bytes, i).decode() for i in newest_first]
     history.reverse()  # stored newest first
     hist = [v for v in (vector(i) for i in history) if v is not None]
     candidates = list(dict.fromkeys(req.candidates))
