@@ -99,7 +99,12 @@ def create_app(settings: Settings) -> FastAPI:
     """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
     metrics = Metrics()
     drain = Drain(settings.shutdown_delay_s)
-    admission = Admission(settings.max_inflight, settings.admission_target_ms / 1000, metrics)
+    admission = Admission(
+        settings.max_inflight,
+        settings.admission_target_ms / 1000,
+        metrics,
+        base_ratio=settings.admission_base_ratio,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

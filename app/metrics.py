@@ -64,6 +64,12 @@ class Metrics:
             "Work requests one process takes on at once now (adaptive, app/admission.py)",
             registry=r,
         )
+        self.admission_target = Gauge(
+            "rerank_admission_target_seconds",
+            "Time in the process (Redis waits left out) past which the limit is cut: the "
+            "setting, or admission_base_ratio x the unloaded time when that is more",
+            registry=r,
+        )
         self.swap_failures = Counter(
             "rerank_model_swap_failures", "New model versions that failed to load", registry=r
         )

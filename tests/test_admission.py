@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import contextvars
 
-from app.admission import EARLY_SLOW, FLOOR, START, WINDOW_S, Admission, waited_on_redis
+import pytest
+
+from app.admission import (
+    BASE_DRIFT,
+    BASE_SAMPLES,
+    EARLY_SLOW,
+    FLOOR,
+    START,
+    WINDOW_S,
+    Admission,
+    waited_on_redis,
+)
 from app.metrics import Metrics
 
 
@@ -16,9 +27,11 @@ class Clock:
         return self.now
 
 
-def admission(ceiling: int = 64, target_ms: float = 10.0) -> tuple[Admission, Clock]:
+def admission(
+    ceiling: int = 64, target_ms: float = 10.0, base_ratio: float = 0.0
+) -> tuple[Admission, Clock]:
     clock = Clock()
-    return Admission(ceiling, target_ms / 1000, Metrics(), clock), clock
+    return Admission(ceiling, target_ms / 1000, Metrics(), base_ratio, clock), clock
 
 
 def window(adm: Admission, clock: Clock, took_s: float, refused: bool, n: int = 20) -> None:
@@ -130,3 +143,50 @@ def test_target_zero_keeps_the_fixed_limit() -> None:
 def test_no_ceiling_admits_everything() -> None:
     adm, _ = admission(ceiling=0)
     assert adm.admits(10_000)
+
+
+def test_the_target_follows_a_slower_unloaded_time() -> None:
+    """On a machine where an unloaded request takes as long as the setting allows, the limit
+    must still be able to grow: a fixed target cuts it at every refusal."""
+    fixed, fixed_clock = admission(target_ms=6)
+    relative, clock = admission(target_ms=6, base_ratio=1.6)
+    for adm, c in ((fixed, fixed_clock), (relative, clock)):
+        window(adm, c, took_s=0.005, refused=False)  # unloaded: 5 ms
+        window(adm, c, took_s=0.007, refused=True)  # pressed, at 7 ms
+    assert relative.base_s == pytest.approx(0.005)
+    assert relative.target_s == pytest.approx(0.008)
+    assert relative.metrics.admission_target._value.get() == pytest.approx(0.008)
+    assert relative.limit > START
+    assert fixed.target_s == 0.006 and fixed.limit < START
+
+
+def test_the_target_never_goes_below_the_setting() -> None:
+    adm, clock = admission(target_ms=6, base_ratio=1.6)
+    window(adm, clock, took_s=0.001, refused=False)
+    assert adm.base_s == pytest.approx(0.001)
+    assert adm.target_s == 0.006
+
+
+def test_the_unloaded_time_is_a_minimum_that_forgets_slowly() -> None:
+    adm, clock = admission(target_ms=1, base_ratio=2)
+    window(adm, clock, took_s=0.005, refused=False)
+    window(adm, clock, took_s=0.002, refused=False)
+    assert adm.base_s == pytest.approx(0.002)  # a faster window: at once
+    window(adm, clock, took_s=0.010, refused=False)
+    assert adm.base_s == pytest.approx(0.002 * (1 + BASE_DRIFT))  # a slower one: 1% a window
+    for _ in range(200):
+        window(adm, clock, took_s=0.010, refused=False)
+    assert adm.base_s == pytest.approx(0.010)  # slower for good: followed, in 20 s
+
+
+def test_an_overload_does_not_teach_the_unloaded_time() -> None:
+    adm, clock = admission(target_ms=1, base_ratio=2)
+    window(adm, clock, took_s=0.004, refused=False)
+    for _ in range(50):  # refusals all along, as at three times capacity
+        for _ in range(20):
+            assert not adm.admits(adm.limit)
+            adm.observe(0.050)
+        clock.now += WINDOW_S
+    assert adm.base_s == pytest.approx(0.004)
+    window(adm, clock, took_s=0.004, refused=False, n=BASE_SAMPLES - 2)  # too few to tell
+    assert adm.base_s == pytest.approx(0.004)
