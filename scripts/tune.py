@@ -78,6 +78,13 @@ VARIANTS: dict[str, PipelineConfig] = {
     # more recent item per user is worth +0.001, inside the noise: not done.
     "wd01": replace(BASE, train=replace(BASE.train, weight_decay=0.01)),
     "h128": replace(BASE, hidden=128),
+    # Session 7, none adopted (base: 0.1220, 0.1234 and 0.1231 in its three runs). Item
+    # vectors of 96 with 90 lists per user, for about base's training time (a step 1.37x
+    # slower): 0.1202, stopped by patience at epoch 8. Two list-context layers: 0.1179,
+    # stopped at epoch 6 (1.8 min an epoch; its ModelConfig field was taken out again).
+    # Peak learning rate 3e-3: 0.1238 at epoch 9, its last, inside one seed's spread.
+    "d96l90": replace(BASE, dim=96, lists_per_user=90),
+    "lr3": replace(BASE, train=replace(BASE.train, lr=3e-3)),
 }
 
 
