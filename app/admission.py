@@ -23,9 +23,9 @@ as in TCP congestion control, every 100 ms window:
   target: at the onset, waiting out the 100 ms let more in behind the first ``START`` (61
   answers over 15 ms in the first second of a run; 18 and 39 with the early close).
 
-The target is the setting, or ``base_ratio`` times the process's own unloaded time when
-that is more (``_note_base``): a target below what an unloaded request already takes would
-cut the limit at every refusal and never let it grow.
+The target is the setting, or ``base_ratio`` times the signal's own unloaded value when
+that is more (``_note_base``): a target below what unloaded requests already take would cut
+the limit at every refusal and never let it grow.
 
 Time waiting on Redis is left out of the signal: a sick Redis is not the process's
 overload, and its answers are degraded 200s. Those requests still count against the limit
@@ -55,7 +55,7 @@ WINDOW_S = 0.1  # how often the limit moves
 MAX_CUT = 0.1  # a window's cut leaves at least this share of the limit
 EARLY_SLOW = 4  # slow answers that close a refusing window early (see above)
 BASE_DRIFT = 0.01  # how far the unloaded time may rise per unpressed window (1% in 100 ms)
-BASE_SAMPLES = 5  # fewer answers in a window say too little about its median
+BASE_SAMPLES = 5  # fewer answers in a window say too little about its p90
 
 
 class Admission:

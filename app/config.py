@@ -131,11 +131,11 @@ class Settings(BaseSettings):
     admission_target_ms: float = Field(
         default=6.0,
         description="Time in the process (Redis waits left out) that the adaptive in-flight "
-        "limit allows (app/admission.py). The limit starts at 16 and moves only in a 100 ms "
-        "window in which it refused a request (closed early once 4 answers in it passed the "
-        "target): when the 90th percentile of that time passed the target, it is cut in "
-        "proportion (down to 1); else it grows by half, up to max_inflight. 0: the limit "
-        "stays at max_inflight.",
+        "limit allows (app/admission.py), or more where admission_base_ratio says so. The "
+        "limit starts at 16 and moves only in a 100 ms window in which it refused a request "
+        "(closed early once 4 answers in it passed the target): when the 90th percentile of "
+        "that time passed the target, it is cut in proportion (down to 1); else it grows by "
+        "half, up to max_inflight. 0: the limit stays at max_inflight.",
     )
     admission_base_ratio: float = Field(
         default=1.8,

@@ -176,7 +176,7 @@ def test_the_unloaded_time_is_a_minimum_that_forgets_slowly() -> None:
     assert adm.base_s == pytest.approx(0.002 * (1 + BASE_DRIFT))  # a slower one: 1% a window
     for _ in range(200):
         window(adm, clock, took_s=0.010, refused=False)
-    assert adm.base_s == pytest.approx(0.010)  # slower for good: followed, in 20 s
+    assert adm.base_s == pytest.approx(0.010)  # slower for good: followed, in 16 s
 
 
 def test_an_overload_does_not_teach_the_unloaded_time() -> None:
