@@ -184,7 +184,7 @@ def evaluate(prep: Any, model: Scorer, cfg: Any) -> dict[str, Any]:
         results[source], per_user[source] = {}, {}
         for method in METHODS:
             pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
-            row: dict[str, Any] = dict(summary(pos))
+            row: dict[str, Any] = summary(pos)
             row["ndcg@10_ci95"] = bootstrap_ci(ndcg_at(pos), seed=cfg.seed)
             results[source][method] = row
             per_user[source][method] = ndcg_at(pos)
