@@ -38,6 +38,7 @@ class PipelineConfig:
     use_text: bool = True  # MiniLM over item text; synthetic data uses random text vectors
     als_factors: int = 64
     lists_per_user: int = 120  # training lists from each user's most recent positions
+    min_history: int = 3  # the shortest history a training list is made from
     list_context: bool = True  # see ModelConfig
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -97,7 +98,12 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         split=split,
         knn=knn,
         train_lists=training_lists(
-            split.train, knn, n, cfg.history_len, max_per_user=cfg.lists_per_user
+            split.train,
+            knn,
+            n,
+            cfg.history_len,
+            min_history=cfg.min_history,
+            max_per_user=cfg.lists_per_user,
         ),
         val_lists=val_lists,
         test_lists=test_lists,
