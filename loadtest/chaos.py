@@ -554,9 +554,9 @@ async def overload(
     import psutil
 
     service = psutil.Process(env.process.pid if env.process else 0)
-    # gen.run_rung freezes the heap before each rung (gen.freeze_heap): accepted p99 15.3 and
-    # 15.7 ms in two full runs with that, 17.0 to 17.7 ms in four without.
     payloads = _overload_payloads(env, OVERLOAD_PAYLOADS)
+    # gen.run_rung freezes this process's heap before each rung (gen.freeze_heap): accepted
+    # p99 15.3 and 15.7 ms in two full runs with that, 17.0 to 17.7 ms in four without.
     quiet = await _open_loop(env, payloads, UNLOADED_RPS, min(UNLOADED_S, seconds))
     unloaded_p99 = _ms(_accepted_s(quiet), 99)
     unloaded_sent_p99 = _ms(_accepted_s(quiet, since_sent=True), 99)
