@@ -98,7 +98,7 @@ VARIANTS: dict[str, PipelineConfig] = {
     # weights (torch.optim.swa_utils, decay 0.995 a step, about 1.5 epochs): 0.1207, its
     # curve smoother but lower than base's best epoch; label smoothing 0.1 in the list
     # loss: 0.1232, base's level. Four attention heads of 16 (was two of 32): 2.0 min an
-    # epoch against base's 1.45 on the same afternoon, so 10 epochs overrun max_minutes;
+    # epoch against base's 1.45 in this session's runs, so 10 epochs overrun max_minutes;
     # stopped by hand at epoch 2 (0.1119; base 0.1136 there).
     "minh18": replace(BASE, min_history=18),
     "minh10": replace(BASE, min_history=10),
