@@ -41,14 +41,14 @@ def _gauges(port: int) -> dict[str, float]:
 
 async def busy(ratio: str) -> dict[str, Any]:
     with chaos.environment({"RERANK_ADMISSION_BASE_RATIO": ratio}) as env:
-        payloads = chaos._overload_payloads(env, chaos.OVERLOAD_PAYLOADS)
+        payloads = chaos.overload_payloads(env, chaos.OVERLOAD_PAYLOADS)
         loops = [
             subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY_LOOPS)
         ]
         try:
             out: dict[str, Any] = {"ratio": ratio}
             for name, rate, seconds in PHASES:
-                rec = await chaos._open_loop(env, payloads, rate, seconds)
+                rec = await chaos.open_loop(env, payloads, rate, seconds)
                 ok = rec.status == 200
                 out[name] = {
                     "offered_rps": rate,

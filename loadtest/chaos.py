@@ -503,13 +503,13 @@ async def sigterm(env: Env) -> Report:
     return report
 
 
-def _overload_payloads(env: Env, n: int) -> list[bytes]:
+def overload_payloads(env: Env, n: int) -> list[bytes]:
     """Whole requests, head and body, rendered before any of them is sent."""
     bodies = request_bodies(env.ids, random.Random(0), n)
     return [gen.render("127.0.0.1", env.port, "/rerank", body) for body in bodies]
 
 
-async def _open_loop(env: Env, payloads: list[bytes], rate: float, seconds: float) -> gen.Recorder:
+async def open_loop(env: Env, payloads: list[bytes], rate: float, seconds: float) -> gen.Recorder:
     """One rung of gen.py's open-loop generator; its per-request stamps come back."""
     pool = gen.Pool("127.0.0.1", env.port, OVERLOAD_CONNECTIONS)
     await gen.run_rung(pool, payloads, rate, seconds, OVERLOAD_GRACE_S, {}, None)
@@ -554,10 +554,10 @@ async def overload(
     import psutil
 
     service = psutil.Process(env.process.pid if env.process else 0)
-    payloads = _overload_payloads(env, OVERLOAD_PAYLOADS)
+    payloads = overload_payloads(env, OVERLOAD_PAYLOADS)
     # gen.run_rung freezes this process's heap before each rung (gen.freeze_heap): accepted
     # p99 15.3 and 15.7 ms in two full runs with that, 17.0 to 17.7 ms in four without.
-    quiet = await _open_loop(env, payloads, UNLOADED_RPS, min(UNLOADED_S, seconds))
+    quiet = await open_loop(env, payloads, UNLOADED_RPS, min(UNLOADED_S, seconds))
     unloaded_p99 = _ms(_accepted_s(quiet), 99)
     unloaded_sent_p99 = _ms(_accepted_s(quiet, since_sent=True), 99)
     capacity = await _capacity(env, payloads, min(CAPACITY_S, seconds))
@@ -574,7 +574,7 @@ async def overload(
 
     watcher = asyncio.create_task(watch_memory())
     try:
-        heavy = await _open_loop(env, payloads, rate, seconds)
+        heavy = await open_loop(env, payloads, rate, seconds)
     finally:
         watcher.cancel()
     after = Load(env.port, env.ids, 20.0, 1)
