@@ -65,7 +65,8 @@ lint: install-dev
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/pip-audit -r constraints.txt --no-deps --disable-pip --progress-spinner off --strict
 
-# The README sections generated from committed files (settings, report, bench, chaos).
+# The generated sections of README.md (settings, example answer) and docs/ (report, bench,
+# chaos), written afresh from committed files.
 readme: install
 	$(BIN)/python scripts/update_readme.py
 

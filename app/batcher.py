@@ -6,8 +6,8 @@ Runtime (which releases the GIL). Batching is natural: a request that finds the 
 runs at once, with whatever was submitted in the same turn of the event loop, and a request
 that arrives while a batch runs waits for that run only, then goes with everything else that
 queued up meanwhile (at most ``max_batch``). Nobody is held back for company, so batches grow
-with load by themselves and an idle service adds no wait. ``max_wait`` is kept as an upper
-bound on any deliberate wait; the loop has none today.
+with load by themselves and an idle service adds no wait. ``max_wait_s`` is stored and not
+read: the loop never waits for company.
 
 Each request carries the ``LoadedModel`` it was pinned to when it started: a batch that spans
 a model swap is split by model, so a request is always scored by the version whose vectors it

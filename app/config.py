@@ -63,9 +63,9 @@ class Settings(BaseSettings):
     )
     max_wait_ms: float = Field(
         default=2.0,
-        description="Upper bound on any deliberate wait for a batch to fill; the batcher has "
-        "none: a request that finds the model idle runs at once, and a batch is what queued "
-        "up while the previous one ran.",
+        description="Has no effect: the batcher never waits for a batch to fill. A request "
+        "that finds the model idle runs at once, and a batch is what queued up while the "
+        "previous one ran.",
     )
     queue_limit: int = Field(
         default=256,
@@ -142,8 +142,7 @@ class Settings(BaseSettings):
         description="The admission target is at least this multiple of the process's own "
         "unloaded time: the lowest 90th percentile of the 100 ms windows in which the limit "
         "refused nothing, a minimum that may rise 1% a window. So a slower machine is not "
-        "held to a faster one's target: 6 ms is 1.8x the 3.3 ms measured on the 2-core box "
-        "it was set on. 0: admission_target_ms alone.",
+        "held to a faster one's target (docs/reliability.md). 0: admission_target_ms alone.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

@@ -85,8 +85,8 @@ class VectorCache:
     Vectors of a version never change, so entries need no invalidation; a new version simply
     uses new keys and the old ones age out. One ordered dict per version, read and written a
     request's ids at a time (``get_many``, ``put_many``) through ``map`` over the dict's own
-    methods: a request touches about 150 ids, and a Python call per id was a visible share
-    of its CPU.
+    methods: a request touches about 150 ids, and a Python call per id would be a visible
+    share of its CPU.
     """
 
     def __init__(self, size: int) -> None:

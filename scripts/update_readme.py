@@ -1,10 +1,16 @@
-"""Regenerate the README sections that come from committed files (``make readme``).
+"""Write afresh the sections of README.md and docs/ that come from committed files.
 
-Sections are marked ``<!-- name:start -->`` ... ``<!-- name:end -->``:
-settings (app/config.py), report (the default model's report.md), bench (the newest
-benchmark summary in loadtest/results/), chaos (the newest chaos run), readme-answer (the
-README's own curl example, replayed against the default model on an embedded Redis).
-tests/test_readme.py fails when the README and these files disagree.
+``make readme`` runs this. A section is marked ``<!-- name:start -->`` ... ``<!-- name:end -->``
+and sits in one document:
+
+- settings (README.md): the fields of app/config.py;
+- readme-answer (README.md): the README's own curl example, replayed against the default
+  model on an embedded Redis;
+- report (docs/model.md): the default model's report.md;
+- bench (docs/benchmark.md): the newest benchmark summary in loadtest/results/;
+- chaos (docs/reliability.md): the newest chaos run in loadtest/results/.
+
+tests/test_readme.py fails when a document and these files disagree.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import json
 import re
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "loadtest" / "results"
+# Every document that holds generated sections, relative to ROOT.
+DOCUMENTS = ("README.md", "docs/model.md", "docs/benchmark.md", "docs/reliability.md")
 
 
 def newest(pattern: str) -> Path | None:
@@ -114,23 +123,48 @@ def example_answer(readme: str) -> str | None:
         settings = Settings(_env_file=None, redis_url=redis_server.url, model_dir=models)  # type: ignore[call-arg]
         with TestClient(create_app(settings)) as client:
             answers = [client.post(path, json=body) for path, body in example_calls(readme)]
-    return "```json\n" + json.dumps(answers[-1].json(), indent=2) + "\n```"
+    return "```json\n" + _one_item_a_line(answers[-1].json()) + "\n```"
 
 
-def sections(readme: str) -> dict[str, str | None]:
+def _one_item_a_line(answer: dict[str, Any]) -> str:
+    """JSON of an answer with one line per field and per item: short enough to read."""
+    lines = ["{"]
+    for n, (key, value) in enumerate(answer.items()):
+        comma = "," if n < len(answer) - 1 else ""
+        if key == "items" and value:
+            lines.append(f"  {json.dumps(key)}: [")
+            lines += [f"    {json.dumps(item)}," for item in value]
+            lines[-1] = lines[-1].rstrip(",")
+            lines.append(f"  ]{comma}")
+        else:
+            lines.append(f"  {json.dumps(key)}: {json.dumps(value)}{comma}")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def settings_section(_: str) -> str:
     from app.config import settings_table
 
-    return {
-        "settings": settings_table(),
-        "report": model_report(),
-        "bench": bench_summary(),
-        "chaos": chaos_table(),
-        "readme-answer": example_answer(readme),
-    }
+    return settings_table()
 
 
-def render(readme: str) -> str:
-    for name, body in sections(readme).items():
+# Section name -> its text, given the whole document it sits in (the README's example answer
+# is computed from the README's own example).
+SECTIONS: dict[str, Callable[[str], str | None]] = {
+    "settings": settings_section,
+    "report": lambda _: model_report(),
+    "bench": lambda _: bench_summary(),
+    "chaos": lambda _: chaos_table(),
+    "readme-answer": example_answer,
+}
+
+
+def render(document: str) -> str:
+    """``document`` with each generated section it holds written afresh."""
+    for name, make in SECTIONS.items():
+        if f"<!-- {name}:start -->" not in document:
+            continue
+        body = make(document)
         if body is None:
             continue
         text = body.strip()
@@ -138,13 +172,14 @@ def render(readme: str) -> str:
         def fill(m: re.Match[str], text: str = text) -> str:  # not a template: no escapes
             return m.group(1) + text + "\n" + m.group(2)
 
-        readme = re.sub(
-            rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", fill, readme, flags=re.S
+        document = re.sub(
+            rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", fill, document, flags=re.S
         )
-    return readme
+    return document
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    path = ROOT / "README.md"
-    path.write_text(render(path.read_text()))
+    for name in DOCUMENTS:
+        path = ROOT / name
+        path.write_text(render(path.read_text()))

@@ -1,4 +1,5 @@
-"""The README's promises are the project's behaviour: settings, quick start, example, report."""
+"""The README's and docs/' promises are the project's behaviour: settings, quick start,
+example, and the generated report, benchmark and chaos sections."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_model
 from app.manifest import default_version
-from scripts.update_readme import example_calls
+from scripts.update_readme import DOCUMENTS, SECTIONS, example_calls, render
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -32,11 +33,18 @@ def test_settings_table_matches_the_code() -> None:
     assert section("settings").strip() == settings_table().strip()
 
 
-def test_generated_sections_match_their_files() -> None:
+@pytest.mark.parametrize("name", DOCUMENTS)
+def test_generated_sections_match_their_files(name: str) -> None:
     """Report, benchmark and chaos figures are the committed results (`make readme`)."""
-    from scripts.update_readme import render
+    text = (ROOT / name).read_text()
+    assert render(text) == text, f"{name} is stale: run `make readme`"
 
-    assert render(README) == README, "README is stale: run `make readme`"
+
+def test_every_generated_section_sits_in_one_document() -> None:
+    texts = {name: (ROOT / name).read_text() for name in DOCUMENTS}
+    for section_name in SECTIONS:
+        holders = [name for name, text in texts.items() if f"<!-- {section_name}:start -->" in text]
+        assert len(holders) == 1, f"section {section_name} is in {holders or 'no document'}"
 
 
 def test_quick_start_is_two_make_targets_that_exist() -> None:

@@ -39,8 +39,8 @@ class ModelConfig:
     max_rank: int = 1000  # cand_rank values are clipped here
     list_context: bool = True  # candidates attend to each other before they are scored
     # ... to the first context_size candidates of the list only: a list of 1000 then costs
-    # 10x a list of 100, not 100x (at N = 1000 the full N x N layer took a request from 10
-    # to 23 ms of CPU and a worker to 1 GB; loadtest/results history, 2026-11-29).
+    # 10x a list of 100, not 100x, and the service's memory stays within its standard
+    # (docs/model.md gives the figures).
     context_size: int = 100
 
     def __post_init__(self) -> None:

@@ -16,25 +16,22 @@ from training.model import Reranker
 
 @dataclass
 class TrainConfig:
-    # Validation NDCG@10 (scripts/tune.py; the test split unseen): without the list context,
-    # 8 epochs with the mean of the last 3 beat 6 epochs, 0.1211 against 0.1182, and 10
-    # epochs gave 0.1216. With it, 8 epochs 0.1229 and 10 epochs 0.1234 (ctxe10), its
-    # curve still rising at epoch 8. The deterministic run that made the default model
-    # (session 6): 0.1231 at its best epoch.
+    # Chosen on validation NDCG@10 (scripts/tune.py; the variants and their scores are in
+    # docs/model.md): with the list-context layer the curve still rises at epoch 8.
     epochs: int = 10
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
     # OneCycle anneals the learning rate in the last epochs, where validation NDCG usually
-    # peaks; a patience of 2 stopped a run at epoch 4 of 6 on a dip (0.1167 -> 0.1142).
+    # peaks; a patience of 3 rides out a dip of two epochs before them.
     patience: int = 3  # epochs without a better validation NDCG@10 before stopping
     # Also try the mean of the weights of the last `average_last` epochs (0: off), and keep
     # it when its validation NDCG@10 beats the best single epoch's.
     average_last: int = 3
     seed: int = 0
     threads: int = 2
-    # A hard cap that keeps `make train` inside its 20 minutes: 10 epochs took 12-16 min
-    # here, depending on the day. A run it stops early is not the committed model.
+    # A hard cap that keeps `make train` inside its 20 minutes on a 2-core CPU box. A run it
+    # stops early ends with another model than the committed one.
     max_minutes: float = 15.0
 
     def to_dict(self) -> dict[str, float | int]:
@@ -45,13 +42,12 @@ def set_seed(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(threads)
-    # Same seed, same weights. Without it two runs on 2 threads parted in the first epoch
-    # (some backward kernels add up in an order the threads decide), so no run could be
-    # repeated and a variant's validation score carried that noise too. It costs 1.6% of a
-    # training step on the MovieLens lists (session 6).
+    # Same seed, same weights: without it some backward kernels add up in an order the
+    # threads decide, two runs part in the first epoch, and a variant's validation score
+    # carries that noise. The cost is small (docs/model.md).
     torch.use_deterministic_algorithms(True)
     # Softmax over padded histories leaves denormal floats in the backward pass; on CPU
-    # they made a training step five times slower.
+    # they make a training step five times slower.
     torch.set_flush_denormal(True)
 
 
