@@ -49,11 +49,11 @@ eval: install-train
 	$(BIN)/rerank eval models/$$(cat models/DEFAULT)
 
 bench: install-dev
-	$(BIN)/python loadtest/bench.py
+	$(BIN)/python -m loadtest.bench
 
 # Fault injection under load; writes loadtest/results/chaos-<date>.json.
 chaos: install-dev
-	$(BIN)/python loadtest/chaos.py
+	$(BIN)/python -m loadtest.chaos
 
 # pip-audit --strict: a package it cannot look up fails the audit instead of passing it
 # unaudited. Without it, a machine whose PyPI mirror lacks the per-version JSON API (and no

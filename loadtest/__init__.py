@@ -1,1 +1,1 @@
-"""Load tests and the benchmark: traffic, generator, floors, peers (see bench.py)."""
+"""Load tests and the benchmark: harness, load generator, traffic, scenarios (bench, chaos)."""

@@ -1,24 +1,27 @@
 """`make bench`: the service beside its floors and a naive peer, in one run, on one traffic.
 
-What it does, in order (every step in this process or a child it starts and stops itself):
+    python -m loadtest.bench          # writes loadtest/results/<date>-<machine>.{json,md,png}
+
+What it does, in order, every server started and stopped by ``loadtest.harness``:
 
 1. Traffic: builds ``loadtest/traffic/<name>.json`` once (item-kNN recall lists over
    MovieLens-100K when ``data/ml100k`` exists, else a popularity-skewed random draw; the
-   file says which), and feeds every load source below from it.
-2. Starts its own redis-server (``app.embedded``), loads the model (``app.loader``, what
-   ``rerank load`` does), stores the users' histories.
-3. The service: a real ``rerank serve`` process, driven open-loop (``loadtest/gen.py``) over
-   a ladder of offered rates up to saturation; per rate: achieved throughput, latency
-   percentiles from the due time, errors, degraded, shed, service CPU per request, the
-   generator's own CPU and send lag, and the batch sizes the service formed (/metrics).
-   Then cost per request against the number of candidates.
-4. The floors, on the same traffic: (1) the ONNX session alone at the batch sizes the
-   service formed, (2) Redis alone: the same reads with the same client library, (3) HTTP
-   alone: the same bodies through the same server stack to an endpoint that does nothing.
+   file says which), and feeds every load below from it.
+2. A redis-server of its own, the model loaded into it (what ``rerank load`` does), the
+   users' histories stored.
+3. The service (``rerank serve``), driven open loop (``loadtest.load``) over a ladder of
+   offered rates up to saturation; per rate: achieved throughput, latency percentiles from
+   the due time, errors, degraded, shed, service CPU per request, the generator's own CPU
+   and send lag, and the batch sizes the service formed (its /metrics). Then the cost per
+   request against the number of candidates, and a closed-loop curve (1 to 256 callers that
+   send again as soon as they are answered): goodput and the p99 of the 200s per level.
+4. The floors, on the same traffic, through the service's own code: (1) the model alone,
+   its padding and batch run (``app.model.LoadedModel.run_batch``) at the batch sizes the
+   service formed, (2) Redis alone, the service's reads (``app.store.Store``), (3) HTTP
+   alone, the same bodies through the same server stack to an endpoint that does nothing.
 5. The naive peer (``loadtest/peers/naive.py``) through the same ladder.
 6. ``--workers 2``; a synthetic catalogue (1M random vectors under their own version and key
    prefix, Redis memory per item from INFO memory, a worker with a full 100k-entry cache).
-7. Writes ``loadtest/results/<date>-<machine>.json``, a Markdown summary and a PNG.
 
 Numbers are ratios taken side by side in one run; on a shared machine the absolute values
 move, which is why nothing here is ever a timed assertion.
@@ -33,37 +36,26 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+import uvloop
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python loadtest/bench.py` puts loadtest/, not the root, first
-    sys.path.insert(0, str(ROOT))
-
-from app.embedded import EmbeddedRedis, free_port  # noqa: E402
-from app.loader import load_model  # noqa: E402
-from app.manifest import Manifest, default_version, sha256_file, verify_folder  # noqa: E402
-from loadtest import traffic as tf  # noqa: E402
-from loadtest.gen import HALF_RUNG_FACTOR  # noqa: E402
+from app.manifest import Manifest, default_version, sha256_file, verify_folder
+from loadtest import load
+from loadtest import traffic as tf
+from loadtest.harness import ROOT, Harness, cpu_seconds, harness, read_metrics, relative
 
 # ---- Parameters (each one is also a flag; `--smoke` shrinks them to seconds) ----------------
 MODEL_DIR = ROOT / "models"  # a models/ root (DEFAULT names the version) or one version
 OUT_DIR = ROOT / "loadtest" / "results"
-TRAFFIC_DIR = ROOT / "loadtest" / "traffic"
+TRAFFIC_DIR = tf.TRAFFIC_DIR
 DATA_DIR = ROOT / "data"
 TRAFFIC_SOURCE = "auto"  # auto | knn | random
 N_REQUESTS = 20_000  # distinct requests in the traffic file (the generator cycles)
@@ -79,8 +71,15 @@ LADDER_START = 20.0  # req/s of the first rung; each next rung offers FACTOR tim
 LADDER_FACTOR = 1.5
 MAX_RUNGS = 10
 REFINE = 2  # bisection rungs between the last rung within the SLO and the first past it
+# The half rung is the one the standards read (its p99, the CPU per request): three times
+# the samples of a ladder rung, so that its p99 is not decided by one stall of the machine.
+HALF_RUNG_FACTOR = 3
+PAUSE_S = 0.5  # between rungs
 PEER_START = 5.0
 SLO_P99_MS = 50.0
+CLOSED_CONNECTIONS = (1, 4, 16, 64, 256)  # the closed-loop curve's levels
+CLOSED_DURATION_S = 6.0
+CLOSED_GOODPUT_SHARE = 0.9  # of the peak, at every level from the peak's on
 SWEEP_CANDIDATES = (50, 100, 200, 500, 1000)
 SWEEP_RATE = 50.0  # req/s for the cost-per-request curves
 SWEEP_DURATION_S = 6.0
@@ -98,89 +97,58 @@ def log(*parts: object) -> None:
     print(time.strftime("%H:%M:%S"), *parts, file=sys.stderr, flush=True)
 
 
-# ---- Processes ------------------------------------------------------------------------------
+# ---- Load -----------------------------------------------------------------------------------
 
 
-class Server:
-    """A server process of this benchmark: started, awaited on a URL, stopped by its pid."""
-
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, logs: Path):
-        self.name, self.port = name, port
-        self.log_path = logs / f"{name}.log"
-        self.log_file = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def wait_ready(self, path: str = "/readyz", timeout_s: float = 180.0) -> Server:
-        deadline = time.monotonic() + timeout_s
-        url = f"http://127.0.0.1:{self.port}{path}"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:g}s: {self.tail()}")
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def processes(self) -> list[psutil.Process]:
-        proc = psutil.Process(self.proc.pid)
-        return [proc, *proc.children(recursive=True)]
-
-    def workers(self) -> list[psutil.Process]:
-        """The processes that serve requests: the children of a supervisor, else itself."""
-        procs = self.processes()
-        serving = [p for p in procs[1:] if p.memory_info().rss > 60e6]
-        return serving or procs[:1]
-
-    def rss_mb(self) -> list[float]:
-        return [p.memory_info().rss / 1e6 for p in self.workers()]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # uvicorn stops its workers gracefully
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: only our children
-                self.proc.wait()
-        self.log_file.close()
+def payloads(
+    traffic: dict[str, Any], port: int, candidates: int, k: int, limit: int
+) -> list[bytes]:
+    return [
+        load.render(port, "POST", path, body)
+        for path, body in tf.bodies(traffic, candidates, k, limit)
+    ]
 
 
-@contextmanager
-def server(
-    name: str, cmd: list[str], env: dict[str, str], port: int, logs: Path
-) -> Iterator[Server]:
-    s = Server(name, cmd, env, port, logs)
-    try:
-        yield s.wait_ready()
-    finally:
-        s.stop()
+def delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """What a rung added to the service's counters and histograms."""
+    if before is None or after is None:
+        return {}
+    return {
+        name: value - before.get(name, 0.0)
+        for name, value in after.items()
+        if name.startswith("rerank_")
+    }
 
 
-def service_cmd(port: int, workers: int) -> list[str]:
-    return [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", str(workers)]  # fmt: skip
-
-
-def uvicorn_cmd(target: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", target, "--host", "127.0.0.1", "--port", str(port),
-            "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-            "--log-level", "warning"]  # fmt: skip
+async def rung(
+    port: int, requests: list[bytes], rate: float, duration: float, pids: dict[str, list[int]],
+    metrics: bool, max_conns: int,
+) -> dict[str, Any]:  # fmt: skip
+    """One open-loop rung: the generator's figures, the servers' CPU, the service's metrics."""
+    before = await read_metrics(port) if metrics else None
+    cpu0 = {name: cpu_seconds(group) for name, group in pids.items()}
+    run = await load.open_loop(port, requests, rate, duration, max_conns=max_conns)
+    cpu = {name: cpu_seconds(group) - cpu0[name] for name, group in pids.items()}
+    after = await read_metrics(port) if metrics else None
+    result = run.summary(rate)
+    result["cpu_s"] = cpu
+    result["cpu_ms_per_request"] = {k: 1000 * v / max(1, result["ok"]) for k, v in cpu.items()}
+    result["metrics"] = delta(before, after)
+    lat, gen = result["latency_ms"], result["generator"]
+    log(
+        f"  {rate:8.1f} rps offered  {result['achieved_rps']:8.1f} achieved  "
+        f"p50 {lat['p50']:7.2f}  p99 {lat['p99']:8.2f} ms  err {result['errors']} "
+        f"shed {result['shed']} degr {result['degraded']}  gen cpu {gen['cpu_cores']:.2f} "
+        f"lag p99 {gen['send_lag_ms']['p99']:.2f} ms"
+    )
+    await asyncio.sleep(PAUSE_S)
+    return result
 
 
 def drive(
     args: argparse.Namespace,
     port: int,
-    traffic_path: Path,
+    traffic: dict[str, Any],
     pids: dict[str, list[int]],
     *,
     candidates: int | None = None,
@@ -190,37 +158,63 @@ def drive(
     half: bool = False,
     metrics: bool = True,
     refine: int | None = None,
-    max_rungs: int | None = None,
     warmup: float | None = None,
 ) -> dict[str, Any]:
-    """One run of the load generator in its own process; its JSON result."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
-    cmd = [
-        sys.executable, str(ROOT / "loadtest" / "gen.py"), "--port", str(port),
-        "--traffic", str(traffic_path), "--candidates", str(candidates or args.candidates),
-        "--k", str(args.k), "--duration", str(duration or args.duration),
-        "--warmup", str(args.warmup if warmup is None else warmup),
-        "--factor", str(args.factor),
-        "--max-rungs", str(max_rungs or args.max_rungs),
-        "--refine", str(args.refine if refine is None else refine),
-        "--slo-ms", str(args.slo_ms), "--max-conns", str(args.max_conns),
-        "--limit", str(args.n_requests), "--out", str(out), "--verbose",
-    ]  # fmt: skip
-    if rates:
-        cmd += ["--rates", ",".join(f"{r:.3f}" for r in rates)]
-    else:
-        cmd += ["--start", str(start or args.start)]
-    if half:
-        cmd.append("--half")
-    if metrics:
-        cmd += ["--metrics-url", f"http://127.0.0.1:{port}/metrics"]
-    for name, group in pids.items():
-        cmd += ["--pids", name, ",".join(str(p) for p in group)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
-    result: dict[str, Any] = json.loads(out.read_text())
-    out.unlink()
-    return result
+    """A warm-up, then the ladder (or the given ``rates``), then, with ``half``, one long
+    rung at half the max throughput within the SLO."""
+    requests = payloads(traffic, port, candidates or args.candidates, args.k, args.n_requests)
+    seconds = duration or args.duration
+
+    async def one(rate: float, length: float = seconds) -> dict[str, Any]:
+        return await rung(port, requests, rate, length, pids, metrics, args.max_conns)
+
+    async def main() -> dict[str, Any]:
+        warm = args.warmup if warmup is None else warmup
+        if warm > 0:
+            await one(rates[0] if rates else start or args.start, warm)
+        result = await load.ladder(
+            one, start=start or args.start, factor=args.factor, max_rungs=args.max_rungs,
+            refine=args.refine if refine is None else refine, slo_ms=args.slo_ms, rates=rates,
+        )  # fmt: skip
+        best = result["max_rps_within_slo"]
+        result["half"] = await one(best / 2, HALF_RUNG_FACTOR * seconds) if half and best else None
+        return result
+
+    return uvloop.run(main())
+
+
+def closed_curve(
+    args: argparse.Namespace, port: int, traffic: dict[str, Any], pids: dict[str, list[int]]
+) -> dict[str, Any]:
+    """Goodput (200s per second) and the p99 of the 200s at each number of callers."""
+    requests = payloads(traffic, port, args.candidates, args.k, args.n_requests)
+
+    async def main() -> list[dict[str, Any]]:
+        levels = []
+        for n in args.closed_connections:
+            cpu0 = {name: cpu_seconds(group) for name, group in pids.items()}
+            run = await load.closed_loop(port, requests, n, args.closed_duration)
+            cpu = {name: cpu_seconds(group) - cpu0[name] for name, group in pids.items()}
+            s = run.summary()
+            levels.append({
+                "connections": n,
+                "goodput_rps": s["achieved_rps"],
+                "ok_latency_ms": s["ok_latency_ms"],
+                "requests": s["requests"], "ok": s["ok"], "shed": s["shed"],
+                "errors": s["errors"], "degraded": s["degraded"],
+                "cpu_ms_per_request": {k: 1000 * v / max(1, s["ok"]) for k, v in cpu.items()},
+                "generator": s["generator"],
+            })  # fmt: skip
+            p99 = fmt(s["ok_latency_ms"]["p99"], 2)
+            log(f"  {n:4d} callers  goodput {s['achieved_rps']:8.1f} req/s  "
+                f"p99 of the 200s {p99} ms  shed {s['shed']}")  # fmt: skip
+            await asyncio.sleep(PAUSE_S)
+        return levels
+
+    levels = uvloop.run(main())
+    peak = max(levels, key=lambda lv: lv["goodput_rps"])
+    return {"levels": levels, "peak_goodput_rps": peak["goodput_rps"],
+            "peak_connections": peak["connections"]}  # fmt: skip
 
 
 # ---- Model, traffic, Redis ------------------------------------------------------------------
@@ -242,17 +236,12 @@ def build_traffic(args: argparse.Namespace, manifest: Manifest, item_ids: list[s
     source = args.traffic_source
     if source == "auto":
         source = "knn" if (args.data_dir / "ml100k").is_dir() else "random"
-    if source == "knn":
-        name = f"ml100k-knn-{args.max_candidates}-{args.n_requests}-s{args.seed}.json"
-    else:
-        name = (
-            f"random-{manifest.version}-{args.max_candidates}-{args.n_requests}-s{args.seed}.json"
-        )
-    path = args.traffic_dir / name
+    tag = "ml100k-knn" if source == "knn" else f"random-{manifest.version}"
+    path = args.traffic_dir / f"{tag}-{args.max_candidates}-{args.n_requests}-s{args.seed}.json"
     if path.exists():
-        log(f"traffic: {path} (exists)")
+        log(f"traffic: {relative(path)} (exists)")
         return path
-    log(f"traffic: building {path} ({source})")
+    log(f"traffic: building {relative(path)} ({source})")
     if source == "knn":
         data = tf.build_knn(
             args.data_dir, args.max_candidates, manifest.history_len, args.n_requests,
@@ -266,37 +255,26 @@ def build_traffic(args: argparse.Namespace, manifest: Manifest, item_ids: list[s
     return tf.write(data, path)
 
 
-def store_histories(url: str, prefix: str, users: dict[str, list[str]]) -> None:
+def store_histories(h: Harness, prefix: str, users: dict[str, list[str]]) -> None:
     """Each user's history as the service keeps it: newest first (replaces what /events added)."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    pipe = client.pipeline(transaction=False)
-    for user, history in users.items():
-        key = f"{prefix}:h:{user}"
-        pipe.delete(key)
-        if history:
-            pipe.lpush(key, *history)
-    pipe.execute()
-    client.close()
+    with h.client() as client:
+        pipe = client.pipeline(transaction=False)
+        for user, history in users.items():
+            key = f"{prefix}:h:{user}"
+            pipe.delete(key)
+            if history:
+                pipe.lpush(key, *history)
+        pipe.execute()
 
 
-def redis_used_memory(url: str) -> int:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    used = int(client.info("memory")["used_memory"])
-    client.close()
-    return used
-
-
-def load_measured(url: str, folder: Path, prefix: str) -> dict[str, Any]:
+def load_measured(h: Harness, folder: Path, prefix: str) -> dict[str, Any]:
     """Load a model version; Redis memory per item from INFO memory before and after."""
-    before = redis_used_memory(url)
-    start = time.perf_counter()
-    manifest = load_model(url, folder, prefix)
-    took = time.perf_counter() - start
-    after = redis_used_memory(url)
+    with h.client() as client:
+        before = int(client.info("memory")["used_memory"])
+        start = time.perf_counter()
+        manifest = h.load(folder, prefix)
+        took = time.perf_counter() - start
+        after = int(client.info("memory")["used_memory"])
     return {
         "version": manifest.version,
         "items": manifest.n_items,
@@ -363,26 +341,6 @@ def batch_shares(metrics: dict[str, float], max_batch: int) -> dict[int, float]:
     return {size: v / total for size, v in sorted(shares.items())} if total else {1: 1.0}
 
 
-def jobs_from_traffic(
-    traffic: dict[str, Any], folder: Path, manifest: Manifest, n_cand: int, limit: int
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(history vectors, candidate vectors) of the traffic's /rerank requests."""
-    vectors = np.load(folder / "item_vectors.npy").astype(np.float32)
-    ids = (folder / "item_ids.txt").read_text().splitlines()
-    row = {item: i for i, item in enumerate(ids)}
-    jobs = []
-    for req in traffic["requests"]:
-        if req[0] != "r":
-            continue
-        hist = [row[i] for i in traffic["users"][req[1]][-manifest.history_len :] if i in row]
-        cand = [row[i] for i in traffic["recall"][req[1]][:n_cand] if i in row]
-        if cand:
-            jobs.append((vectors[hist], vectors[cand]))
-        if len(jobs) == limit:
-            break
-    return jobs
-
-
 def floor_model(
     folder: Path,
     manifest: Manifest,
@@ -392,58 +350,44 @@ def floor_model(
     budget_s: float,
     rate: float,
 ) -> dict[str, Any]:
-    """The ONNX session alone at the service's batch sizes: CPU and wall time per request.
+    """The model alone at the service's batch sizes: CPU and wall time per request.
 
-    Two ways for each batch size: ``paced``, one batch every ``size / rate`` seconds, the
-    spacing the service's batches had at ``rate`` req/s; and ``hot``, back to back. The
-    paced one is the floor: on a core that does other work (or sleeps) between runs, a run
-    costs two to three times its hot-loop CPU (what it left in the core's caches is gone by
-    the next), and a service at ``rate`` cannot run hot. The hot figure is kept beside it as
-    the lower bound.
+    Through the service's own code: the session as ``app.model.load_session`` opens it with
+    the service's settings, and ``LoadedModel.run_batch``, which pads a batch's jobs to the
+    service's buckets, runs it and cuts each job's rows back out. Two ways for each batch
+    size: ``paced``, one batch every ``size / rate`` seconds, the spacing the service's
+    batches had at ``rate`` req/s; and ``hot``, back to back. The paced one is the floor: a
+    run on a core that did other work (or slept) since the last one finds its caches cold,
+    and a service at ``rate`` cannot run hot. The hot figure is kept as the lower bound.
     """
     from app.config import Settings
-    from app.model import MIN_N_BUCKET, bucket, ladder, load_session
+    from app.model import Job, LoadedModel, load_session
 
-    # The service's own session settings (RERANK_ONNX_THREADS or its default), so the floor
-    # is the same session the service runs, not a cheaper or dearer one.
-    threads = Settings().onnx_threads
-    session = load_session(folder / "model.onnx", ["CPUExecutionProvider"], threads)
-    has_rank = "cand_rank" in {i.name for i in session.get_inputs()}
-    l_buckets = ladder(manifest.history_len)
-    n_buckets = ladder(max(1000, MIN_N_BUCKET), MIN_N_BUCKET)
-    jobs = jobs_from_traffic(traffic, folder, manifest, n_cand, 512)
-    d = manifest.dim
+    settings = Settings()
+    session = load_session(folder / "model.onnx", ["CPUExecutionProvider"], settings.onnx_threads)
+    model = LoadedModel(manifest, session, settings.max_candidates)
+    vectors = np.load(folder / "item_vectors.npy").astype(np.float32)
+    row = {item: i for i, item in enumerate((folder / "item_ids.txt").read_text().splitlines())}
+    jobs: list[Job] = []
+    for req in traffic["requests"]:
+        if req[0] == "r" and len(jobs) < 512:
+            hist = [row[i] for i in traffic["users"][req[1]][-manifest.history_len :] if i in row]
+            cand = [row[i] for i in traffic["recall"][req[1]][:n_cand] if i in row]
+            if cand:
+                jobs.append(
+                    Job(vectors[hist], vectors[cand], np.arange(len(cand), dtype=np.float32))
+                )
     per_size: dict[int, dict[str, Any]] = {}
     for size, share in shares.items():
-        feeds = []
-        for start in range(0, min(len(jobs), 8 * size), size):  # up to 8 distinct batches
-            group = jobs[start : start + size]
-            if len(group) < size:
-                break
-            l_pad = bucket(max(max(len(h) for h, _ in group), 1), l_buckets)
-            n_pad = bucket(max(len(c) for _, c in group), n_buckets)
-            feed = {
-                "hist": np.zeros((size, l_pad, d), np.float32),
-                "hist_mask": np.zeros((size, l_pad), np.bool_),
-                "cand": np.zeros((size, n_pad, d), np.float32),
-                "cand_mask": np.zeros((size, n_pad), np.bool_),
-            }
-            if has_rank:
-                feed["cand_rank"] = np.tile(np.arange(n_pad, dtype=np.float32), (size, 1))
-            for r, (h, c) in enumerate(group):
-                if len(h):
-                    feed["hist"][r, l_pad - len(h) :] = h
-                    feed["hist_mask"][r, l_pad - len(h) :] = True
-                feed["cand"][r, : len(c)] = c
-                feed["cand_mask"][r, : len(c)] = True
-            feeds.append(feed)
-        if not feeds:
+        batches = [jobs[at : at + size] for at in range(0, min(len(jobs), 8 * size), size)]
+        batches = [b for b in batches if len(b) == size]  # up to 8 distinct full batches
+        if not batches:
             continue
-        for feed in feeds:  # first runs allocate
-            session.run(["scores", "attn"], feed)
+        for batch in batches:  # first runs allocate
+            model.run_batch(batch)
         slice_s = budget_s * max(share, 0.1) / 2
-        hot = _model_runs(session, feeds, slice_s, interval_s=0.0)
-        paced = _model_runs(session, feeds, slice_s, interval_s=size / rate)
+        hot = _model_runs(model, batches, slice_s, interval_s=0.0)
+        paced = _model_runs(model, batches, slice_s, interval_s=size / rate)
         per_size[size] = {
             "share_of_requests": share,
             "interval_ms": 1000 * size / rate,
@@ -456,7 +400,7 @@ def floor_model(
         return sum(v["share_of_requests"] * get(v) for v in per_size.values()) / total
 
     return {
-        "onnx_threads": threads,
+        "onnx_threads": settings.onnx_threads,
         "rate": rate,
         "batch_sizes": per_size,
         "cpu_ms_per_request": mean(lambda v: v["cpu_ms"]),
@@ -476,72 +420,57 @@ def _per_request(runs: dict[str, float], size: int) -> dict[str, float]:
 
 
 def _model_runs(
-    session: Any, feeds: list[dict[str, np.ndarray]], slice_s: float, interval_s: float
+    model: Any, batches: list[Any], slice_s: float, interval_s: float
 ) -> dict[str, float]:
-    """Run the feeds in turn, one every ``interval_s`` (0: back to back); per-run CPU, wall."""
+    """Run the batches in turn, one every ``interval_s`` (0: back to back); per-run CPU, wall."""
     runs, cpu, wall = 0, 0.0, 0.0
     start = time.perf_counter()
     while runs < 5 or time.perf_counter() - start < slice_s:
-        due = start + runs * interval_s
-        pause = due - time.perf_counter()
+        pause = start + runs * interval_s - time.perf_counter()
         if pause > 0:
             time.sleep(pause)
         c0, w0 = time.process_time(), time.perf_counter()  # intra-op threads included
-        session.run(["scores", "attn"], feeds[runs % len(feeds)])
+        model.run_batch(batches[runs % len(batches)])
         cpu += time.process_time() - c0
         wall += time.perf_counter() - w0
         runs += 1
     return {"runs": runs, "cpu_ms": 1000 * cpu / runs, "wall_ms": 1000 * wall / runs}
 
 
-async def _redis_reads(
-    url: str,
-    prefix: str,
-    manifest: Manifest,
-    traffic: dict[str, Any],
-    n_cand: int,
-    with_candidates: bool,
-    budget_s: float,
-    concurrency: int,
-    redis_pid: int,
-    interval_s: float = 0.0,
-) -> dict[str, Any]:
-    """The reads, ``concurrency`` at a time back to back, or (``interval_s`` > 0) one at a
-    time, one every ``interval_s``: then CPU counts from each call to its answer only, so the
-    pacing's own timer wake-ups are left out."""
-    from redis.asyncio import Redis
+async def _store_reads(
+    url: str, prefix: str, manifest: Manifest, traffic: dict[str, Any], n_cand: int,
+    cached: bool, budget_s: float, concurrency: int, redis_pid: int, interval_s: float,
+) -> dict[str, Any]:  # fmt: skip
+    """The service's reads through its own ``Store``, ``concurrency`` at a time back to
+    back, or (``interval_s`` > 0) one every ``interval_s``: then CPU counts from each call
+    to its answer only, so the pacing's own timer wake-ups are left out. ``cached``: every
+    vector in the store's cache first, as a warm service has them."""
+    from app.config import Settings
+    from app.factory import make_store, redis_client
+    from app.metrics import Metrics
 
-    from app.store import FETCH_SCRIPT, Keys
-
-    keys = Keys(prefix)
-    client = Redis.from_url(url, max_connections=concurrency * 2)
-    script = client.register_script(FETCH_SCRIPT)
-    await client.script_load(FETCH_SCRIPT)
+    settings = Settings(
+        _env_file=None, redis_url=url, key_prefix=prefix, redis_timeout_ms=5000,  # type: ignore[call-arg]
+        cache_size=10**7 if cached else 0,
+    )  # fmt: skip
+    client = redis_client(url, settings)
+    store = make_store(client, settings, Metrics())
+    await store.prepare()
     requests = traffic["requests"]
-    vector_prefix = keys.vector_prefix(manifest.version)
     counter = iter(range(10**9))
     latencies: list[float] = []
     paced_cpu: list[float] = []
-    stop_at = 0.0
 
     async def one(req: list[Any]) -> None:
-        if req[0] == "e":  # what the service sends for /events
-            pipe = client.pipeline(transaction=True)
-            pipe.lpush(keys.history(req[1]), *req[2])
-            pipe.ltrim(keys.history(req[1]), 0, manifest.history_len - 1)
-            pipe.llen(keys.history(req[1]))
-            await pipe.execute()
-            return
-        cands = traffic["recall"][req[1]][:n_cand] if with_candidates else []
-        await script(
-            keys=[keys.history(req[1])], args=[vector_prefix, manifest.history_len, *cands]
-        )
+        if req[0] == "e":  # what the service does for /events
+            await store.append_history(req[1], req[2], manifest.history_len)
+        else:
+            await store.fetch(manifest, req[1], None, traffic["recall"][req[1]][:n_cand])
 
     async def worker() -> None:
         while time.perf_counter() < stop_at:
-            req = requests[next(counter) % len(requests)]
             t = time.perf_counter()
-            await one(req)
+            await one(requests[next(counter) % len(requests)])
             latencies.append(time.perf_counter() - t)
 
     async def paced() -> None:
@@ -554,7 +483,7 @@ async def _redis_reads(
             latencies.append(time.perf_counter() - t)
             paced_cpu.append(time.process_time() - c)
 
-    for req in requests[:50]:  # connections and script cache warm
+    for req in requests[: 2000 if cached else 50]:  # connections warm, the cache filled
         await one(req)
     stop_at = time.perf_counter() + budget_s
     redis_proc = psutil.Process(redis_pid)
@@ -582,19 +511,19 @@ def floor_redis(
     url: str, prefix: str, manifest: Manifest, traffic: dict[str, Any], n_cand: int,
     miss_share: float, budget_s: float, concurrency: int, redis_pid: int, rate: float,
 ) -> dict[str, Any]:  # fmt: skip
-    """Redis alone: the service's reads with redis-py's asyncio client (hiredis), on uvloop.
+    """Redis alone: the service's reads through ``app.store.Store`` (redis-py, hiredis), on
+    uvloop.
 
-    ``warm``: what a service with every vector cached sends (the stored history and its
-    vectors in one script call); ``cold``: the same call with every candidate too. The floor
-    mixes them at the service's own cache miss share, measured in the same rung. Like the
-    model's, the floor is paced (one read every ``1 / rate`` seconds, as the service sent
-    them); ``hot``, ``concurrency`` reads at a time back to back, is kept as the lower bound.
+    ``warm``: every vector cached, so a /rerank reads the stored history and its vectors in
+    one script call; ``cold``: no cache, so every candidate is read too. The floor mixes them
+    at the service's own cache miss share, measured in the same rung. Like the model's, the
+    floor is paced (one read every ``1 / rate`` seconds, as the service sent them); ``hot``,
+    ``concurrency`` reads at a time back to back, is kept as the lower bound.
     """
-    import uvloop
 
-    def read(with_cands: bool, concurrency: int, interval_s: float) -> dict[str, Any]:
+    def read(cached: bool, concurrency: int, interval_s: float) -> dict[str, Any]:
         return uvloop.run(
-            _redis_reads(url, prefix, manifest, traffic, n_cand, with_cands, budget_s / 4,
+            _store_reads(url, prefix, manifest, traffic, n_cand, cached, budget_s / 4,
                          concurrency, redis_pid, interval_s)
         )  # fmt: skip
 
@@ -602,8 +531,8 @@ def floor_redis(
         w, c = warm["cpu_ms_per_request"], cold["cpu_ms_per_request"]
         return float(w + miss_share * (c - w))
 
-    paced = {"warm": read(False, 1, 1 / rate), "cold": read(True, 1, 1 / rate)}
-    hot = {"warm": read(False, concurrency, 0.0), "cold": read(True, concurrency, 0.0)}
+    paced = {"warm": read(True, 1, 1 / rate), "cold": read(False, 1, 1 / rate)}
+    hot = {"warm": read(True, concurrency, 0.0), "cold": read(False, concurrency, 0.0)}
     return {
         "miss_share": miss_share,
         "rate": rate,
@@ -730,6 +659,24 @@ def markdown(res: dict[str, Any]) -> str:
             lines += [f"## Service, --workers {entry['workers']}", "",
                       *ladder_table(entry["ladder"]), ""]  # fmt: skip
     lines += [
+        "## Service, closed loop",
+        "",
+        "Each caller sends its next request as soon as the last is answered (Retry-After "
+        "ignored); goodput counts the 200s.",
+        "",
+        "| connections | goodput req/s | p50 of the 200s ms | p99 of the 200s ms | shed | "
+        "errors | server CPU ms/200 | gen CPU cores |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for lv in res["closed_loop"]["levels"]:
+        lat = lv["ok_latency_ms"]
+        lines.append(
+            f"| {lv['connections']} | {fmt(lv['goodput_rps'])} | {fmt(lat['p50'], 2)} | "
+            f"{fmt(lat['p99'], 2)} | {lv['shed']} | {lv['errors']} | {fmt(server_cpu(lv), 3)} "
+            f"| {fmt(lv['generator']['cpu_cores'], 2)} |"
+        )
+    lines += [
+        "",
         "## Cost per request against the number of candidates",
         "",
         f"At {res['params']['sweep_rate']:g} req/s offered.",
@@ -822,6 +769,25 @@ def check(
     return {"what": what, "value": value, "standard": standard, "met": bool(met), "note": note}
 
 
+def closed_check(closed: dict[str, Any], slo_ms: float) -> dict[str, Any]:
+    """Issue 23's standard: no collapse past the peak, and the 200s within the objective."""
+    levels = closed["levels"]
+    peak = closed["peak_goodput_rps"]
+    from_peak = [lv for lv in levels if lv["connections"] >= closed["peak_connections"]]
+    share = min(lv["goodput_rps"] for lv in from_peak) / peak if peak else 0.0
+    p99s = [lv["ok_latency_ms"]["p99"] for lv in levels]
+    worst = max((p for p in p99s if p is not None), default=None)
+    lowest = min(lv["goodput_rps"] for lv in levels) / peak if peak else 0.0
+    return check(
+        f"closed loop, {levels[0]['connections']}..{levels[-1]['connections']} connections: "
+        "lowest goodput / peak, from the peak's level on", share,
+        f">= {CLOSED_GOODPUT_SHARE:g}, p99 of the 200s <= {slo_ms:g} ms",
+        share >= CLOSED_GOODPUT_SHARE and worst is not None and worst <= slo_ms,
+        f"peak {peak:.0f} req/s at {closed['peak_connections']} connections; worst p99 of the "
+        f"200s {fmt(worst, 1)} ms; lowest goodput / peak at any level {lowest:.2f}",
+    )  # fmt: skip
+
+
 def sustained(result: dict[str, Any]) -> float:
     """Highest throughput kept up with at any latency: >= 90% of offered, <= 1% refused."""
     kept = [
@@ -848,112 +814,94 @@ def run(args: argparse.Namespace) -> Path:
     cands = [
         i for u in list(traffic["recall"])[:200] for i in traffic["recall"][u][: args.candidates]
     ]
-    shown = traffic_path.relative_to(ROOT) if traffic_path.is_relative_to(ROOT) else traffic_path
     meta_traffic = {
         **traffic["meta"],
-        "file": str(shown),
+        "file": relative(traffic_path),
         "candidates_with_vector_share": sum(i in known for i in cands) / max(1, len(cands)),
     }
-    work = Path(tempfile.mkdtemp(prefix="rerank-bench-"))
-    logs = work / "logs"
-    logs.mkdir()
-    results: dict[str, Any] = {}
     prefix = "rr"
-    try:
-        with EmbeddedRedis() as redis_server:
-            url = redis_server.url
-            log(f"redis-server {url}; loading {folder.name}")
-            real_load = load_measured(url, folder, prefix)
-            store_histories(url, prefix, traffic["users"])
-            base_env = {
-                **os.environ,
-                "RERANK_REDIS_URL": url,
-                "RERANK_MODEL_DIR": str(folder.parent),
-                "RERANK_KEY_PREFIX": prefix,
-            }
-            redis_pid = redis_server.pid
-            workers_results: list[dict[str, Any]] = []
+    with harness(prefix, name="rerank-bench") as h:
+        log(f"redis-server {h.url}; loading {folder.name}")
+        real_load = load_measured(h, folder, prefix)
+        store_histories(h, prefix, traffic["users"])
+        env = h.env(folder.parent)
+        redis_pid = h.redis.pid
+        workers_results: list[dict[str, Any]] = []
 
-            # -- the service, --workers 1: ladder, then the candidates sweep
-            port = free_port()
-            with server("service-w1", service_cmd(port, 1), base_env, port, logs) as svc:
-                pids = {"service": [svc.proc.pid], "redis": [redis_pid]}
-                log("service --workers 1: ladder")
-                service = drive(args, port, traffic_path, pids, half=True)
-                rss_w1 = svc.rss_mb()
-                log("service: cost against the number of candidates")
-                sweep = []
-                for n in args.sweep_candidates:
-                    store_histories(url, prefix, traffic["users"])
-                    r = drive(args, port, traffic_path, pids, candidates=n, rates=[args.sweep_rate],
-                              duration=args.sweep_duration, refine=0, warmup=1.0)  # fmt: skip
-                    sweep.append({"candidates": n, **rung_summary(r["rungs"][0])})
-            workers_results.append({"workers": 1, "ladder": ladder_summary(service),
-                                    "worker_rss_mb": rss_w1})  # fmt: skip
+        # -- the service, --workers 1: ladder, candidates sweep, closed-loop curve
+        with h.serving("service-w1", env) as svc:
+            pids = {"service": [svc.pid], "redis": [redis_pid]}
+            log("service --workers 1: ladder")
+            service = drive(args, svc.port, traffic, pids, half=True)
+            rss_w1 = svc.rss_mb()
+            log("service: cost against the number of candidates")
+            sweep = []
+            for n in args.sweep_candidates:
+                store_histories(h, prefix, traffic["users"])
+                r = drive(args, svc.port, traffic, pids, candidates=n, rates=[args.sweep_rate],
+                          duration=args.sweep_duration, refine=0, warmup=1.0)  # fmt: skip
+                sweep.append({"candidates": n, **rung_summary(r["rungs"][0])})
+            log("service: closed loop")
+            store_histories(h, prefix, traffic["users"])
+            closed = closed_curve(args, svc.port, traffic, pids)
+        workers_results.append({"workers": 1, "ladder": ladder_summary(service),
+                                "worker_rss_mb": rss_w1})  # fmt: skip
 
-            # -- the operating point: half of the max throughput within the SLO
-            half = service.get("half") or service["rungs"][0]
-            half_rate = half["offered_rps"]
-            half_s = rung_summary(half)
-            shares = batch_shares(
-                half.get("metrics") or {}, int(os.environ.get("RERANK_MAX_BATCH", 32))
-            )
+        # -- the operating point: half of the max throughput within the SLO
+        half = service.get("half") or service["rungs"][0]
+        half_rate = half["offered_rps"]
+        half_s = rung_summary(half)
+        shares = batch_shares(
+            half.get("metrics") or {}, int(os.environ.get("RERANK_MAX_BATCH", 32))
+        )
 
-            # -- floors
-            log(f"floor 1: the model alone at the service's batch sizes {shares}")
-            f_model = floor_model(
-                folder, manifest, traffic, args.candidates, shares, args.floor_budget, half_rate
-            )
-            log("floor 2: Redis alone")
-            store_histories(url, prefix, traffic["users"])
-            f_redis = floor_redis(
-                url, prefix, manifest, traffic, args.candidates,
-                half_s.get("cache_miss_share") or 0.0, args.floor_budget,
-                args.redis_concurrency, redis_pid, half_rate,
-            )  # fmt: skip
-            store_histories(url, prefix, traffic["users"])
-            log(f"floor 3: HTTP alone at {half_rate:.1f} req/s")
-            port = free_port()
-            with server("http-floor", uvicorn_cmd("loadtest.peers.nothing:app", port),
-                        base_env, port, logs) as floor:  # fmt: skip
-                http = drive(args, port, traffic_path, {"http": [floor.proc.pid]},
-                             rates=[half_rate], refine=0, metrics=False,
-                             duration=HALF_RUNG_FACTOR * args.duration)  # fmt: skip
-            f_http = rung_summary(http["rungs"][0])
-            f_http["cpu_ms_per_request"] = f_http["cpu_ms_per_request"]["http"]
+        # -- floors
+        log(f"floor 1: the model alone at the service's batch sizes {shares}")
+        f_model = floor_model(
+            folder, manifest, traffic, args.candidates, shares, args.floor_budget, half_rate
+        )
+        log("floor 2: Redis alone")
+        store_histories(h, prefix, traffic["users"])
+        f_redis = floor_redis(
+            h.url, prefix, manifest, traffic, args.candidates,
+            half_s.get("cache_miss_share") or 0.0, args.floor_budget,
+            args.redis_concurrency, redis_pid, half_rate,
+        )  # fmt: skip
+        store_histories(h, prefix, traffic["users"])
+        log(f"floor 3: HTTP alone at {half_rate:.1f} req/s")
+        with h.serving("http-floor", env, app="loadtest.peers.nothing:app") as floor:
+            http = drive(args, floor.port, traffic, {"http": [floor.pid]}, rates=[half_rate],
+                         refine=0, metrics=False,
+                         duration=HALF_RUNG_FACTOR * args.duration)  # fmt: skip
+        f_http = rung_summary(http["rungs"][0])
+        f_http["cpu_ms_per_request"] = f_http["cpu_ms_per_request"]["http"]
 
-            # -- the naive peer
-            log("naive peer: ladder")
-            store_histories(url, prefix, traffic["users"])
-            peer_env = {**base_env, "NAIVE_REDIS_URL": url, "NAIVE_MODEL": str(folder),
-                        "NAIVE_PREFIX": prefix}  # fmt: skip
-            port = free_port()
-            with server("naive-peer", uvicorn_cmd("loadtest.peers.naive:app", port),
-                        peer_env, port, logs) as peer_srv:  # fmt: skip
-                peer = drive(args, port, traffic_path, {"peer": [peer_srv.proc.pid]},
-                             start=args.peer_start, metrics=False)  # fmt: skip
+        # -- the naive peer
+        log("naive peer: ladder")
+        store_histories(h, prefix, traffic["users"])
+        peer_env = {**env, "NAIVE_REDIS_URL": h.url, "NAIVE_MODEL": str(folder),
+                    "NAIVE_PREFIX": prefix}  # fmt: skip
+        with h.serving("naive-peer", peer_env, app="loadtest.peers.naive:app") as peer_srv:
+            peer = drive(args, peer_srv.port, traffic, {"peer": [peer_srv.pid]},
+                         start=args.peer_start, metrics=False)  # fmt: skip
 
-            # -- more workers
-            for w in args.workers:
-                if w == 1:
-                    continue
-                log(f"service --workers {w}: ladder")
-                store_histories(url, prefix, traffic["users"])
-                port = free_port()
-                with server(f"service-w{w}", service_cmd(port, w), base_env, port, logs) as svc:
-                    lad = drive(args, port, traffic_path, {"service": [svc.proc.pid]},
-                                metrics=False)  # fmt: skip
-                    workers_results.append({"workers": w, "ladder": ladder_summary(lad),
-                                            "worker_rss_mb": svc.rss_mb()})  # fmt: skip
+        # -- more workers
+        for w in args.workers:
+            if w == 1:
+                continue
+            log(f"service --workers {w}: ladder")
+            store_histories(h, prefix, traffic["users"])
+            with h.serving(f"service-w{w}", env, workers=w) as svc:
+                lad = drive(args, svc.port, traffic, {"service": [svc.pid]}, metrics=False)
+                workers_results.append({"workers": w, "ladder": ladder_summary(lad),
+                                        "worker_rss_mb": svc.rss_mb()})  # fmt: skip
 
-            # -- catalogue size
-            store_histories(url, prefix, traffic["users"])
-            real_rung = next((s for s in sweep if s["candidates"] == args.candidates), None)
-            catalogue = [{**real_load, "worker_rss_mb": rss_w1, "rung": real_rung}]
-            if args.catalogue > 0:
-                catalogue.append(
-                    synthetic_catalogue(args, folder, manifest, url, redis_pid, work, logs)
-                )
+        # -- catalogue size
+        store_histories(h, prefix, traffic["users"])
+        real_rung = next((s for s in sweep if s["candidates"] == args.candidates), None)
+        catalogue = [{**real_load, "worker_rss_mb": rss_w1, "rung": real_rung}]
+        if args.catalogue > 0:
+            catalogue.append(synthetic_catalogue(args, h, folder, manifest))
         rss_check = catalogue[-1]["worker_rss_mb"][0]
         service_cpu = half_s["cpu_ms_per_request"]["service"]
         floors_sum = (
@@ -994,17 +942,18 @@ def run(args: argparse.Namespace) -> Path:
                 "python": platform.python_version(),
                 "onnxruntime": __import__("onnxruntime").__version__,
                 "model_version": manifest.version,
-                "model_dir": str(folder),
+                "model_dir": relative(folder),
                 "traffic": meta_traffic,
-                "command": " ".join(["python", "loadtest/bench.py", *args.argv]),
+                "command": " ".join(["python", "-m", "loadtest.bench", *args.argv]),
                 "wall_s": None,
             },
             "params": {
-                k: (str(v) if isinstance(v, Path) else v)
+                k: (relative(v) if isinstance(v, Path) else v)
                 for k, v in vars(args).items()
                 if k != "argv"
             },  # fmt: skip
             "service": ladder_summary(service),
+            "closed_loop": closed,
             "peer": ladder_summary(peer),
             "floors": {
                 "at_offered_rps": half_rate,
@@ -1048,12 +997,9 @@ def run(args: argparse.Namespace) -> Path:
                 "resident MB of one worker" + (", 100k-entry cache full" if args.catalogue else ""),
                 rss_check, "<= 400", rss_check <= 400,
             ),
+            "closed_loop": closed_check(closed, args.slo_ms),
         }  # fmt: skip
-        results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
-    except BaseException:
-        log(f"failed; server logs kept in {logs}")
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now(UTC):%Y-%m-%d}-{args.machine}"
     out = args.out_dir / f"{stem}.json"
@@ -1065,43 +1011,36 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def synthetic_catalogue(
-    args: argparse.Namespace, src: Path, manifest: Manifest, url: str, redis_pid: int,
-    work: Path, logs: Path,
-) -> dict[str, Any]:  # fmt: skip
+    args: argparse.Namespace, h: Harness, src: Path, manifest: Manifest
+) -> dict[str, Any]:
     """A catalogue of ``args.catalogue`` random vectors under its own version and key prefix,
     served by its own service; the cache filled to its size first, then one rung."""
     log(f"catalogue of {args.catalogue} items: vectors, Redis load")
-    root = work / "models-synthetic"
+    root = h.work / "models-synthetic"
     folder = synthetic_model(src, root, args.catalogue, args.seed)
     prefix = "rrsyn"
-    loaded = load_measured(url, folder, prefix)
+    loaded = load_measured(h, folder, prefix)
     ids = [str(i) for i in range(1, args.catalogue + 1)]
     syn = tf.build_random(
         ids, args.catalogue_users, args.candidates, manifest.history_len,
         min(args.n_requests, 5000), args.zipf_s, args.events_share, args.seed,
     )  # fmt: skip
-    syn_path = tf.write(syn, work / "traffic-synthetic.json")
-    store_histories(url, prefix, syn["users"])
+    store_histories(h, prefix, syn["users"])
     # Fill the cache: requests of distinct items until it holds cache_size entries.
     fill_n = args.cache_fill
     fill = {
-        "meta": {"source": "cache fill: disjoint blocks of items"},
         "users": {},
         "recall": {
             f"f{i}": ids[(i * 100) % len(ids) : (i * 100) % len(ids) + 100] for i in range(fill_n)
         },  # fmt: skip
         "requests": [["r", f"f{i}"] for i in range(fill_n)],
     }
-    fill_path = tf.write(fill, work / "traffic-fill.json")
-    env = {**os.environ, "RERANK_REDIS_URL": url, "RERANK_MODEL_DIR": str(root),
-           "RERANK_KEY_PREFIX": prefix}  # fmt: skip
-    port = free_port()
-    with server("service-synthetic", service_cmd(port, 1), env, port, logs) as svc:
-        drive(args, port, fill_path, {"service": [svc.proc.pid]}, candidates=100,
+    with h.serving("service-synthetic", h.env(root, prefix)) as svc:
+        drive(args, svc.port, fill, {"service": [svc.pid]}, candidates=100,
               rates=[args.fill_rate], duration=max(0.5, fill_n / args.fill_rate), refine=0,
               warmup=0.0)  # fmt: skip
         log("catalogue: one rung")
-        r = drive(args, port, syn_path, {"service": [svc.proc.pid], "redis": [redis_pid]},
+        r = drive(args, svc.port, syn, {"service": [svc.pid], "redis": [h.redis.pid]},
                   rates=[args.sweep_rate], duration=args.sweep_duration, refine=0,
                   warmup=1.0)  # fmt: skip
         rss = svc.rss_mb()
@@ -1132,6 +1071,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a("--max-rungs", type=int, default=MAX_RUNGS)
     a("--refine", type=int, default=REFINE)
     a("--peer-start", type=float, default=PEER_START)
+    a("--closed-connections", type=lambda s: [int(x) for x in s.split(",")],
+      default=list(CLOSED_CONNECTIONS))  # fmt: skip
+    a("--closed-duration", type=float, default=CLOSED_DURATION_S)
     a("--slo-ms", type=float, default=SLO_P99_MS)
     a("--sweep-candidates", type=lambda s: [int(x) for x in s.split(",")],
       default=list(SWEEP_CANDIDATES))  # fmt: skip
@@ -1156,6 +1098,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.catalogue = min(args.catalogue, 2000)
         args.catalogue_users, args.cache_fill, args.fill_rate = 50, 10, 20.0
         args.workers, args.floor_budget = [1], 0.2
+        args.closed_connections, args.closed_duration = [1, 4], 1.0
         if args.traffic_source == "auto":
             args.traffic_source = "random"
     if args.candidates > args.max_candidates:

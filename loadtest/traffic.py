@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app.manifest import default_version
+
+TRAFFIC_DIR = Path(__file__).resolve().parent / "traffic"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 SOURCE_KNN = "item-knn over MovieLens-100K"
 SOURCE_RANDOM = "popularity-random"
 
@@ -179,3 +183,26 @@ def bodies(
         else:
             out.append(("/rerank", rerank_body(traffic, req[1], n_candidates, k)))
     return out
+
+
+def for_replay(
+    path: Path | None = None,
+    max_candidates: int = 100,
+    traffic_dir: Path = TRAFFIC_DIR,
+    models_dir: Path = MODELS_DIR,
+) -> dict[str, Any]:
+    """The traffic to replay: the file named, else the first in ``traffic_dir`` (the bench
+    writes them), else a popularity-random draw over the default model's item ids, which a
+    fresh clone has while its traffic folder is empty."""
+    if path is not None:
+        return read(path)
+    found = sorted(traffic_dir.glob("*.json"))
+    if found:
+        return read(found[0])
+    version = default_version(models_dir)
+    if version is None:
+        raise SystemExit(f"no traffic file in {traffic_dir} and no default model in {models_dir}")
+    folder = models_dir / version
+    history_len = int(orjson.loads((folder / "manifest.json").read_bytes())["history_len"])
+    item_ids = (folder / "item_ids.txt").read_text().splitlines()
+    return build_random(item_ids, 200, max_candidates, history_len, 2000, 1.0, 0.02, 0)

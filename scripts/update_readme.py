@@ -68,7 +68,8 @@ def chaos_table() -> str | None:
             f"Overload: {over['offered_rps']} req/s offered for "
             f"{document['parameters']['OVERLOAD_S']:g} s against a measured capacity "
             f"of {over['capacity_rps']} req/s (the most answered with p99 <= 50 ms, by the "
-            f"open-loop ladder of loadtest/gen.py); {over['accepted_rps']} req/s accepted with p99 "
+            f"open-loop ladder of loadtest/load.py); {over['accepted_rps']} req/s accepted "
+            f"with p99 "
             f"{over['accepted_p99_ms']} ms (p50 {over['accepted_p50_ms']} ms) against "
             f"{over['unloaded_p99_ms']} ms unloaded "
             f"({over['accepted_p99_ms'] / over['unloaded_p99_ms']:.2f}x), the rest 503; "
@@ -81,6 +82,15 @@ def chaos_table() -> str | None:
                 f" From the moment each was written instead: {sent} against {quiet} ms "
                 f"({sent / quiet:.2f}x)."
             )
+    closed = next((s for s in scenarios if s["scenario"] == "overload_closed_loop"), None)
+    if closed:
+        c = closed["extra"]
+        rows += [
+            "",
+            f"Closed loop: {c['connections']} callers for {c['seconds']:g} s, each sending again "
+            f"as soon as it is answered (Retry-After ignored): {c['goodput_rps']} req/s of 200s "
+            f"with p99 {c['accepted_p99_ms']} ms, {closed['shed']} refused.",
+        ]
     return "\n".join(rows)
 
 

@@ -1,4 +1,4 @@
-"""The benchmark cannot rot: a smoke run of loadtest/bench.py, structure checked, no timings.
+"""The benchmark cannot rot: a smoke run of loadtest.bench, structure checked, no timings.
 
 It starts its own redis-server, service, floors and peer on this machine's loopback, drives
 a tiny ladder for a few seconds, and writes the result files; the assertions only read
@@ -21,7 +21,7 @@ def test_smoke_run_writes_results(model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     done = subprocess.run(
         [
-            sys.executable, str(ROOT / "loadtest" / "bench.py"), "--smoke",
+            sys.executable, "-m", "loadtest.bench", "--smoke",
             "--model-dir", str(model_dir / VERSION_A), "--out-dir", str(out),
             "--traffic-dir", str(tmp_path / "traffic"), "--machine", "smoke",
         ],
@@ -58,11 +58,22 @@ def test_smoke_run_writes_results(model_dir: Path, tmp_path: Path) -> None:
     assert [c["items"] for c in scaling["catalogue"]] == [200, res["params"]["catalogue"]]
     assert all(c["redis_bytes_per_item"] > 0 for c in scaling["catalogue"])
     assert [w["workers"] for w in scaling["workers"]] == res["params"]["workers"]
+    closed = res["closed_loop"]
+    assert [lv["connections"] for lv in closed["levels"]] == res["params"]["closed_connections"]
+    for level in closed["levels"]:
+        assert level["requests"] == level["ok"] + level["shed"] + level["errors"]
+        assert level["goodput_rps"] > 0
+        assert {"p50", "p99"} <= set(level["ok_latency_ms"])
+    assert "## Service, closed loop" in result.with_suffix(".md").read_text()
     assert set(res["standards"]) == {
         "throughput_vs_peer",
         "efficiency",
         "p99_at_half",
         "worker_rss",
+        "closed_loop",
     }
     for check in res["standards"].values():
         assert isinstance(check["met"], bool)
+    # Committed results name no path of the machine that ran them.
+    assert not any(str(v).startswith("/") for v in res["params"].values())
+    assert not res["meta"]["model_dir"].startswith("/")

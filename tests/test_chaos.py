@@ -1,4 +1,4 @@
-"""The fault-injection scenarios of loadtest/chaos.py, short, against a real service process.
+"""The fault-injection scenarios of loadtest.chaos, short, against a real service process.
 
 Each asserts the guarantees only, never timings: no answer other than a normal 200, a
 degraded 200 or a 503 with Retry-After; the fault was seen; the service recovers by itself.
@@ -16,7 +16,7 @@ from loadtest import chaos
 
 
 @pytest.fixture(scope="module")
-def env() -> Iterator[chaos.Env]:
+def env() -> Iterator[chaos.Target]:
     saved = {k: getattr(chaos, k) for k in ("BEFORE_S", "AFTER_S", "STEADY_RATE", "N_ITEMS")}
     saved.update(CAPACITY_S=chaos.CAPACITY_S, SHUTDOWN_DELAY_S=chaos.SHUTDOWN_DELAY_S)
     chaos.BEFORE_S, chaos.AFTER_S, chaos.STEADY_RATE, chaos.N_ITEMS = 0.3, 1.5, 100.0, 300
@@ -35,14 +35,14 @@ def no_errors(report: chaos.Report) -> None:
 
 
 @pytest.mark.parametrize("fault", ["redis_paused", "redis_slowed", "redis_killed"])
-def test_redis_fault_fails_open_and_recovers(env: chaos.Env, fault: str) -> None:
+def test_redis_fault_fails_open_and_recovers(env: chaos.Target, fault: str) -> None:
     report = asyncio.run(chaos.redis_fault(env, fault, fault_s=1.0))
     no_errors(report)
     assert report.degraded > 0  # the fault was seen, and answered in the caller's order
     assert report.recovery_s is not None  # normal answers again, with no restart
 
 
-def test_redis_full_load_fails_and_the_old_version_stays(env: chaos.Env) -> None:
+def test_redis_full_load_fails_and_the_old_version_stays(env: chaos.Target) -> None:
     report = asyncio.run(chaos.redis_full(env))
     no_errors(report)
     assert report.extra["load_exit_code"] == 1
@@ -53,7 +53,7 @@ def test_redis_full_load_fails_and_the_old_version_stays(env: chaos.Env) -> None
     assert report.normal > 0
 
 
-def test_bad_model_or_vector_at_swap_keeps_the_old_model(env: chaos.Env) -> None:
+def test_bad_model_or_vector_at_swap_keeps_the_old_model(env: chaos.Target) -> None:
     report = asyncio.run(chaos.bad_swap(env))
     no_errors(report)
     assert report.extra["served_version"] == "chaos-a"
@@ -61,14 +61,21 @@ def test_bad_model_or_vector_at_swap_keeps_the_old_model(env: chaos.Env) -> None
     assert report.extra["corrupt_vector_is_missing"] is True
 
 
-def test_overload_sheds_with_retry_after_and_serves_after(env: chaos.Env) -> None:
+def test_overload_sheds_with_retry_after_and_serves_after(env: chaos.Target) -> None:
     report = asyncio.run(chaos.overload(env, seconds=3.0))
     no_errors(report)  # a 503 without Retry-After counts as an error
     assert report.shed > 0 and report.normal > 0
     assert report.extra["after_normal"] == report.extra["after_sent"] > 0
 
 
-def test_sigterm_drains(env: chaos.Env) -> None:
+def test_closed_loop_overload_answers_without_errors(env: chaos.Target) -> None:
+    report = asyncio.run(chaos.overload_closed_loop(env, seconds=2.0, connections=32))
+    no_errors(report)  # a 503 without Retry-After counts as an error
+    assert report.normal > 0
+    assert report.extra["goodput_rps"] > 0
+
+
+def test_sigterm_drains(env: chaos.Target) -> None:
     report = asyncio.run(chaos.sigterm(env))
     no_errors(report)  # every request sent before readiness turned false was answered
     extra = report.extra

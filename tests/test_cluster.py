@@ -4,8 +4,8 @@ The session's cluster is three redis-servers started with ``--cluster-enabled ye
 with redis-py (app.embedded.EmbeddedCluster). Every test of tests/test_api.py is collected
 again here, with the fixtures below in place of conftest's: the service is configured with a
 ``redis+cluster://`` URL and the model is loaded through the cluster client. Then a master goes
-away and comes back, and a 20k-item catalogue loads and serves (the 1M-item run is
-loadtest/cluster_capacity.py).
+away and comes back, and a 20k-item catalogue loads and serves (the 1M-item
+run's results are in loadtest/results/cluster-2026-11-28.json).
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def test_a_paused_master_is_degraded_within_the_deadline(model_dir: Path) -> Non
 def test_a_20k_catalogue_loads_and_serves(
     cluster: EmbeddedCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The small version of loadtest/cluster_capacity.py's 1M-item run."""
+    """The small version of the 1M-item run in loadtest/results/cluster-2026-11-28.json."""
     from training.export import export_random_model
 
     root = tmp_path_factory.mktemp("big")
