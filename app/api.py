@@ -4,23 +4,19 @@ No ``from __future__ import annotations`` here: FastAPI reads the route annotati
 time, and the request body types are local to ``build_router``.
 """
 
-import hmac
 import logging
 import re
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.params import Depends as DependsParam
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.config import Settings
-from app.errors import Unauthorized
+from app.context import CURRENT, Call
 from app.logs import REQUEST_ID
 from app.metrics import Metrics
 from app.schemas import (
@@ -37,6 +33,7 @@ from app.service import RerankService
 access_log = logging.getLogger("app.access")
 
 ROUTES = frozenset({"/rerank", "/events", "/healthz", "/readyz", "/metrics"})
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 # A caller's id is echoed into headers and logs: accept only short, plain tokens.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
@@ -61,38 +58,12 @@ ServiceDep = Annotated[RerankService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def api_key_check(keys: Sequence[bytes]) -> DependsParam:
-    """A dependency that lets a request through only with one of ``keys``.
-
-    The key comes in ``X-API-Key`` or ``Authorization: Bearer``; every configured key is
-    compared in constant time (``hmac.compare_digest``), all of them, so the time taken does
-    not tell which key came close. The key is never logged nor echoed.
-    """
-    header = APIKeyHeader(name="X-API-Key", auto_error=False)
-    bearer = HTTPBearer(auto_error=False)
-
-    async def check(
-        api_key: Annotated[str | None, Depends(header)],
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> None:
-        given = api_key if api_key is not None else (credentials and credentials.credentials)
-        if not given:
-            raise Unauthorized("no API key")
-        raw = given.encode("utf-8", "surrogateescape")
-        matched = False
-        for key in keys:
-            matched |= hmac.compare_digest(raw, key)
-        if not matched:
-            raise Unauthorized("wrong API key")
-
-    return Depends(check)
-
-
 def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route may give besides 422."""
     text = {
         400: "The body is not valid JSON.",
         401: "No API key, or a wrong one (only when API keys are configured).",
+        408: "The request body did not arrive within body_timeout_s.",
         413: "The request body is larger than max_body_bytes.",
         503: "Overloaded (with Retry-After), Redis unavailable for a write, or not ready.",
     }
@@ -103,36 +74,34 @@ def build_router(settings: Settings) -> APIRouter:
     """The routes, with request models that carry this app's limits."""
     rerank_body, events_body = request_models(settings)
     router = APIRouter()
-    keys = [k.get_secret_value().encode() for k in settings.api_keys]
-    work: list[DependsParam] = [api_key_check(keys)] if keys else []
-    ops = work if settings.protect_ops else []
-    work_errors = _documented(400, *((401,) if keys else ()), 413, 503)
-    ops_errors = _documented(401) if ops else {}
+    # The API key is checked before the body is read, in app/guard.py; declared here.
+    keys = bool(settings.api_keys)
+    work_errors = _documented(400, *((401,) if keys else ()), 408, 413, 503)
+    ops_errors = _documented(401) if keys and settings.protect_ops else {}
 
     # The body types are built from the settings at run time, which mypy cannot follow.
     # response_model documents the answer; the route returns it already serialised (see
     # RerankBody in app/schemas.py), so FastAPI neither validates nor re-encodes it.
     # The work routes take the Request and read the service from it directly: resolving a
     # dependency for that was a measurable share of FastAPI's time per request.
-    @router.post("/rerank", dependencies=work, responses=work_errors, response_model=RerankResponse)
+    @router.post("/rerank", responses=work_errors, response_model=RerankResponse)
     async def rerank(body: rerank_body, request: Request) -> Response:  # type: ignore[valid-type]
         """Reorder the candidates for the user; top k, missing ones last."""
         answer = await _service(request).rerank(body)
         return Response(orjson.dumps(answer), media_type="application/json")
 
-    @router.post("/events", dependencies=work, responses=work_errors)
+    @router.post("/events", responses=work_errors)
     async def events(body: events_body, request: Request) -> EventsResponse:  # type: ignore[valid-type]
         """Append items to the user's history (oldest first in the list)."""
         return await _service(request).events(body)
 
-    @router.get("/healthz", dependencies=ops, responses=ops_errors)
+    @router.get("/healthz", responses=ops_errors)
     async def healthz() -> Health:
         """The process is alive."""
         return Health(status="ok")
 
     @router.get(
         "/readyz",
-        dependencies=ops,
         responses={**ops_errors, 503: {"model": Readiness, "description": "Not ready."}},
     )
     async def readyz(request: Request, service: ServiceDep, response: Response) -> Readiness:
@@ -146,7 +115,6 @@ def build_router(settings: Settings) -> APIRouter:
 
     @router.get(
         "/metrics",
-        dependencies=ops,
         response_class=Response,
         responses={
             **ops_errors,
@@ -164,11 +132,20 @@ def build_router(settings: Settings) -> APIRouter:
 
 
 class RequestContext:
-    """Pure ASGI middleware: X-Request-ID in and out, latency by route and status."""
+    """Pure ASGI middleware, outermost: X-Request-ID in and out, latency by route and status,
+    one access-log line per request.
+
+    A client that hangs up before its answer has started is logged and counted as 499 (as
+    nginx does), not as a server error. Requests refused for overload are counted like the
+    others but not logged one by one: the admission gate logs them in sum (app/guard.py).
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Children bound once per (route, status): under overload this runs thousands of
+        # times a second, and ``labels()`` is a locked lookup each time.
+        self._latency: dict[tuple[str, int], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,8 +153,18 @@ class RequestContext:
             return
         request_id = _request_id(scope)
         token = REQUEST_ID.set(request_id)
-        status = 500
+        call = Call()
+        call_token = CURRENT.set(call)
+        status = 0  # no answer started yet
+        hung_up = False
         start = time.perf_counter()
+
+        async def receive_watched() -> Message:
+            nonlocal hung_up
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                hung_up = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -188,21 +175,31 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive_watched, send_with_id)
         finally:
             took = time.perf_counter() - start
+            if status == 0:  # nothing sent: the client left first, else the server failed
+                status = CLIENT_CLOSED if hung_up else 500
             path = scope["path"]
             route = path if path in ROUTES else "other"  # bounded label values
-            self.metrics.latency.labels(route, str(status)).observe(took)
-            access_log.info(
-                "%s %s %d %.1fms",
-                scope["method"],
-                path,
-                status,
-                took * 1000,
-                extra={"request_id": request_id},
-            )
+            self._histogram(route, status).observe(took)
+            if not call.refused:
+                access_log.info(
+                    "%s %s %d %.1fms",
+                    scope["method"],
+                    path,
+                    status,
+                    took * 1000,
+                    extra={"request_id": request_id},
+                )
+            CURRENT.reset(call_token)
             REQUEST_ID.reset(token)
+
+    def _histogram(self, route: str, status: int) -> Histogram:
+        child = self._latency.get((route, status))
+        if child is None:
+            child = self._latency[route, status] = self.metrics.latency.labels(route, str(status))
+        return child
 
 
 def _request_id(scope: Scope) -> str:

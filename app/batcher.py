@@ -1,13 +1,14 @@
 """Micro-batcher: the one caller of the ONNX sessions.
 
-Requests wait in a bounded queue; a single loop takes up to ``max_batch`` of them and runs
+Requests wait in a queue; a single loop takes up to ``max_batch`` of them and runs
 them as one padded batch on a dedicated worker thread, so the event loop never waits on ONNX
 Runtime (which releases the GIL). Batching is natural: a request that finds the model idle
 runs at once, with whatever was submitted in the same turn of the event loop, and a request
 that arrives while a batch runs waits for that run only, then goes with everything else that
 queued up meanwhile (at most ``max_batch``). Nobody is held back for company, so batches grow
-with load by themselves and an idle service adds no wait. ``max_wait_s`` is stored and not
-read: the loop never waits for company.
+with load by themselves and an idle service adds no wait. The queue needs no bound of its
+own: only requests holding an admission slot submit (app/admission.py), so it never holds
+more than ``max_inflight``.
 
 Each request carries the ``LoadedModel`` it was pinned to when it started: a batch that spans
 a model swap is split by model, so a request is always scored by the version whose vectors it
@@ -24,7 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from app.errors import ModelError, Overloaded
+from app.errors import ModelError
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
 
@@ -40,12 +41,8 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(
-        self, max_batch: int, max_wait_s: float, queue_limit: int, metrics: Metrics
-    ) -> None:
+    def __init__(self, max_batch: int, metrics: Metrics) -> None:
         self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
-        self.queue_limit = queue_limit
         self.metrics = metrics
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
@@ -65,7 +62,7 @@ class Batcher:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(Overloaded("the service is shutting down"))
+                pending.future.set_exception(ModelError("the service is shutting down"))
         self._executor.shutdown(wait=True)
 
     @property
@@ -73,10 +70,7 @@ class Batcher:
         return len(self._queue)
 
     async def submit(self, model: LoadedModel, job: Job) -> Scored:
-        """Queue one request and wait for its rows; Overloaded at once when the queue is full."""
-        if len(self._queue) >= self.queue_limit:
-            self.metrics.shed.inc()
-            raise Overloaded(f"{len(self._queue)} requests already waiting")
+        """Queue one request and wait for its rows."""
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(model, job, future))
         self._nonempty.set()

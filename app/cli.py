@@ -28,6 +28,42 @@ OFFLINE_VERBS = {
 }
 
 
+MAX_HEADER_BYTES = 16_384  # request line and headers together: h11's own default
+
+
+def bounded_httptools() -> type:
+    """uvicorn's httptools protocol with a limit on the request line and headers.
+
+    httptools has none of its own (h11 has 16 KiB): past the limit the request is answered
+    400 and the connection closed, before the app sees it.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpTools(HttpToolsProtocol):
+        _header_bytes = 0
+
+        def on_message_begin(self) -> None:
+            self._header_bytes = 0
+            super().on_message_begin()
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value))
+            super().on_header(name, value)
+
+        def _count(self, size: int) -> None:
+            self._header_bytes += size
+            if self._header_bytes > MAX_HEADER_BYTES:
+                # Raised in a parser callback: httptools reports it as a parser error, on
+                # which uvicorn answers 400 and closes the connection.
+                raise ValueError(f"request headers past {MAX_HEADER_BYTES} bytes")
+
+    return BoundedHttpTools
+
+
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -54,7 +90,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             port=args.port or settings.port,
             workers=args.workers,
             loop="uvloop",
-            http="httptools",
+            http=bounded_httptools(),
             log_level=settings.log_level.lower(),
             access_log=False,  # app.access logs each request with its X-Request-ID
             # After the shutdown delay (app/drain.py), the longest wait for in-flight requests.

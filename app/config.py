@@ -61,20 +61,8 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         default=32, description="Most requests scored together in one ONNX Runtime call."
     )
-    max_wait_ms: float = Field(
-        default=2.0,
-        description="Has no effect: the batcher never waits for a batch to fill. A request "
-        "that finds the model idle runs at once, and a batch is what queued up while the "
-        "previous one ran.",
-    )
-    queue_limit: int = Field(
-        default=256,
-        description="Most requests waiting for the model; beyond it requests get 503 at once.",
-    )
     retry_after_s: int = Field(
-        default=1,
-        description="Retry-After seconds sent with a 503: past the in-flight limit, or with "
-        "the batch queue full.",
+        default=1, description="Retry-After seconds sent with the overload 503."
     )
     redis_timeout_ms: float = Field(
         default=50.0,
@@ -123,26 +111,31 @@ class Settings(BaseSettings):
         "it is read whole.",
     )
     max_inflight: int = Field(
-        default=64,
-        description="Most /rerank and /events requests one process works on at once; beyond "
-        "the current limit a request gets 503 with Retry-After at once, before its body is "
-        "read (0: no limit).",
+        default=16,
+        description="Most /rerank and /events requests one process works on at once, counted "
+        "once the body is read (0: no limit); past it a request waits in line for a slot.",
     )
-    admission_target_ms: float = Field(
-        default=6.0,
-        description="Time in the process (Redis waits left out) that the adaptive in-flight "
-        "limit allows (app/admission.py), or more where admission_base_ratio says so. The "
-        "limit starts at 16 and moves only in a 100 ms window in which it refused a request "
-        "(closed early once 4 answers in it passed the target): when the 90th percentile of "
-        "that time passed the target, it is cut in proportion (down to 1); else it grows by "
-        "half, up to max_inflight. 0: the limit stays at max_inflight.",
+    latency_target_ms: float = Field(
+        default=50.0,
+        description="The answer time admission aims at: while the oldest request in line can "
+        "still be answered within it, free slots go in arrival order; once it cannot, to the "
+        "newest in line (docs/reliability.md, Admission).",
     )
-    admission_base_ratio: float = Field(
-        default=1.8,
-        description="The admission target is at least this multiple of the process's own "
-        "unloaded time: the lowest 90th percentile of the 100 ms windows in which the limit "
-        "refused nothing, a minimum that may rise 1% a window. So a slower machine is not "
-        "held to a faster one's target (docs/reliability.md). 0: admission_target_ms alone.",
+    queue_timeout_ms: float = Field(
+        default=200.0,
+        description="Longest a request waits in line for a slot; then it gets 503 with "
+        "Retry-After. A caller that retries at once is slowed by this, not bounced.",
+    )
+    max_waiting: int = Field(
+        default=256,
+        description="Most requests waiting for a slot, their bodies read (so at most this "
+        "times max_body_bytes held); past it a request gets 503 at once, before its body is "
+        "read.",
+    )
+    body_timeout_s: float = Field(
+        default=10.0,
+        description="Longest wait for a request's whole body; past it the answer is 408 and "
+        "the connection is closed. A request holds no slot while its body is read.",
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -167,7 +160,6 @@ class Settings(BaseSettings):
 
     @field_validator(
         "max_batch",
-        "queue_limit",
         "retry_after_s",
         "redis_max_connections",
         "max_candidates",
@@ -185,10 +177,8 @@ class Settings(BaseSettings):
     @field_validator(
         "cache_size",
         "onnx_threads",
-        "max_wait_ms",
         "max_inflight",
-        "admission_target_ms",
-        "admission_base_ratio",
+        "max_waiting",
         "shutdown_delay_s",
         "drain_s",
     )
@@ -198,7 +188,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name}={value} must not be negative")
         return value
 
-    @field_validator("redis_timeout_ms", "version_poll_s")
+    @field_validator(
+        "redis_timeout_ms",
+        "version_poll_s",
+        "latency_target_ms",
+        "queue_timeout_ms",
+        "body_timeout_s",
+    )
     @classmethod
     def _positive_time(cls, value: float, info: Any) -> float:
         if value <= 0:
@@ -285,10 +281,6 @@ class Settings(BaseSettings):
     @property
     def redis_timeout_s(self) -> float:
         return self.redis_timeout_ms / 1000.0
-
-    @property
-    def max_wait_s(self) -> float:
-        return self.max_wait_ms / 1000.0
 
 
 def settings_table() -> str:

@@ -23,7 +23,7 @@ from app.config import Settings, cluster_url
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
-from app.guard import BodyLimit, Door
+from app.guard import OPS_ROUTES, WORK_ROUTES, AdmissionGate, ApiKeyCheck
 from app.loader import load_model
 from app.manifest import default_version
 from app.metrics import Metrics
@@ -84,15 +84,34 @@ async def bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
 
 
 class RerankApp(FastAPI):
-    """FastAPI with a door outside all of its middleware (its own included): a request the
-    door refuses costs one call, not a pass through every layer (app/guard.py)."""
+    """FastAPI with the service's front outside all of its middleware (its own included): a
+    request the front answers (401, 408, 413, the overload 503) costs a few calls, not a pass
+    through every layer (app/guard.py)."""
 
-    def __init__(self, door: Callable[[ASGIApp], ASGIApp], **kwargs: Any) -> None:
-        self.door = door
+    def __init__(self, front: Callable[[ASGIApp], ASGIApp], **kwargs: Any) -> None:
+        self.front = front
         super().__init__(**kwargs)
 
     def build_middleware_stack(self) -> ASGIApp:
-        return self.door(super().build_middleware_stack())
+        return self.front(super().build_middleware_stack())
+
+
+def front(app: ASGIApp, settings: Settings, admission: Admission, metrics: Metrics) -> ASGIApp:
+    """Outermost first: the request context (id, log, latency), the API key, the body and
+    admission; then FastAPI's own stack."""
+    app = AdmissionGate(
+        app,
+        admission,
+        settings.max_body_bytes,
+        settings.body_timeout_s,
+        settings.retry_after_s,
+        metrics,
+    )
+    keys = [k.get_secret_value().encode() for k in settings.api_keys]
+    if keys:
+        guarded = WORK_ROUTES | OPS_ROUTES if settings.protect_ops else WORK_ROUTES
+        app = ApiKeyCheck(app, keys, guarded)
+    return RequestContext(app, metrics)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -101,9 +120,10 @@ def create_app(settings: Settings) -> FastAPI:
     drain = Drain(settings.shutdown_delay_s)
     admission = Admission(
         settings.max_inflight,
-        settings.admission_target_ms / 1000,
+        settings.max_waiting,
+        settings.latency_target_ms / 1000,
+        settings.queue_timeout_ms / 1000,
         metrics,
-        base_ratio=settings.admission_base_ratio,
     )
 
     @asynccontextmanager
@@ -120,9 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
             stack.push_async_callback(bounded, "redis client", client.aclose)
             store = make_store(client, settings, metrics)
             holder = ModelHolder()
-            batcher = Batcher(
-                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics
-            )
+            batcher = Batcher(settings.max_batch, metrics)
             batcher.start()
             stack.push_async_callback(bounded, "batcher", batcher.close)
             spec = ModelSpec(
@@ -155,7 +173,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = RerankApp(
-        partial(Door, admission=admission, retry_after_s=settings.retry_after_s, metrics=metrics),
+        partial(front, settings=settings, admission=admission, metrics=metrics),
         title="rerank",
         summary="Reranks a recall list with a deep model over Redis-cached item vectors.",
         version="0.1.0",
@@ -164,10 +182,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.drain = drain
-    install_handlers(app, settings.retry_after_s)
+    install_handlers(app)
     app.include_router(build_router(settings))
-    # Added last is outermost: every request the door lets in is logged and timed, 413s
-    # included.
-    app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=metrics)
     return app

@@ -57,17 +57,11 @@ class Metrics:
             "rerank_degraded", "Answers in the caller's order, by reason", ["reason"], registry=r
         )
         self.shed = Counter(
-            "rerank_shed", "Requests refused with 503: in-flight limit or queue full", registry=r
+            "rerank_shed", "Requests refused for overload (503 with Retry-After)", registry=r
         )
         self.admission_limit = Gauge(
             "rerank_admission_limit",
-            "Work requests one process takes on at once now (adaptive, app/admission.py)",
-            registry=r,
-        )
-        self.admission_target = Gauge(
-            "rerank_admission_target_seconds",
-            "Time in the process (Redis waits left out) past which the limit is cut: the "
-            "setting, or admission_base_ratio x the unloaded time when that is more",
+            "Work requests one process takes on at once (max_inflight, app/admission.py)",
             registry=r,
         )
         self.swap_failures = Counter(

@@ -29,7 +29,6 @@ from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from app.admission import waited_on_redis
 from app.errors import StoreUnavailable
 from app.manifest import Manifest
 from app.metrics import Metrics
@@ -211,7 +210,6 @@ class Store:
         finally:
             took = time.perf_counter() - start
             self.metrics.redis_seconds.labels(op).observe(took)
-            waited_on_redis(took)  # the admission limit is about this process, not Redis
         return result
 
     async def prepare(self) -> None:

@@ -71,7 +71,6 @@ def make_settings(redis_url: str, prefix: str, model_dir: Path, **overrides: Any
         "model_dir": model_dir,
         "max_candidates": 64,  # fewer shape buckets: faster warm-up
         "max_batch": 8,
-        "max_wait_ms": 1.0,
         "onnx_threads": 1,
         "version_poll_s": 0.1,
         # Above the service default (50 ms): a busy CI machine can stall a healthy Redis

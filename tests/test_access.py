@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -171,3 +174,91 @@ def test_redis_with_password_over_tls(tls_redis: str, prefix: str, model_dir: Pa
         body = client.post("/rerank", json={"user_id": "t", "candidates": ["3", "4", "5"]})
         assert body.status_code == 200
         assert body.json()["degraded"] is False and body.json()["model_version"] == VERSION_A
+
+
+# --- Before the body ----------------------------------------------------------------------
+
+
+def test_the_key_is_checked_before_the_body_is_read(
+    loaded: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """A caller without a key gets 401 from its headers: its body is never waited for."""
+    app = create_app(settings_factory(api_keys=KEY))
+    sent: list[dict[str, Any]] = []
+
+    async def never() -> dict[str, Any]:
+        await asyncio.Event().wait()  # a body that never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/rerank",
+        "raw_path": b"/rerank",
+        "query_string": b"",
+        "headers": [(b"host", b"x"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "root_path": "",
+    }
+
+    async def main() -> None:
+        async with asyncio.timeout(10):
+            await app(scope, never, send)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+    start = sent[0]
+    assert start["status"] == 401
+    assert (b"www-authenticate", b'Bearer realm="rerank"') in start["headers"]
+    assert orjson.loads(sent[1]["body"]) == {
+        "detail": "unauthorized: send a valid API key in X-API-Key or Authorization"
+    }
+
+
+def test_a_client_that_hangs_up_mid_body_is_499_not_500(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = client.app
+    messages = iter(
+        [
+            {"type": "http.request", "body": b'{"user_id": "h", "cand', "more_body": True},
+            {"type": "http.disconnect"},
+        ]
+    )
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/rerank",
+        "raw_path": b"/rerank",
+        "query_string": b"",
+        "headers": [(b"host", b"x"), (b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "root_path": "",
+    }
+    with caplog.at_level(logging.INFO, logger="app.access"):
+        client.portal.call(app, scope, receive, send)  # type: ignore[union-attr, arg-type]
+    assert sent == []  # nobody to answer
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert any(" /rerank 499 " in line for line in lines), lines
+    assert not any(" 500 " in line for line in lines)
+    metrics = client.get("/metrics").text
+    assert 'route="/rerank",status="499"' in metrics
+    assert 'status="500"' not in metrics

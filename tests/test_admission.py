@@ -1,21 +1,23 @@
-"""The adaptive in-flight limit, driven by a clock the test moves (a pure unit test)."""
+"""Admission: slots, the waiting line and its deadline; slow clients against a real server."""
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import httpx
 import pytest
+import uvicorn
 
-from app.admission import (
-    BASE_DRIFT,
-    BASE_SAMPLES,
-    EARLY_SLOW,
-    FLOOR,
-    START,
-    WINDOW_S,
-    Admission,
-    waited_on_redis,
-)
+from app.admission import Admission, Ticket
+from app.cli import MAX_HEADER_BYTES, bounded_httptools
+from app.config import Settings
+from app.embedded import free_port
+from app.factory import create_app
 from app.metrics import Metrics
 
 
@@ -28,165 +30,229 @@ class Clock:
 
 
 def admission(
-    ceiling: int = 64, target_ms: float = 10.0, base_ratio: float = 0.0
+    limit: int = 2, waiting: int = 4, target_s: float = 0.05, timeout_s: float = 5.0
 ) -> tuple[Admission, Clock]:
     clock = Clock()
-    return Admission(ceiling, target_ms / 1000, Metrics(), base_ratio, clock), clock
+    return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock), clock
 
 
-def window(adm: Admission, clock: Clock, took_s: float, refused: bool, n: int = 20) -> None:
-    """One window in which ``n`` requests took ``took_s`` each, some refused or none."""
-    if refused:
-        assert not adm.admits(adm.limit)
-    for _ in range(n):
-        adm.observe(took_s)
-    clock.now += WINDOW_S
-    adm.observe(took_s)  # the first observation past the window moves the limit
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
 
 
-def test_starts_below_the_ceiling_and_refuses_past_the_limit() -> None:
-    adm, _ = admission(ceiling=64)
-    assert adm.limit == START
-    assert adm.admits(START - 1) and not adm.admits(START)
-    assert admission(ceiling=4)[0].limit == 4
+def test_slots_at_once_then_the_line_in_arrival_order() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=2)
+        first, second = await adm.enter(), await adm.enter()
+        assert first is not None and second is not None and adm.inflight == 2
+        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        assert adm.waiting == 2 and not any(w.done() for w in waiters)
+        adm.leave(first)  # the slot passes to the oldest waiter, which can still make it
+        await settle()
+        assert waiters[0].done() and not waiters[1].done()
+        assert adm.inflight == 2 and adm.waiting == 1
+        adm.leave(second)
+        done = [await w for w in waiters]
+        for ticket in done:
+            assert ticket is not None
+            adm.leave(ticket)
+        assert adm.inflight == 0 and adm.waiting == 0
+
+    asyncio.run(main())
 
 
-def test_slow_and_refusing_cuts_in_proportion_down_to_the_floor() -> None:
-    adm, clock = admission(target_ms=10)
-    window(adm, clock, took_s=0.0125, refused=True)
-    cut = int(START * 10 / 12.5)
-    assert FLOOR < cut < START
-    assert adm.limit == cut
-    window(adm, clock, took_s=0.02, refused=True)
-    assert adm.limit == max(FLOOR, int(cut * 10 / 20))
-    window(adm, clock, took_s=1.0, refused=True)
-    assert adm.limit == FLOOR
-    assert adm.metrics.admission_limit._value.get() == FLOOR  # exported
+def test_a_waiter_without_a_slot_by_the_deadline_is_refused() -> None:
+    async def main() -> None:
+        adm, _ = admission(limit=1, timeout_s=0.05)
+        held = await adm.enter()
+        assert held is not None
+        assert await adm.enter() is None  # waited out the deadline
+        assert adm.waiting == 0 and adm.inflight == 1
+        adm.leave(held)
+        assert adm.inflight == 0
+
+    asyncio.run(main())
 
 
-def test_slow_without_refusals_leaves_the_limit_alone() -> None:
-    # Slow answers at a load the limit does not reach: refusing would not speed them up.
-    adm, clock = admission()
-    for _ in range(5):
-        window(adm, clock, took_s=1.0, refused=False)
-    assert adm.limit == START
+def test_a_full_line_refuses_at_once() -> None:
+    async def main() -> None:
+        adm, _ = admission(limit=1, waiting=2)
+        assert await adm.enter() is not None
+        line = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        assert adm.full()
+        assert await adm.enter() is None  # no wait: the line is full
+        for task in line:
+            task.cancel()
+        await asyncio.gather(*line, return_exceptions=True)
+        assert adm.waiting == 0 and not adm.full()
+
+    asyncio.run(main())
 
 
-def test_refusing_within_the_target_grows_by_half_up_to_the_ceiling() -> None:
-    adm, clock = admission(ceiling=40)
-    window(adm, clock, took_s=0.001, refused=True)
-    assert adm.limit == START + START // 2
-    for _ in range(5):
-        window(adm, clock, took_s=0.001, refused=True)
-    assert adm.limit == 40
+def test_once_the_oldest_cannot_make_the_target_the_newest_goes_first() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05)
+        held = await adm.enter()
+        assert held is not None
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.06  # the oldest has waited past the target
+        new = asyncio.create_task(adm.enter())
+        await settle()
+        adm.leave(held)
+        await settle()
+        assert new.done() and not old.done()
+        ticket = new.result()
+        assert ticket is not None
+        adm.leave(ticket)  # nothing fresher waits: the old one is served after all
+        await settle()
+        assert old.done() and old.result() is not None
+
+    asyncio.run(main())
 
 
-def test_unpressed_it_drifts_back_to_the_start_but_not_above() -> None:
-    adm, clock = admission()
-    window(adm, clock, took_s=1.0, refused=True)
-    low = adm.limit
-    assert low < START
-    window(adm, clock, took_s=0.001, refused=False)
-    assert adm.limit == low + 1
-    for _ in range(3 * START):
-        window(adm, clock, took_s=0.001, refused=False)
-    assert adm.limit == START
+def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05)
+        adm.hold_s = 0.04  # slots are held 40 ms on average
+        held = await adm.enter()
+        assert held is not None
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.02  # 20 ms waited + 40 ms in a slot: past the target
+        new = asyncio.create_task(adm.enter())
+        await settle()
+        held.started = clock.now - 0.04
+        adm.leave(held)
+        await settle()
+        assert new.done() and not old.done()
+        old.cancel()
+
+    asyncio.run(main())
 
 
-def test_a_refusing_window_closes_early_after_a_few_slow_answers() -> None:
-    """The onset of an overload: the clock has not moved, the first answers are slow."""
-    adm, _ = admission(target_ms=10)
-    assert not adm.admits(adm.limit)
-    for _ in range(EARLY_SLOW - 1):
-        adm.observe(0.05)
-    assert adm.limit == START  # still open
-    adm.observe(0.05)
-    assert adm.limit == max(FLOOR, int(START * 10 / 50))
+def test_no_limit_admits_everything() -> None:
+    async def main() -> None:
+        adm, _ = admission(limit=0, waiting=0)
+        tickets = [await adm.enter() for _ in range(100)]
+        assert all(isinstance(t, Ticket) for t in tickets) and not adm.full()
 
-    unrefused, _ = admission(target_ms=10)  # slow but not refusing: the window runs its time
-    for _ in range(3 * EARLY_SLOW):
-        unrefused.observe(0.05)
-    assert unrefused.limit == START
+    asyncio.run(main())
 
 
-def test_time_waiting_on_redis_is_left_out() -> None:
-    adm, clock = admission(target_ms=10)
+# --- Slow clients against a real server ---------------------------------------------------
 
-    def request() -> None:  # 40 ms in the process, 38 of them waiting on Redis
-        visit = adm.enter()
-        clock.now += 0.038
-        waited_on_redis(0.038)
-        clock.now += 0.002
-        adm.leave(visit)
-
-    assert not adm.admits(START)
-    for _ in range(3):  # each request in its own context, as each has its own task
-        contextvars.copy_context().run(request)
-    assert adm.limit > START  # refused, and the process itself answered in 2 ms: grows
+BODY = {"user_id": "s", "candidates": ["1", "2", "3"], "k": 2}
 
 
-def test_redis_time_counts_for_the_request_of_its_own_context_only() -> None:
-    adm, _ = admission()
-    visit = contextvars.copy_context().run(adm.enter)
-    waited_on_redis(1.0)  # another context: start-up, the version watcher, another request
-    assert visit.redis_s == 0.0
+@contextmanager
+def running(settings: Settings) -> Iterator[str]:
+    """The app under uvicorn (httptools, as `rerank serve`) in a thread; yields its URL."""
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        http=bounded_httptools(),
+        log_level="warning",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
 
 
-def test_target_zero_keeps_the_fixed_limit() -> None:
-    adm, clock = admission(ceiling=16, target_ms=0)
-    assert adm.limit == 16
-    for _ in range(5):
-        window(adm, clock, took_s=1.0, refused=True)
-    assert adm.limit == 16
+def slow_body(port: int, stop: threading.Event, answers: list[bytes]) -> None:
+    """Headers with Content-Length 100, then one byte at a time until told to stop."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(
+            b"POST /rerank HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n"
+        )
+        try:
+            while not stop.wait(0.2):
+                s.sendall(b" ")
+        except OSError:  # closed by the server: the body deadline passed
+            pass
+        try:
+            answers.append(s.recv(4096))
+        except OSError:
+            answers.append(b"")
 
 
-def test_no_ceiling_admits_everything() -> None:
-    adm, _ = admission(ceiling=0)
-    assert adm.admits(10_000)
+def test_slow_bodies_hold_no_slot_and_lock_nobody_out(
+    loaded: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """24 connections that send their body a byte at a time: a normal caller is answered
+    all along, and a burst of 12 right after; the slow ones get 408 and are closed."""
+    settings = settings_factory(body_timeout_s=1.5)
+    with running(settings) as url:
+        port = int(url.rsplit(":", 1)[1])
+        stop = threading.Event()
+        answers: list[bytes] = []
+        slow = [threading.Thread(target=slow_body, args=(port, stop, answers)) for _ in range(24)]
+        for thread in slow:
+            thread.start()
+        codes = []
+        with httpx.Client(base_url=url, timeout=10) as client:
+            end = time.monotonic() + 3.0  # past the body deadline: the slow ones are cut off
+            while time.monotonic() < end:
+                codes.append(client.post("/rerank", json=BODY).status_code)
+                time.sleep(0.02)
+            stop.set()
+            for thread in slow:
+                thread.join(10)
+
+            async def burst() -> list[int]:
+                async with httpx.AsyncClient(base_url=url, timeout=10) as burst_client:
+                    calls = (burst_client.post("/rerank", json=BODY) for _ in range(12))
+                    return [r.status_code for r in await asyncio.gather(*calls)]
+
+            burst_codes = asyncio.run(burst())
+            metrics = client.get("/metrics").text
+    assert codes and codes.count(200) >= 0.95 * len(codes), codes
+    assert burst_codes == [200] * 12
+    assert all(a.startswith(b"HTTP/1.1 408") or a == b"" for a in answers), answers[:3]
+    assert any(a.startswith(b"HTTP/1.1 408") for a in answers)
+    assert 'route="/rerank",status="408"' in metrics
 
 
-def test_the_target_follows_a_slower_unloaded_time() -> None:
-    """On a machine where an unloaded request takes as long as the setting allows, the limit
-    must still be able to grow: a fixed target cuts it at every refusal."""
-    fixed, fixed_clock = admission(target_ms=6)
-    relative, clock = admission(target_ms=6, base_ratio=1.6)
-    for adm, c in ((fixed, fixed_clock), (relative, clock)):
-        window(adm, c, took_s=0.005, refused=False)  # unloaded: 5 ms
-        window(adm, c, took_s=0.007, refused=True)  # pressed, at 7 ms
-    assert relative.base_s == pytest.approx(0.005)
-    assert relative.target_s == pytest.approx(0.008)
-    assert relative.metrics.admission_target._value.get() == pytest.approx(0.008)
-    assert relative.limit > START
-    assert fixed.target_s == 0.006 and fixed.limit < START
+@pytest.mark.parametrize("path", ["/rerank", "/events"])
+def test_the_body_deadline_answers_408_and_closes(
+    loaded: str, settings_factory: Callable[..., Settings], path: str
+) -> None:
+    with running(settings_factory(body_timeout_s=0.3)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+            answer = b""
+            while chunk := s.recv(4096):  # until the server closes the connection
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"connection: close" in answer.lower()
 
 
-def test_the_target_never_goes_below_the_setting() -> None:
-    adm, clock = admission(target_ms=6, base_ratio=1.6)
-    window(adm, clock, took_s=0.001, refused=False)
-    assert adm.base_s == pytest.approx(0.001)
-    assert adm.target_s == 0.006
-
-
-def test_the_unloaded_time_is_a_minimum_that_forgets_slowly() -> None:
-    adm, clock = admission(target_ms=1, base_ratio=2)
-    window(adm, clock, took_s=0.005, refused=False)
-    window(adm, clock, took_s=0.002, refused=False)
-    assert adm.base_s == pytest.approx(0.002)  # a faster window: at once
-    window(adm, clock, took_s=0.010, refused=False)
-    assert adm.base_s == pytest.approx(0.002 * (1 + BASE_DRIFT))  # a slower one: 1% a window
-    for _ in range(200):
-        window(adm, clock, took_s=0.010, refused=False)
-    assert adm.base_s == pytest.approx(0.010)  # slower for good: followed, in 16 s
-
-
-def test_an_overload_does_not_teach_the_unloaded_time() -> None:
-    adm, clock = admission(target_ms=1, base_ratio=2)
-    window(adm, clock, took_s=0.004, refused=False)
-    for _ in range(50):  # refusals all along, as at three times capacity
-        for _ in range(20):
-            assert not adm.admits(adm.limit)
-            adm.observe(0.050)
-        clock.now += WINDOW_S
-    assert adm.base_s == pytest.approx(0.004)
-    window(adm, clock, took_s=0.004, refused=False, n=BASE_SAMPLES - 2)  # too few to tell
-    assert adm.base_s == pytest.approx(0.004)
+def test_headers_past_the_limit_are_refused_before_the_app(
+    loaded: str, settings_factory: Callable[..., Settings]
+) -> None:
+    with running(settings_factory()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            padding = b"x" * MAX_HEADER_BYTES
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + padding + b"\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(4096):  # until the server closes the connection
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400")
+        assert httpx.get(f"{url}/healthz").status_code == 200  # others are served

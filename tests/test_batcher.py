@@ -1,4 +1,4 @@
-"""Batcher: gathering, the bounded queue, errors, model pinning, a free event loop."""
+"""Batcher: gathering, errors, model pinning, a free event loop."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from app.batcher import Batcher
-from app.errors import ModelError, Overloaded
+from app.errors import ModelError
 from app.metrics import Metrics
 from app.model import Job, Scored
 
@@ -41,7 +41,7 @@ def job(value: float) -> Job:
 
 def run(body: Callable[[Batcher], Awaitable[None]], **kwargs: Any) -> None:
     async def main() -> None:
-        options = {"max_batch": 4, "max_wait_s": 0.2, "queue_limit": 16} | kwargs
+        options = {"max_batch": 4} | kwargs
         batcher = Batcher(metrics=Metrics(), **options)
         batcher.start()
         try:
@@ -58,38 +58,11 @@ def test_concurrent_requests_share_one_run() -> None:
     async def body(b: Batcher) -> None:
         start = time.perf_counter()
         results = await asyncio.gather(*(b.submit(model, job(i)) for i in range(4)))  # type: ignore[arg-type]
-        assert time.perf_counter() - start < 0.15  # a full batch does not wait for max_wait
+        assert time.perf_counter() - start < 0.15  # a full batch waits for nothing
         assert [r.scores[0] for r in results] == [0, 1, 2, 3]  # each gets its own rows
 
     run(body)
     assert model.batches == [4]
-
-
-def test_a_lone_request_runs_after_max_wait() -> None:
-    model = FakeModel()
-
-    async def body(b: Batcher) -> None:
-        await b.submit(model, job(1))  # type: ignore[arg-type]
-
-    run(body, max_batch=8, max_wait_s=0.01)
-    assert model.batches == [1]
-
-
-def test_full_queue_refuses_at_once() -> None:
-    gate = threading.Event()
-    model = FakeModel(gate=gate)
-
-    async def body(b: Batcher) -> None:
-        running = asyncio.create_task(b.submit(model, job(0)))  # type: ignore[arg-type]
-        await asyncio.sleep(0.05)  # taken by the loop, now blocked in the model
-        queued = [asyncio.create_task(b.submit(model, job(1))) for _ in range(2)]  # type: ignore[arg-type]
-        await asyncio.sleep(0.01)
-        with pytest.raises(Overloaded):
-            await b.submit(model, job(2))  # type: ignore[arg-type]
-        gate.set()
-        await asyncio.gather(running, *queued)
-
-    run(body, max_batch=1, max_wait_s=0, queue_limit=2)
 
 
 def test_a_failed_run_fails_its_requests_only() -> None:
@@ -102,7 +75,7 @@ def test_a_failed_run_fails_its_requests_only() -> None:
         model.fail = False
         assert (await b.submit(model, job(1))).scores[0] == 1  # type: ignore[arg-type]
 
-    run(body, max_wait_s=0)
+    run(body)
 
 
 def test_a_batch_spanning_a_swap_is_split_by_model() -> None:
@@ -120,7 +93,7 @@ def test_a_batch_spanning_a_swap_is_split_by_model() -> None:
         gate.set()
         await asyncio.gather(first, *pending)
 
-    run(body, max_batch=8, max_wait_s=0)
+    run(body, max_batch=8)
     assert old.batches == [2] and new.batches == [2]
 
 
@@ -138,7 +111,7 @@ def test_the_event_loop_runs_while_the_model_does() -> None:
         gate.set()
         await request
 
-    run(body, max_wait_s=0)
+    run(body)
 
 
 def test_an_idle_batcher_runs_a_lone_request_at_once() -> None:
@@ -147,11 +120,10 @@ def test_an_idle_batcher_runs_a_lone_request_at_once() -> None:
     async def body(b: Batcher) -> None:
         start = time.perf_counter()
         await b.submit(model, job(1))  # type: ignore[arg-type]
-        # Natural batching: nothing is running, so nothing is worth waiting for. The bound
-        # is generous (half of max_wait), only to tell "at once" from "after max_wait".
+        # Natural batching: nothing is running, so nothing is worth waiting for.
         assert time.perf_counter() - start < 0.25
 
-    run(body, max_batch=8, max_wait_s=0.5)
+    run(body, max_batch=8)
     assert model.batches == [1]
 
 
@@ -168,5 +140,26 @@ def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
         results = await asyncio.gather(first, *later)
         assert [r.scores[0] for r in results] == list(range(7))
 
-    run(body, max_batch=4, max_wait_s=0.5)
+    run(body, max_batch=4)
     assert model.batches == [1, 4, 2]  # capped at max_batch, the rest right after
+
+
+def test_shutdown_fails_the_queued_requests_as_a_model_error() -> None:
+    """The service answers them in the caller's order (degraded), not with a 5xx."""
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+
+    async def main() -> None:
+        batcher = Batcher(max_batch=1, metrics=Metrics())
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(model, job(0)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)  # taken by the loop, now blocked in the model
+        queued = asyncio.create_task(batcher.submit(model, job(1)))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)
+        threading.Timer(0.1, gate.set).start()  # the model's thread ends soon after
+        await batcher.close()
+        with pytest.raises(ModelError, match="shutting down"):
+            await queued
+        running.cancel()
+
+    asyncio.run(main())
