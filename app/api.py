@@ -19,6 +19,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.body import JsonRoute
 from app.config import Settings
 from app.errors import Unauthorized
 from app.logs import REQUEST_ID
@@ -88,25 +89,38 @@ def api_key_check(keys: Sequence[bytes]) -> DependsParam:
     return Depends(check)
 
 
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying (retry_after_s).",
+        "schema": {"type": "integer"},
+    }
+}
+
+
 def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route may give besides 422."""
     text = {
-        400: "The body is not valid JSON.",
         401: "No API key, or a wrong one (only when API keys are configured).",
         413: "The request body is larger than max_body_bytes.",
-        503: "Overloaded (with Retry-After), Redis unavailable for a write, or not ready.",
+        415: "The body is not sent with Content-Type: application/json.",
+        503: "Overloaded, or Redis could not serve a write; retry after Retry-After seconds.",
     }
-    return {code: {"model": ErrorDetail, "description": text[code]} for code in codes}
+    entries: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entries[code] = {"model": ErrorDetail, "description": text[code]}
+        if code == 503:
+            entries[code]["headers"] = RETRY_AFTER_HEADER
+    return entries
 
 
 def build_router(settings: Settings) -> APIRouter:
     """The routes, with request models that carry this app's limits."""
     rerank_body, events_body = request_models(settings)
-    router = APIRouter()
+    router = APIRouter(route_class=JsonRoute)
     keys = [k.get_secret_value().encode() for k in settings.api_keys]
     work: list[DependsParam] = [api_key_check(keys)] if keys else []
     ops = work if settings.protect_ops else []
-    work_errors = _documented(400, *((401,) if keys else ()), 413, 503)
+    work_errors = _documented(*((401,) if keys else ()), 413, 415, 503)
     ops_errors = _documented(401) if ops else {}
 
     # The body types are built from the settings at run time, which mypy cannot follow.
