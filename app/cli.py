@@ -43,7 +43,13 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         # it through the environment, like a configured one.
         server = start_embedded(settings)
         os.environ["RERANK_REDIS_URL"] = server.url
-        log.info("RERANK_REDIS_URL unset: embedded Redis at %s", server.url)
+        log.info(
+            "RERANK_REDIS_URL unset: embedded Redis at %s; load a model into it with "
+            "`RERANK_REDIS_URL=%s rerank load models/<version>` (RERANK_EMBEDDED_REDIS_PORT "
+            "fixes its port)",
+            server.url,
+            server.url,
+        )
         # uvicorn re-raises the signal that stopped it once it has shut down; under the
         # default SIGTERM action that would end the process before `finally` stops Redis.
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -57,6 +63,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             http="httptools",
             log_level=settings.log_level.lower(),
             access_log=False,  # app.access logs each request with its X-Request-ID
+            # uvicorn's own loggers go to the root handler (app/logs.py): one format, escaped.
+            log_config=None,
             # After the shutdown delay (app/drain.py), the longest wait for in-flight requests.
             timeout_graceful_shutdown=max(1, round(settings.drain_s)),
         )
@@ -90,13 +98,13 @@ def load(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def offline(verb: str, rest: Sequence[str]) -> int:
+    # training.cli imports PyTorch only once a verb runs, so `--help` works without it.
     try:
-        # PyTorch and the training code load only for the offline verbs.
         training_cli = importlib.import_module("training.cli")
-    except ImportError as exc:
+        result = training_cli.main([verb, *rest])
+    except ModuleNotFoundError as exc:
         log.error("`rerank %s` needs the training extra (make install-train): %s", verb, exc)
         return 2
-    result = training_cli.main([verb, *rest])
     return int(result or 0)
 
 
@@ -123,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return offline(argv[0], argv[1:])
     args = parser().parse_args(argv)
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.verb == "serve":
         if args.workers < 1:
             log.error("--workers=%d must be at least 1", args.workers)
