@@ -66,7 +66,9 @@ def test_events_refuse_them_too(client: TestClient) -> None:
     raw = b'{"user_id": "u", "item_ids": ["1", "\\ud800", NaN]}'
     errors = assert_422_naming(post(client, "/events", raw), "item_ids", 1)
     assert ["body", "item_ids", 2] in [e["loc"] for e in errors]
-    assert_422_naming(post(client, "/events", b'{"user_id": Infinity, "item_ids": ["1"]}'), "user_id")
+    assert_422_naming(
+        post(client, "/events", b'{"user_id": Infinity, "item_ids": ["1"]}'), "user_id"
+    )
 
 
 def test_the_echo_of_a_refused_value_is_json_text(client: TestClient) -> None:
