@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (see DESIGN.md).
+"""Request and response bodies of the HTTP API (the API table of README.md, and /docs).
 
 The list and k limits come from the settings, so the request models are built per app by
 ``request_models``: the limits then show in the OpenAPI schema, and a violation is an
