@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.body import JsonRoute
 from app.config import Settings
 from app.context import CURRENT, Call
 from app.logs import REQUEST_ID
@@ -58,25 +59,38 @@ ServiceDep = Annotated[RerankService, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
+RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying (retry_after_s).",
+        "schema": {"type": "integer"},
+    }
+}
+
+
 def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route may give besides 422."""
     text = {
-        400: "The body is not valid JSON.",
         401: "No API key, or a wrong one (only when API keys are configured).",
         408: "The request body did not arrive within body_timeout_s.",
         413: "The request body is larger than max_body_bytes.",
-        503: "Overloaded (with Retry-After), Redis unavailable for a write, or not ready.",
+        415: "The body is not sent with Content-Type: application/json.",
+        503: "Overloaded, or Redis could not serve a write; retry after Retry-After seconds.",
     }
-    return {code: {"model": ErrorDetail, "description": text[code]} for code in codes}
+    entries: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entries[code] = {"model": ErrorDetail, "description": text[code]}
+        if code == 503:
+            entries[code]["headers"] = RETRY_AFTER_HEADER
+    return entries
 
 
 def build_router(settings: Settings) -> APIRouter:
     """The routes, with request models that carry this app's limits."""
     rerank_body, events_body = request_models(settings)
-    router = APIRouter()
+    router = APIRouter(route_class=JsonRoute)
     # The API key is checked before the body is read, in app/guard.py; declared here.
     keys = bool(settings.api_keys)
-    work_errors = _documented(400, *((401,) if keys else ()), 408, 413, 503)
+    work_errors = _documented(*((401,) if keys else ()), 408, 413, 415, 503)
     ops_errors = _documented(401) if keys and settings.protect_ops else {}
 
     # The body types are built from the settings at run time, which mypy cannot follow.

@@ -28,40 +28,8 @@ OFFLINE_VERBS = {
 }
 
 
-MAX_HEADER_BYTES = 16_384  # request line and headers together: h11's own default
 
 
-def bounded_httptools() -> type:
-    """uvicorn's httptools protocol with a limit on the request line and headers.
-
-    httptools has none of its own (h11 has 16 KiB): past the limit the request is answered
-    400 and the connection closed, before the app sees it.
-    """
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    class BoundedHttpTools(HttpToolsProtocol):
-        _header_bytes = 0
-
-        def on_message_begin(self) -> None:
-            self._header_bytes = 0
-            super().on_message_begin()
-
-        def on_url(self, url: bytes) -> None:
-            self._count(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._count(len(name) + len(value))
-            super().on_header(name, value)
-
-        def _count(self, size: int) -> None:
-            self._header_bytes += size
-            if self._header_bytes > MAX_HEADER_BYTES:
-                # Raised in a parser callback: httptools reports it as a parser error, on
-                # which uvicorn answers 400 and closes the connection.
-                raise ValueError(f"request headers past {MAX_HEADER_BYTES} bytes")
-
-    return BoundedHttpTools
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -79,7 +47,13 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
         # it through the environment, like a configured one.
         server = start_embedded(settings)
         os.environ["RERANK_REDIS_URL"] = server.url
-        log.info("RERANK_REDIS_URL unset: embedded Redis at %s", server.url)
+        log.info(
+            "RERANK_REDIS_URL unset: embedded Redis at %s; load a model into it with "
+            "`RERANK_REDIS_URL=%s rerank load models/<version>` (RERANK_EMBEDDED_REDIS_PORT "
+            "fixes its port)",
+            server.url,
+            server.url,
+        )
         # uvicorn re-raises the signal that stopped it once it has shut down; under the
         # default SIGTERM action that would end the process before `finally` stops Redis.
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -90,9 +64,12 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             port=args.port or settings.port,
             workers=args.workers,
             loop="uvloop",
-            http=bounded_httptools(),
+            # By import path: with workers, uvicorn hands its config to spawned processes.
+            http="app.protocol:BoundedHttpTools",
             log_level=settings.log_level.lower(),
             access_log=False,  # app.access logs each request with its X-Request-ID
+            # uvicorn's own loggers go to the root handler (app/logs.py): one format, escaped.
+            log_config=None,
             # After the shutdown delay (app/drain.py), the longest wait for in-flight requests.
             timeout_graceful_shutdown=max(1, round(settings.drain_s)),
         )
@@ -126,13 +103,13 @@ def load(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def offline(verb: str, rest: Sequence[str]) -> int:
+    # training.cli imports PyTorch only once a verb runs, so `--help` works without it.
     try:
-        # PyTorch and the training code load only for the offline verbs.
         training_cli = importlib.import_module("training.cli")
-    except ImportError as exc:
+        result = training_cli.main([verb, *rest])
+    except ModuleNotFoundError as exc:
         log.error("`rerank %s` needs the training extra (make install-train): %s", verb, exc)
         return 2
-    result = training_cli.main([verb, *rest])
     return int(result or 0)
 
 
@@ -159,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return offline(argv[0], argv[1:])
     args = parser().parse_args(argv)
     settings = Settings()
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if args.verb == "serve":
         if args.workers < 1:
             log.error("--workers=%d must be at least 1", args.workers)

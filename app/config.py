@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.logs import LOG_FORMATS
+
 LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
@@ -52,6 +54,17 @@ class Settings(BaseSettings):
     key_prefix: str = Field(
         default="rr", description="Prefix of every Redis key (rr:active, rr:v:..., rr:h:...)."
     )
+    embedded_redis_port: int = Field(
+        default=0,
+        description="Port of the embedded redis-server (redis_url unset); 0: any free port. "
+        "Its URL is logged at start, for `rerank load` to use.",
+    )
+    embedded_redis_maxmemory_mb: int = Field(
+        default=256,
+        description="maxmemory of the embedded redis-server, in MiB (0: no limit). Its policy "
+        "is volatile-lru: only keys with an expiry (histories) are evicted, never vectors or "
+        "manifests; a write past the limit with nothing left to evict gets 503.",
+    )
     model_dir: Path = Field(
         default=Path("models"),
         description="Folder of exported model versions (models/<version>/model.onnx ...).",
@@ -86,6 +99,11 @@ class Settings(BaseSettings):
         "the newest history_len of a history are read by the model. Stored histories are "
         "trimmed to the model's history_len (to this while no model is loaded).",
     )
+    history_ttl_days: float = Field(
+        default=30.0,
+        description="A stored history (rr:h:<user>) expires after this many days without "
+        "an /events call for its user; every append sets the expiry again (0: never).",
+    )
     explain_top: int = Field(
         default=3, description="History items listed per returned item when explain is true."
     )
@@ -105,6 +123,12 @@ class Settings(BaseSettings):
         description="How often the service reads rr:active to notice a new model version.",
     )
     log_level: str = Field(default="INFO", description="Logging level of the service.")
+    log_format: str = Field(
+        default="text",
+        description="Log lines as `text` (time level logger [request id] message) or `json` "
+        "(one object a line: time, level, logger, request_id, message); control characters "
+        "from callers are escaped in both.",
+    )
     max_body_bytes: int = Field(
         default=1_048_576,
         description="Largest request body accepted, in bytes; a larger one gets 413 before "
@@ -181,6 +205,8 @@ class Settings(BaseSettings):
         "max_waiting",
         "shutdown_delay_s",
         "drain_s",
+        "history_ttl_days",
+        "embedded_redis_maxmemory_mb",
     )
     @classmethod
     def _not_negative(cls, value: float, info: Any) -> float:
@@ -208,6 +234,13 @@ class Settings(BaseSettings):
             raise ValueError(f"port={value} must be in 1..65535")
         return value
 
+    @field_validator("embedded_redis_port")
+    @classmethod
+    def _embedded_port(cls, value: int) -> int:
+        if not 0 <= value <= 65535:
+            raise ValueError(f"embedded_redis_port={value} must be in 0..65535 (0: any)")
+        return value
+
     @field_validator("key_prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
@@ -230,6 +263,13 @@ class Settings(BaseSettings):
         if value.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level={value!r} must be one of {', '.join(LOG_LEVELS)}")
         return value.upper()
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value.lower() not in LOG_FORMATS:
+            raise ValueError(f"log_format={value!r} must be one of {', '.join(LOG_FORMATS)}")
+        return value.lower()
 
     @field_validator("onnx_providers", mode="before")
     @classmethod
@@ -281,6 +321,11 @@ class Settings(BaseSettings):
     @property
     def redis_timeout_s(self) -> float:
         return self.redis_timeout_ms / 1000.0
+
+    @property
+    def history_ttl_s(self) -> int:
+        """The history expiry in whole seconds, at least 1; 0 when histories never expire."""
+        return max(1, round(self.history_ttl_days * 86400)) if self.history_ttl_days else 0
 
 
 def settings_table() -> str:

@@ -48,14 +48,27 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    """redis-server in a temporary folder; ``stop`` then ``start`` keeps port and data."""
+    """redis-server in a temporary folder; ``stop`` then ``start`` keeps port and data.
+
+    ``maxmemory_mb`` (0: no limit) bounds its memory, under ``maxmemory-policy volatile-lru``:
+    past the limit Redis evicts only keys that carry an expiry (the histories), least
+    recently used first, never the vectors, manifests or the active pointer, which have none;
+    a write that finds nothing left to evict gets an OOM error instead.
+    """
 
     def __init__(
-        self, port: int | None = None, binary: Path | None = None, extra_args: Sequence[str] = ()
+        self,
+        port: int | None = None,
+        binary: Path | None = None,
+        extra_args: Sequence[str] = (),
+        maxmemory_mb: int = 0,
     ) -> None:
+        if maxmemory_mb < 0:
+            raise ValueError(f"maxmemory_mb={maxmemory_mb} must not be negative")
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
         self.extra_args = list(extra_args)
+        self.maxmemory_mb = maxmemory_mb
         self._tmp = tempfile.TemporaryDirectory(prefix="rerank-redis-")
         self.dir = Path(self._tmp.name)
         self.process: subprocess.Popen[bytes] | None = None
@@ -83,6 +96,10 @@ class EmbeddedRedis:
             "no",
             "--logfile",
             str(self.dir / "redis.log"),
+            "--maxmemory",
+            f"{self.maxmemory_mb}mb",
+            "--maxmemory-policy",
+            "volatile-lru",
             *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,10 +108,15 @@ class EmbeddedRedis:
         try:
             while True:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {self._log_tail()}")
+                    raise RuntimeError(
+                        f"redis-server on port {self.port} exited: {self._log_tail()}"
+                    )
                 try:
-                    if client.ping():
+                    # This server's own answer: another one may hold the port already, and
+                    # then this one exits.
+                    if client.info("server").get("process_id") == self.process.pid:
                         break
+                    time.sleep(0.02)
                 except redis.RedisError as exc:
                     if time.monotonic() > deadline:
                         self.stop()
@@ -102,7 +124,8 @@ class EmbeddedRedis:
                     time.sleep(0.02)
         finally:
             client.close()
-        log.info("embedded redis-server on %s (%s)", self.url, self.binary)
+        limit = f"maxmemory {self.maxmemory_mb} MiB" if self.maxmemory_mb else "no maxmemory"
+        log.info("embedded redis-server at %s (%s, volatile-lru; %s)", self.url, limit, self.binary)
         return self
 
     def _log_tail(self) -> str:

@@ -20,6 +20,7 @@ from app.admission import Admission
 from app.api import RequestContext, build_router
 from app.batcher import Batcher
 from app.config import Settings, cluster_url
+from app.docs import install_docs
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
@@ -39,7 +40,10 @@ CLOSE_TIMEOUT_S = 5.0
 
 def start_embedded(settings: Settings) -> EmbeddedRedis:
     """A private Redis holding the default model of ``settings.model_dir``, active."""
-    server = EmbeddedRedis().start()
+    server = EmbeddedRedis(
+        port=settings.embedded_redis_port or None,
+        maxmemory_mb=settings.embedded_redis_maxmemory_mb,
+    ).start()
     version = default_version(settings.model_dir)
     if version is None:
         log.warning("no model in %s: answers stay degraded until one is loaded", settings.model_dir)
@@ -69,9 +73,15 @@ def redis_client(url: str, settings: Settings) -> Redis | RedisCluster:
 
 def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metrics) -> Store:
     cache = VectorCache(settings.cache_size)
-    if isinstance(client, RedisCluster):
-        return ClusterStore(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
-    return Store(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
+    kind = ClusterStore if isinstance(client, RedisCluster) else Store
+    return kind(
+        client,
+        settings.key_prefix,
+        settings.redis_timeout_s,
+        cache,
+        metrics,
+        settings.history_ttl_s,
+    )
 
 
 async def bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
@@ -178,10 +188,13 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Reranks a recall list with a deep model over Redis-cached item vectors.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # app/docs.py serves /docs and /redoc with their own assets
+        redoc_url=None,
     )
+    install_docs(app)
     app.state.metrics = metrics
     app.state.settings = settings
     app.state.drain = drain
-    install_handlers(app)
+    install_handlers(app, settings.retry_after_s)
     app.include_router(build_router(settings))
     return app

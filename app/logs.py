@@ -1,11 +1,48 @@
-"""Logging set-up: every line of a request carries its X-Request-ID."""
+"""Logging set-up: every line of a request carries its X-Request-ID, and one record is one line.
+
+Log lines carry what callers sent (a path, a user id): a caller who puts a newline in it must
+not be able to write a line of their own. The formatters escape control characters once, for
+every record, rather than each call site escaping its own arguments:
+
+- ``text``: ``time level logger [request id] message``; control characters in the message
+  and the request id become ``\\n``, ``\\x1b``, ...; a traceback keeps its lines, each
+  indented, so that only a record's own first line starts at the left margin.
+- ``json``: one JSON object a line (time, level, logger, request_id, message, and exc_info
+  when there is one); JSON escapes the control characters itself.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import re
+import sys
 from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import TextIO
 
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+LOG_FORMATS = ("text", "json")
+
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, and lone surrogates
+# (which cannot be written as UTF-8 at all).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    short = _SHORT.get(char)
+    if short is not None:
+        return short
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character written as an escape: one line, printable."""
+    return _UNSAFE.sub(_escape_one, text)
 
 
 class RequestIdFilter(logging.Filter):
@@ -15,13 +52,71 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    """Plain stderr logging with the request id; uvicorn adds its own access log."""
-    handler = logging.StreamHandler()
+class TextFormatter(logging.Formatter):
+    """``time level logger [request id] message``, one line per record but for tracebacks."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        # logging.Formatter.format, less its cache of the traceback on the record
+        # (record.exc_text): another handler may have cached it unindented.
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if record.exc_info:
+            text += "\n" + _indented(self.formatException(record.exc_info))
+        elif record.exc_text:
+            text += "\n" + _indented(record.exc_text)
+        if record.stack_info:
+            text += "\n" + _indented(self.formatStack(record.stack_info))
+        return text
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # Escaped on a copy: other handlers may read the same record after this one.
+        safe = copy.copy(record)
+        safe.message = escape(record.message)
+        safe.request_id = escape(str(getattr(record, "request_id", "-")))
+        return super().formatMessage(safe)
+
+
+def _indented(text: str) -> str:
+    # Each line of a traceback escaped on its own and indented: an exception's message may
+    # carry a caller's text, and none of its lines may look like a record of its own.
+    return "\n".join("    " + escape(line) for line in text.splitlines())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, logger, request_id, message[, exc_info]."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": str(getattr(record, "request_id", "-")),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack_info"] = self.formatStack(record.stack_info)
+        # ensure_ascii: control characters and lone surrogates come out as \u escapes.
+        return json.dumps(entry, ensure_ascii=True)
+
+
+def make_handler(log_format: str = "text", stream: TextIO | None = None) -> logging.Handler:
+    """A stream handler (stderr by default) with the request id and the chosen format."""
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log_format={log_format!r} must be one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    return handler
+
+
+def configure_logging(level: str, log_format: str = "text", stream: TextIO | None = None) -> None:
+    """Root logging to stderr, one record a line, in ``text`` or ``json``."""
     root = logging.getLogger()
-    root.handlers = [handler]
+    root.handlers = [make_handler(log_format, stream)]
     root.setLevel(level)

@@ -5,5 +5,5 @@ from app.factory import create_app
 from app.logs import configure_logging
 
 settings = Settings()
-configure_logging(settings.log_level)
+configure_logging(settings.log_level, settings.log_format)
 app = create_app(settings)

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (see DESIGN.md).
+"""Request and response bodies of the HTTP API (the API table of README.md, and /docs).
 
 The list and k limits come from the settings, so the request models are built per app by
 ``request_models``: the limits then show in the OpenAPI schema, and a violation is an
@@ -64,9 +64,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Examples in the OpenAPI schema: MovieLens-100K ids (user 196 and films they rated).
+_USER_ID = "The user's id: a string of 1 to 128 characters, or an integer (its decimal string)."
+
+
 class RerankRequest(_Strict):
-    user_id: Id
-    candidates: IdList = Field(min_length=1, description="Recall's candidates, best first.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"user_id": "196", "candidates": ["242", "302", "377", "51", "346"], "k": 3},
+                {
+                    "user_id": "196",
+                    "candidates": ["242", "302", "377"],
+                    "history": ["257", "288", "294"],
+                    "explain": True,
+                },
+            ]
+        }
+    )
+
+    user_id: Id = Field(description=_USER_ID)
+    candidates: IdList = Field(
+        min_length=1,
+        description="Recall's candidate item ids, best first (strings, or integers for their "
+        "decimal strings); duplicates are dropped, the first kept.",
+    )
     k: JsonInt = Field(default=10, ge=1, description="How many items to return.")
     history: IdList | None = Field(
         default=None,
@@ -79,31 +101,51 @@ class RerankRequest(_Strict):
 
 
 class EventsRequest(_Strict):
-    user_id: Id
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"user_id": "196", "item_ids": ["242", "302"]}]}
+    )
+
+    user_id: Id = Field(description=_USER_ID)
     item_ids: IdList = Field(min_length=1, description="Items the user saw, oldest first.")
 
 
 def request_models(settings: Settings) -> tuple[type[RerankRequest], type[EventsRequest]]:
     """Request models with this app's limits."""
 
+    rerank, events = RerankRequest.model_fields, EventsRequest.model_fields
+
     class Rerank(RerankRequest):
-        candidates: IdList = Field(min_length=1, max_length=settings.max_candidates)
-        k: JsonInt = Field(default=10, ge=1, le=settings.max_k)
-        history: IdList | None = Field(default=None, max_length=settings.max_history)
+        candidates: IdList = Field(
+            min_length=1,
+            max_length=settings.max_candidates,
+            description=rerank["candidates"].description,
+        )
+        k: JsonInt = Field(default=10, ge=1, le=settings.max_k, description=rerank["k"].description)
+        history: IdList | None = Field(
+            default=None,
+            max_length=settings.max_history,
+            description=rerank["history"].description,
+        )
 
     class Events(EventsRequest):
-        item_ids: IdList = Field(min_length=1, max_length=settings.max_history)
+        item_ids: IdList = Field(
+            min_length=1,
+            max_length=settings.max_history,
+            description=events["item_ids"].description,
+        )
 
     return Rerank, Events
 
 
 class Because(BaseModel):
-    item_id: str
-    weight: float
+    item_id: str = Field(description="A history item.", examples=["257"])
+    weight: float = Field(
+        description="Its attention weight for the scored item, 0 to 1.", examples=[0.41]
+    )
 
 
 class RankedItem(BaseModel):
-    item_id: str
+    item_id: str = Field(description="A candidate's id, as a string.", examples=["302"])
     score: float | None = Field(description="Model score; null when not scored.")
     because: list[Because] | None = Field(
         default=None, description="With explain: the history items it attended to most."
@@ -111,9 +153,31 @@ class RankedItem(BaseModel):
 
 
 class RerankResponse(BaseModel):
-    user_id: str
-    model_version: str | None
-    items: list[RankedItem]
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "196",
+                    "model_version": "20250101-000000",
+                    "items": [
+                        {"item_id": "302", "score": 2.71, "because": None},
+                        {"item_id": "242", "score": 1.94, "because": None},
+                        {"item_id": "51", "score": None, "because": None},
+                    ],
+                    "missing": ["51"],
+                    "degraded": False,
+                }
+            ]
+        }
+    )
+
+    user_id: str = Field(description="The user's id, as a string.")
+    model_version: str | None = Field(
+        description="The model version that scored the items; null when none did."
+    )
+    items: list[RankedItem] = Field(
+        description="The top k: scored candidates by score, then the missing ones."
+    )
     missing: list[str] = Field(description="Candidates without a vector, ranked last.")
     degraded: bool = Field(description="True: the caller's order, the model could not run.")
 
@@ -142,21 +206,28 @@ class RerankBody(TypedDict):
 
 
 class EventsResponse(BaseModel):
-    user_id: str
-    history_length: int
+    user_id: str = Field(description="The user's id, as a string.", examples=["196"])
+    history_length: int = Field(
+        description="Items in the stored history after the append (trimmed to the model's "
+        "history length).",
+        examples=[2],
+    )
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="Always ok: the process answers.", examples=["ok"])
 
 
 class Readiness(BaseModel):
-    ready: bool
-    redis: bool
-    model_version: str | None
-    vectors: bool
+    ready: bool = Field(description="True: Redis answers, a model and its vectors are loaded.")
+    redis: bool = Field(description="Redis answered a ping.")
+    model_version: str | None = Field(description="The active model version; null when none.")
+    vectors: bool = Field(description="The active version's vectors are in Redis.")
     draining: bool = Field(default=False, description="True: shutting down, send no more.")
 
 
 class ErrorDetail(BaseModel):
-    detail: str
+    detail: str = Field(
+        description="What went wrong, in plain words.",
+        examples=["overloaded: too many requests in flight, retry later"],
+    )

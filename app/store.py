@@ -5,7 +5,8 @@ Keys (prefix ``rr`` by default, see DESIGN.md)::
     rr:active                 the active version
     rr:m:<version>            its manifest JSON
     rr:v:<version>:<item_id>  item vector, raw little-endian bytes of the manifest dtype
-    rr:h:<user_id>            item ids, newest first, trimmed to history_len
+    rr:h:<user_id>            item ids, newest first, trimmed to history_len; expires after
+                              history_ttl_s without an append (the only keys with an expiry)
 
 Cost per /rerank: at most one round trip, zero when the caller sends the history and every
 vector is in the process cache. Every call runs under the per-request deadline and turns
@@ -58,6 +59,7 @@ return {ids, mget(ARGV[1], ids, 1), mget(ARGV[1], ARGV, 3)}
 """
 
 STARTUP_TIMEOUT_S = 5.0
+ERROR_CHARS = 300  # longest Redis error text kept in a StoreUnavailable
 
 
 class Keys:
@@ -186,12 +188,14 @@ class Store:
         timeout_s: float,
         cache: VectorCache,
         metrics: Metrics,
+        history_ttl_s: int = 0,
     ) -> None:
         self.client = client
         self.keys = Keys(prefix)
         self.timeout_s = timeout_s
         self.cache = cache
         self.metrics = metrics
+        self.history_ttl_s = history_ttl_s  # 0: histories never expire
         # Registering only computes the script's hash (no Redis call); ClusterStore, whose
         # keys span slots, never runs it.
         self._fetch_script = client.register_script(FETCH_SCRIPT)
@@ -206,7 +210,10 @@ class Store:
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis {op}: no answer within {timeout_s * 1000:g} ms") from exc
         except (RedisError, RedisClusterException, OSError) as exc:
-            raise StoreUnavailable(f"redis {op}: {exc}") from exc
+            # For the log: a pipeline's error carries its command (key, item ids), cut here.
+            # Callers never see this text (app/errors.py).
+            detail = f"{type(exc).__name__}: {exc}"
+            raise StoreUnavailable(f"redis {op}: {detail[:ERROR_CHARS]}") from exc
         finally:
             took = time.perf_counter() - start
             self.metrics.redis_seconds.labels(op).observe(took)
@@ -244,11 +251,18 @@ class Store:
         return int(count) == len(keys)
 
     async def append_history(self, user_id: str, item_ids: Sequence[str], keep: int) -> int:
-        """Push events (oldest first) so the newest is at the head; trim; return the length."""
+        """Push events (oldest first) so the newest is at the head; trim; return the length.
+
+        The append also sets the history's expiry again, in the same round trip: a user's
+        history lasts ``history_ttl_s`` after their last event, so the users who stop coming
+        do not hold Redis's memory forever.
+        """
         key = self.keys.history(user_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(key, *item_ids)
         pipe.ltrim(key, 0, keep - 1)
+        if self.history_ttl_s:
+            pipe.expire(key, self.history_ttl_s)
         pipe.llen(key)
         result = await self._call("events", pipe.execute())
         return int(result[-1])

@@ -14,11 +14,11 @@ import pytest
 import uvicorn
 
 from app.admission import Admission, Ticket
-from app.cli import MAX_HEADER_BYTES, bounded_httptools
 from app.config import Settings
 from app.embedded import free_port
 from app.factory import create_app
 from app.metrics import Metrics
+from app.protocol import MAX_HEADER_BYTES, BoundedHttpTools
 
 
 class Clock:
@@ -156,7 +156,7 @@ def running(settings: Settings) -> Iterator[str]:
         create_app(settings),
         host="127.0.0.1",
         port=port,
-        http=bounded_httptools(),
+        http=BoundedHttpTools,
         log_level="warning",
     )
     server = uvicorn.Server(config)

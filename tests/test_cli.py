@@ -57,7 +57,7 @@ def test_serve_without_redis_starts_one_with_the_default_model(
         8123,
         2,
         "uvloop",
-        "httptools",
+        "app.protocol:BoundedHttpTools",
     )
     assert seen["active"] == VERSION_B.encode()  # the newest folder: no models/DEFAULT here
 
@@ -114,3 +114,63 @@ def test_the_service_never_imports_torch_or_training() -> None:
     )
     env = {**os.environ, "RERANK_REDIS_URL": "redis://127.0.0.1:1/0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+# Run in a subprocess where `import torch` fails, as on a machine without the training extra.
+WITHOUT_TORCH = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NoTorch(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
+from app.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("verb", ["data", "train", "eval"])
+def test_offline_help_works_without_torch(verb: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, verb, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"usage: rerank {verb}" in done.stdout
+
+
+def test_training_without_torch_says_what_to_install(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, "train", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "needs the training extra" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_uses_the_embedded_port_setting_and_logs_the_url(
+    monkeypatch: pytest.MonkeyPatch, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from app.embedded import free_port
+
+    port = free_port()
+    monkeypatch.setenv("RERANK_REDIS_URL", "")
+    monkeypatch.setenv("RERANK_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("RERANK_EMBEDDED_REDIS_PORT", str(port))
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("uvicorn.run", lambda target, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(cli, "configure_logging", lambda *args: None)  # keep caplog's handler
+    with caplog.at_level("INFO", logger="rerank"):
+        assert cli.main(["serve", "--port", "8123"]) == 0
+    url = f"redis://127.0.0.1:{port}/0"
+    assert os.environ["RERANK_REDIS_URL"] == url
+    assert f"RERANK_REDIS_URL={url} rerank load" in caplog.text
+    assert seen["log_config"] is None  # uvicorn's own lines go through app/logs.py

@@ -56,6 +56,11 @@ def test_read_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None
         ("key_prefix", "a b"),
         ("redis_url", "localhost:6379"),
         ("log_level", "LOUD"),
+        ("log_format", "xml"),
+        ("history_ttl_days", -1),
+        ("embedded_redis_port", -1),
+        ("embedded_redis_port", 70000),
+        ("embedded_redis_maxmemory_mb", -1),
         ("onnx_providers", "NoSuchExecutionProvider"),
     ],
 )
@@ -69,3 +74,15 @@ def test_settings_table_lists_every_setting() -> None:
     for name in Settings.model_fields:
         assert f"`RERANK_{name.upper()}`" in table
     assert "| `RERANK_REDIS_TIMEOUT_MS` | `50.0` |" in table
+
+
+def test_history_ttl_in_seconds() -> None:
+    assert settings().history_ttl_s == 30 * 86400
+    assert settings(history_ttl_days=0.5).history_ttl_s == 43200
+    assert settings(history_ttl_days=1e-9).history_ttl_s == 1  # never rounded down to "never"
+    assert settings(history_ttl_days=0).history_ttl_s == 0
+
+
+def test_log_format_is_case_blind(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RERANK_LOG_FORMAT", "JSON")
+    assert settings().log_format == "json"

@@ -9,14 +9,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import redis
+from fastapi.testclient import TestClient
 from redis.asyncio import Redis
 
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable
+from app.factory import create_app
 from app.loader import load_model
 from app.manifest import Manifest
 from app.metrics import Metrics
 from app.store import Store, VectorCache
+from tests.conftest import N_ITEMS, VERSION_A, make_settings
 
 T = TypeVar("T")
 
@@ -167,3 +171,69 @@ def test_decode_keeps_only_values_of_the_right_length() -> None:
     assert matrix.tolist() == [[1, 2], [3, 4]]
     present, matrix = decode([], manifest)
     assert present.tolist() == [] and matrix.shape == (0, 2)
+
+
+def test_an_append_sets_the_history_expiry_again(
+    redis_server: EmbeddedRedis, prefix: str, loaded: str, settings_factory: Callable[..., Any]
+) -> None:
+    r = redis.Redis.from_url(redis_server.url)
+    key = f"{prefix}:h:u1"
+    try:
+        with TestClient(create_app(settings_factory(history_ttl_days=2))) as client:
+            assert client.post("/events", json={"user_id": "u1", "item_ids": ["1"]}).is_success
+            assert 2 * 86400 - 60 < r.ttl(key) <= 2 * 86400
+            r.expire(key, 5)  # as if the user had been away for most of the two days
+            assert client.post("/events", json={"user_id": "u1", "item_ids": ["2"]}).is_success
+            assert 2 * 86400 - 60 < r.ttl(key) <= 2 * 86400
+            assert r.lrange(key, 0, -1) == [b"2", b"1"]
+        with TestClient(create_app(settings_factory(history_ttl_days=0))) as client:
+            assert client.post("/events", json={"user_id": "u2", "item_ids": ["1"]}).is_success
+            assert r.ttl(f"{prefix}:h:u2") == -1  # 0: never expires
+    finally:
+        r.close()
+
+
+def test_a_full_redis_evicts_only_histories_then_refuses_writes_plainly(
+    prefix: str, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """maxmemory with volatile-lru: histories (which expire) go, vectors and manifests stay;
+    with nothing left to evict, /events is a 503 that names no key and quotes no Redis text."""
+    with EmbeddedRedis(maxmemory_mb=2) as server:
+        load_model(server.url, model_dir / VERSION_A, prefix)
+        r = redis.Redis.from_url(server.url)
+        try:
+            model_keys = list(r.scan_iter(f"{prefix}:*", count=1000))
+            assert len(model_keys) > N_ITEMS  # the vectors, the manifest, the active pointer
+            settings = make_settings(server.url, prefix, model_dir)
+            with TestClient(create_app(settings)) as client:
+                # About 3 MB of histories into 2 MB: the least recently used are evicted.
+                pipe = r.pipeline(transaction=False)
+                for u in range(3000):
+                    pipe.rpush(f"{prefix}:h:old{u}", *[f"{j:0>120}" for j in range(8)])
+                    pipe.expire(f"{prefix}:h:old{u}", 3600)
+                pipe.execute()
+                assert r.info("stats")["evicted_keys"] > 0
+                events = {"user_id": "secret-user", "item_ids": ["1", "2"]}
+                assert client.post("/events", json=events).status_code == 200
+                assert r.exists(*model_keys) == len(model_keys)
+
+                # Keys without an expiry until the memory is full: nothing is left to evict.
+                with pytest.raises(redis.ResponseError, match="maxmemory"):
+                    for i in range(10_000):
+                        r.set(f"junk:{i}", b"x" * 10_000)
+                # Well under what is used now: a refused command's freed buffers do not bring
+                # the memory back under the limit.
+                r.config_set("maxmemory", "1mb")
+                with caplog.at_level("WARNING", logger="app.errors"):
+                    response = client.post("/events", json=events)
+                assert "maxmemory" in caplog.text  # the detail is in the log
+                assert response.status_code == 503 and "Retry-After" in response.headers
+                detail = response.json()["detail"]
+                for leaked in (prefix, "secret-user", "OOM", "maxmemory", "LPUSH", "Command"):
+                    assert leaked not in detail, detail
+                assert r.exists(*model_keys) == len(model_keys)
+                # Reads still work: /rerank scores from the vectors that stayed.
+                answer = client.post("/rerank", json={"user_id": "u", "candidates": ["1", "2"]})
+                assert answer.status_code == 200 and not answer.json()["degraded"]
+        finally:
+            r.close()

@@ -1,7 +1,9 @@
 """Offline verbs of the ``rerank`` command: data, train, eval.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
-for, so that the service never imports PyTorch.
+for, so that the service never imports PyTorch. This module imports the training code (and
+PyTorch with it) only once a verb runs: ``--help`` works on a machine without PyTorch, and
+``rerank data`` needs only numpy.
 """
 
 from __future__ import annotations
@@ -9,10 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-from training.data import fetch_movielens, load_movielens
-from training.pipeline import PipelineConfig, prepare, run
-from training.train import TrainConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,7 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--version", help="folder name under --models-dir (default: dated)")
     train.add_argument("--default", action="store_true", help="write models/DEFAULT")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes)
+    train.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="training time budget in minutes (default: TrainConfig's)",
+    )
     ev = sub.add_parser("eval", help="evaluate an exported model (its ONNX file) again")
     ev.add_argument("model_dir", type=Path)
     ev.add_argument("--data-dir", type=Path, default=Path("data"))
@@ -35,16 +38,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from training.data import fetch_movielens, load_movielens
+
     if args.verb == "data":
         print(f"MovieLens-100K in {fetch_movielens(args.data_dir)}")
         return 0
+    from training.pipeline import PipelineConfig, prepare, run
+    from training.train import TrainConfig
+
     fetch_movielens(args.data_dir)
     dataset = load_movielens(args.data_dir)
     cache = args.data_dir / "cache"
     if args.verb == "train":
-        cfg = PipelineConfig(
-            seed=args.seed, train=TrainConfig(seed=args.seed, max_minutes=args.max_minutes)
-        )
+        budget = {} if args.max_minutes is None else {"max_minutes": args.max_minutes}
+        cfg = PipelineConfig(seed=args.seed, train=TrainConfig(seed=args.seed, **budget))
         folder = run(dataset, args.models_dir, cfg, cache, args.version)
         if args.default:
             (args.models_dir / "DEFAULT").write_text(folder.name + "\n")
