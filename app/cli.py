@@ -128,7 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers < 1:
             log.error("--workers=%d must be at least 1", args.workers)
             return 2
-        return serve(args, settings)
+        from app.metrics import multiprocess_dir
+
+        # Workers share their metrics through a folder, so that any scrape reads them all.
+        with multiprocess_dir(args.workers):
+            return serve(args, settings)
     return load(args, settings)
 
 

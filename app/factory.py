@@ -111,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             drain.install()  # first: a SIGTERM during start-up drains as well
             stack.callback(drain.uninstall)
+            stack.callback(metrics.close)  # last: the worker's live gauges leave the scrape
             url = settings.redis_url
             if url is None:  # `uvicorn app.main:app` without Redis: a private one
                 server = await asyncio.to_thread(start_embedded, settings)
