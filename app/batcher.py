@@ -23,10 +23,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.errors import ModelError, Overloaded
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    from app.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +43,23 @@ class _Pending:
     job: Job
     future: asyncio.Future[Scored]
     queued_at: float = field(default_factory=time.perf_counter)
+    trace: Context | None = None  # the request's trace context, when it is traced
 
 
 class Batcher:
     def __init__(
-        self, max_batch: int, max_wait_s: float, queue_limit: int, metrics: Metrics
+        self,
+        max_batch: int,
+        max_wait_s: float,
+        queue_limit: int,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.metrics = metrics
+        self.tracing = tracing
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
         # One thread: batches run one after another, and ONNX Runtime uses its own
@@ -78,7 +91,10 @@ class Batcher:
             self.metrics.shed.inc()
             raise Overloaded(f"{len(self._queue)} requests already waiting")
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, job, future))
+        pending = _Pending(model, job, future)
+        if self.tracing is not None:
+            pending.trace = self.tracing.current()
+        self._queue.append(pending)
         self._nonempty.set()
         return await future
 
@@ -125,12 +141,27 @@ class Batcher:
             except Exception as exc:  # the loop must outlive any one bad batch
                 error = exc if isinstance(exc, ModelError) else ModelError(repr(exc))
                 log.error("batch of %d on %s failed: %s", len(jobs), model.version, error)
+                if self.tracing is not None:
+                    self._trace(group, now, start, error)
                 for p in group:
                     if not p.future.done():
                         p.future.set_exception(error)
                 continue
             finally:
                 self.metrics.model_seconds.observe(time.perf_counter() - start)
+            if self.tracing is not None:
+                self._trace(group, now, start, None)
             for p, result in zip(group, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+
+    def _trace(
+        self, group: list[_Pending], taken_at: float, start: float, error: Exception | None
+    ) -> None:
+        """The group's queue waits and model run, as spans of the requests that are traced."""
+        assert self.tracing is not None
+        attributes = {
+            "rerank.batch_size": len(group),
+            "rerank.model_version": group[0].model.version,
+        }
+        self.tracing.batch(group, taken_at, start, time.perf_counter(), attributes, error)

@@ -31,6 +31,8 @@ from app.model import choose_providers
 from app.service import RerankService
 from app.store import ClusterStore, Store, VectorCache
 from app.swap import ModelHolder, ModelSpec, VersionWatcher
+from app.tracing import TraceRequests, Tracing
+from app.tracing import from_settings as tracing_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,15 @@ def redis_client(url: str, settings: Settings) -> Redis | RedisCluster:
     return Redis.from_url(url, **options)
 
 
-def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metrics) -> Store:
+def make_store(
+    client: Redis | RedisCluster,
+    settings: Settings,
+    metrics: Metrics,
+    tracing: Tracing | None = None,
+) -> Store:
     cache = VectorCache(settings.cache_size)
-    if isinstance(client, RedisCluster):
-        return ClusterStore(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
-    return Store(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics)
+    kind = ClusterStore if isinstance(client, RedisCluster) else Store
+    return kind(client, settings.key_prefix, settings.redis_timeout_s, cache, metrics, tracing)
 
 
 async def bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
@@ -95,9 +101,15 @@ class RerankApp(FastAPI):
         return self.door(super().build_middleware_stack())
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
+def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
+    """The service; its lifespan opens Redis, the model and the batcher, closes in reverse.
+
+    ``tracing``: where spans go; by default from the settings (app/tracing.py), None when
+    no OTLP endpoint is configured.
+    """
     metrics = Metrics()
+    if tracing is None:
+        tracing = tracing_from_settings(settings)
     drain = Drain(settings.shutdown_delay_s)
     admission = Admission(
         settings.max_inflight,
@@ -112,6 +124,10 @@ def create_app(settings: Settings) -> FastAPI:
             drain.install()  # first: a SIGTERM during start-up drains as well
             stack.callback(drain.uninstall)
             stack.callback(metrics.close)  # last: the worker's live gauges leave the scrape
+            if tracing is not None:  # after the batcher: its last spans are exported
+                stack.push_async_callback(
+                    bounded, "trace exporter", partial(asyncio.to_thread, tracing.shutdown)
+                )
             url = settings.redis_url
             if url is None:  # `uvicorn app.main:app` without Redis: a private one
                 server = await asyncio.to_thread(start_embedded, settings)
@@ -119,10 +135,10 @@ def create_app(settings: Settings) -> FastAPI:
                 url = server.url
             client = redis_client(url, settings)
             stack.push_async_callback(bounded, "redis client", client.aclose)
-            store = make_store(client, settings, metrics)
+            store = make_store(client, settings, metrics, tracing)
             holder = ModelHolder()
             batcher = Batcher(
-                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics
+                settings.max_batch, settings.max_wait_s, settings.queue_limit, metrics, tracing
             )
             batcher.start()
             stack.push_async_callback(bounded, "batcher", batcher.close)
@@ -161,6 +177,10 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Reranks a recall list with a deep model over Redis-cached item vectors.",
         version="0.1.0",
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks stay off: app/tracing.py traces the requests
+        # (inside the door), and the hooks' check of the global providers costs every
+        # request some microseconds even with nothing configured.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     app.state.metrics = metrics
     app.state.settings = settings
@@ -171,4 +191,6 @@ def create_app(settings: Settings) -> FastAPI:
     # included.
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)
+    if tracing is not None:  # outermost inside the door: the request span covers the rest
+        app.add_middleware(TraceRequests, tracing=tracing)
     return app

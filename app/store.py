@@ -16,13 +16,14 @@ any Redis fault into ``StoreUnavailable``, which the service answers by failing 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import compress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.asyncio import Redis, RedisCluster
@@ -33,6 +34,9 @@ from app.admission import waited_on_redis
 from app.errors import StoreUnavailable
 from app.manifest import Manifest
 from app.metrics import Metrics
+
+if TYPE_CHECKING:
+    from app.tracing import Tracing
 
 # Why a script: the history's item ids are only known after the list is read, so a plain
 # pipeline needs a second round trip for the history's vectors. The script reads the list and
@@ -187,12 +191,14 @@ class Store:
         timeout_s: float,
         cache: VectorCache,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.keys = Keys(prefix)
         self.timeout_s = timeout_s
         self.cache = cache
         self.metrics = metrics
+        self.tracing = tracing
         # Registering only computes the script's hash (no Redis call); ClusterStore, whose
         # keys span slots, never runs it.
         self._fetch_script = client.register_script(FETCH_SCRIPT)
@@ -201,9 +207,11 @@ class Store:
         """Run one Redis call under the deadline; every failure becomes StoreUnavailable."""
         timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
+        answered = False
         try:
             async with asyncio.timeout(timeout_s):
                 result = await awaitable
+            answered = True
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis {op}: no answer within {timeout_s * 1000:g} ms") from exc
         except (RedisError, RedisClusterException, OSError) as exc:
@@ -212,6 +220,14 @@ class Store:
             took = time.perf_counter() - start
             self.metrics.redis_seconds.labels(op).observe(took)
             waited_on_redis(took)  # the admission limit is about this process, not Redis
+            if self.tracing is not None:  # a span under the request's, if it is traced
+                self.tracing.child(
+                    f"redis {op}",
+                    start,
+                    start + took,
+                    None if answered else sys.exc_info()[1],  # the error being raised
+                    {"db.system.name": "redis", "db.operation.name": op},
+                )
         return result
 
     async def prepare(self) -> None:

@@ -1,0 +1,203 @@
+"""OpenTelemetry tracing (app/tracing.py): the spans of a request, the caller's trace
+context, and nothing at all when no endpoint is configured."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from app.config import Settings
+from app.factory import create_app
+from app.tracing import TraceRequests, Tracing, endpoint, from_settings
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+def traceparent(sampled: bool = True) -> str:
+    return f"00-{TRACE_ID}-{PARENT_ID}-{'01' if sampled else '00'}"
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def traced(
+    loaded: str, settings_factory: Callable[..., Settings], exporter: InMemorySpanExporter
+) -> Iterator[TestClient]:
+    # Simple processor: each span is exported as it ends, so the test reads them at once.
+    app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
+    with TestClient(app) as client:
+        exporter.clear()  # start-up's Redis calls are outside any request: none expected
+        yield client
+
+
+def by_name(spans: tuple[ReadableSpan, ...]) -> dict[str, ReadableSpan]:
+    named = {s.name: s for s in spans}
+    assert len(named) == len(spans), [s.name for s in spans]
+    return named
+
+
+def test_one_rerank_gives_four_spans_in_the_callers_trace(
+    traced: TestClient, exporter: InMemorySpanExporter
+) -> None:
+    candidates = [str(i) for i in range(1, 11)]
+    response = traced.post(
+        "/rerank",
+        json={"user_id": "u1", "candidates": candidates, "k": 5},
+        headers={"traceparent": traceparent()},
+    )
+    assert response.status_code == 200 and response.json()["degraded"] is False
+    spans = by_name(exporter.get_finished_spans())
+    assert set(spans) == {"POST /rerank", "redis fetch", "queue wait", "model run"}
+
+    request = spans["POST /rerank"]
+    assert request.kind is SpanKind.SERVER
+    assert request.parent is not None and request.parent.is_remote
+    assert format(request.parent.span_id, "016x") == PARENT_ID  # the caller's span
+    assert request.attributes is not None
+    assert request.attributes["http.route"] == "/rerank"
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.attributes["rerank.request_id"] == response.headers["x-request-id"]
+    assert request.status.status_code is StatusCode.UNSET
+    assert request.start_time is not None and request.end_time is not None
+
+    for span in spans.values():
+        assert format(span.context.trace_id, "032x") == TRACE_ID
+    for name in ("redis fetch", "queue wait", "model run"):
+        child = spans[name]
+        assert child.parent is not None and child.parent.span_id == request.context.span_id
+        assert child.start_time is not None and child.end_time is not None
+        # Recorded from the batch's and the store's stamps: inside the request's span.
+        assert request.start_time <= child.start_time <= child.end_time <= request.end_time
+    assert spans["redis fetch"].kind is SpanKind.CLIENT
+    wait, run = spans["queue wait"], spans["model run"]
+    assert wait.end_time is not None and run.start_time is not None
+    assert wait.end_time <= run.start_time
+    assert run.attributes is not None and run.attributes["rerank.batch_size"] == 1
+    assert run.attributes["rerank.model_version"] == response.json()["model_version"]
+
+
+def test_without_a_traceparent_the_request_starts_a_trace(
+    traced: TestClient, exporter: InMemorySpanExporter
+) -> None:
+    assert traced.post("/events", json={"user_id": "u2", "item_ids": ["i1"]}).status_code == 200
+    spans = by_name(exporter.get_finished_spans())
+    assert set(spans) == {"POST /events", "redis events"}
+    assert spans["POST /events"].parent is None
+    parent = spans["redis events"].parent
+    assert parent is not None and parent.span_id == spans["POST /events"].context.span_id
+
+
+def test_probes_and_unsampled_callers_record_nothing(
+    traced: TestClient, exporter: InMemorySpanExporter
+) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert traced.get(path).status_code == 200
+    response = traced.post(
+        "/rerank",
+        json={"user_id": "u1", "candidates": ["1", "2"]},
+        headers={"traceparent": traceparent(sampled=False)},
+    )
+    assert response.status_code == 200
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_failed_redis_call_marks_its_span(
+    loaded: str,
+    settings_factory: Callable[..., Settings],
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
+    with TestClient(app) as client:
+        store = app.state.service.store
+
+        async def broken(*args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("redis went away")
+
+        monkeypatch.setattr(store, "_fetch_script", broken)
+        exporter.clear()
+        answer = client.post("/rerank", json={"user_id": "u1", "candidates": ["1", "2"]})
+    assert answer.status_code == 200 and answer.json()["degraded"] is True
+    spans = by_name(exporter.get_finished_spans())
+    assert set(spans) == {"POST /rerank", "redis fetch"}
+    failed = spans["redis fetch"]
+    assert failed.status.status_code is StatusCode.ERROR
+    assert failed.attributes is not None
+    assert failed.attributes["error.type"] == "StoreUnavailable"
+
+
+# --- on or off ----------------------------------------------------------------------------
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("rerank", "environ", "url"),
+    [
+        (None, {}, None),
+        ("http://collector:4318", {}, "http://collector:4318/v1/traces"),
+        ("http://collector:4318/", {}, "http://collector:4318/v1/traces"),
+        ("https://c:4318/v1/traces", {}, "https://c:4318/v1/traces"),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://o:4318"}, "http://o:4318/v1/traces"),
+        (None, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://o:9/x"}, "http://o:9/x"),
+        (
+            "http://r:4318",
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://o:4318"},
+            "http://r:4318/v1/traces",
+        ),
+        ("http://r:4318", {"OTEL_SDK_DISABLED": "true"}, None),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://o:1", "OTEL_TRACES_EXPORTER": "none"}, None),
+    ],
+)
+def test_endpoint(rerank: str | None, environ: dict[str, str], url: str | None) -> None:
+    assert endpoint(settings(otlp_endpoint=rerank), environ) == url
+
+
+def test_a_bad_endpoint_or_protocol_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="otlp_endpoint"):
+        settings(otlp_endpoint="collector:4318")
+    grpc = {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        from_settings(settings(otlp_endpoint="http://collector:4318"), grpc)
+
+
+def test_an_endpoint_turns_tracing_on(
+    monkeypatch: pytest.MonkeyPatch, settings_factory: Callable[..., Settings]
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    off = create_app(settings_factory())
+    assert TraceRequests not in [m.cls for m in off.user_middleware]
+    on = create_app(settings_factory(otlp_endpoint="http://127.0.0.1:1"))
+    assert TraceRequests in [m.cls for m in on.user_middleware]
+    (middleware,) = [m for m in on.user_middleware if m.cls is TraceRequests]
+    middleware.kwargs["tracing"].shutdown()  # nothing was exported: returns at once
+
+
+def test_off_loads_neither_the_sdk_nor_the_exporter() -> None:
+    code = (
+        "import sys, app.main\n"
+        "loaded = [m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', "
+        "'opentelemetry.exporter'))]\n"
+        "assert not loaded, loaded\n"
+        "assert all(m.cls.__name__ != 'TraceRequests' for m in app.main.app.user_middleware)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "RERANK_"))}
+    env["RERANK_REDIS_URL"] = "redis://127.0.0.1:1/0"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
