@@ -140,9 +140,9 @@ class Batcher:
                 raise
             except Exception as exc:  # the loop must outlive any one bad batch
                 error = exc if isinstance(exc, ModelError) else ModelError(repr(exc))
-                log.error("batch of %d on %s failed: %s", len(jobs), model.version, error)
                 if self.tracing is not None:
                     self._trace(group, now, start, error)
+                log.error("batch of %d on %s failed: %s", len(jobs), model.version, error)
                 for p in group:
                     if not p.future.done():
                         p.future.set_exception(error)

@@ -185,7 +185,7 @@ def _alive(pid: int) -> bool:
 def sweep_dead_processes(path: str | None = None) -> None:
     """Drop the live gauges of processes that are gone without a ``close`` (killed workers,
     restarted by the server): their last values would otherwise stay in every scrape."""
-    folder = path or os.environ[MULTIPROC_ENV]
+    folder = path or os.environ.get(MULTIPROC_ENV) or os.environ["prometheus_multiproc_dir"]
     for name in glob.glob(os.path.join(folder, "gauge_live*_*.db")):
         pid = Path(name).stem.rsplit("_", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):

@@ -227,6 +227,13 @@ class TraceRequests:
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
         status: int | None = None
+        hung_up = False
+
+        async def receive_traced() -> Message:
+            nonlocal hung_up
+            message = await receive()
+            hung_up = hung_up or message["type"] == "http.disconnect"
+            return message
 
         async def send_traced(message: Message) -> None:
             nonlocal status
@@ -239,7 +246,7 @@ class TraceRequests:
 
         error: BaseException | None = None
         try:
-            await self.app(scope, receive, send_traced)
+            await self.app(scope, receive_traced, send_traced)
         except BaseException as exc:
             error = exc
             raise
@@ -248,6 +255,8 @@ class TraceRequests:
                 span.set_attribute("http.response.status_code", status)
             if error is not None:
                 _fail(span, error)
+            elif status is None and hung_up:  # the caller's doing, not a fault here
+                span.set_attribute("rerank.client_hung_up", True)
             elif status is None or status >= 500:
                 span.set_attribute("error.type", str(status or "incomplete_response"))
                 span.set_status(Status(StatusCode.ERROR))

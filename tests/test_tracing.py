@@ -3,6 +3,7 @@ context, and nothing at all when no endpoint is configured."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from app.config import Settings
 from app.factory import create_app
 from app.tracing import TraceRequests, Tracing, endpoint, from_settings
+from tests.conftest import serve
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -137,6 +139,66 @@ def test_a_failed_redis_call_marks_its_span(
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.attributes is not None
     assert failed.attributes["error.type"] == "StoreUnavailable"
+
+
+def test_a_failed_batch_marks_its_model_run(
+    loaded: str,
+    settings_factory: Callable[..., Settings],
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
+    with TestClient(app) as client:
+
+        def broken(jobs: Any) -> None:
+            raise RuntimeError("onnx runtime fell over")
+
+        monkeypatch.setattr(app.state.holder.model, "run_batch", broken)
+        exporter.clear()
+        answer = client.post("/rerank", json={"user_id": "u1", "candidates": ["1", "2"]})
+    assert answer.status_code == 200 and answer.json()["degraded"] is True
+    spans = by_name(exporter.get_finished_spans())
+    assert set(spans) == {"POST /rerank", "redis fetch", "queue wait", "model run"}
+    assert spans["model run"].status.status_code is StatusCode.ERROR
+    assert spans["queue wait"].status.status_code is StatusCode.UNSET
+
+
+def test_a_caller_that_hangs_up_is_not_an_error(
+    loaded: str, settings_factory: Callable[..., Settings], exporter: InMemorySpanExporter
+) -> None:
+    app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/rerank",
+        "raw_path": b"/rerank",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("test", 80),
+    }
+    sent: list[Any] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}  # gone before the body came
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def main() -> None:
+        async with serve(app):
+            exporter.clear()
+            await app(scope, receive, send)
+
+    asyncio.run(main())
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "POST /rerank"
+    assert span.attributes is not None and span.attributes["rerank.client_hung_up"] is True
+    assert span.status.status_code is StatusCode.UNSET
 
 
 # --- on or off ----------------------------------------------------------------------------
