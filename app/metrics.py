@@ -12,7 +12,7 @@ of them (``MultiProcessCollector``): counters and histograms are summed over the
 dead ones included, so they never go down; each gauge says how it combines (below). The
 folder must be empty when the workers start: ``multiprocess_dir`` sees to that for
 ``rerank serve``. The model version is an ``Info`` in one process and a gauge here, since
-``Info`` has no multiprocess form. Operations: docs/operations.md.
+``Info`` has no multiprocess form. How each metric combines: deploy/monitoring/METRICS.md.
 """
 
 from __future__ import annotations
