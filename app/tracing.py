@@ -132,6 +132,15 @@ class Tracing:
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("rerank")
         self.propagator = TraceContextTextMapPropagator()
+        # Every span's times are perf_counter readings moved by one offset to the wall
+        # clock, so a parent and its children always line up; perf_counter is slewed with
+        # the wall clock, and only a step of the wall clock (rare once a host is up) moves
+        # this process's spans off it, by that step.
+        self.offset_ns = time.time_ns() - time.perf_counter_ns()
+
+    def ns(self, perf_s: float) -> int:
+        """A ``time.perf_counter`` reading as OpenTelemetry's nanoseconds since the epoch."""
+        return round(perf_s * 1e9) + self.offset_ns
 
     def shutdown(self) -> None:
         """Export what is left and stop the exporter's thread."""
@@ -162,12 +171,11 @@ class Tracing:
         ``time.perf_counter``."""
         if not trace.get_current_span().is_recording():
             return
-        offset = _epoch_offset_ns()
         span = self.tracer.start_span(
-            name, kind=SpanKind.CLIENT, start_time=_ns(start, offset), attributes=attributes
+            name, kind=SpanKind.CLIENT, start_time=self.ns(start), attributes=attributes
         )
         _fail(span, error)
-        span.end(end_time=_ns(end, offset))
+        span.end(end_time=self.ns(end))
 
     def batch(
         self,
@@ -180,22 +188,18 @@ class Tracing:
     ) -> None:
         """For each traced request of a batch: its queue wait (submit to ``taken_at``) and
         the model run (``start`` to ``end``), as children of its request span."""
-        offset = _epoch_offset_ns()
         for item in queued:
             if item.trace is None:
                 continue
             wait = self.tracer.start_span(
-                "queue wait", context=item.trace, start_time=_ns(item.queued_at, offset)
+                "queue wait", context=item.trace, start_time=self.ns(item.queued_at)
             )
-            wait.end(end_time=_ns(taken_at, offset))
+            wait.end(end_time=self.ns(taken_at))
             run = self.tracer.start_span(
-                "model run",
-                context=item.trace,
-                start_time=_ns(start, offset),
-                attributes=attributes,
+                "model run", context=item.trace, start_time=self.ns(start), attributes=attributes
             )
             _fail(run, error)
-            run.end(end_time=_ns(end, offset))
+            run.end(end_time=self.ns(end))
 
 
 class TraceRequests:
@@ -222,7 +226,7 @@ class TraceRequests:
             f"{method} {route}" if route else method,
             context=parent,
             kind=SpanKind.SERVER,
-            start_time=_ns(start, _epoch_offset_ns()),
+            start_time=tracing.ns(start),
             attributes=attributes,
         )
         token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -260,18 +264,8 @@ class TraceRequests:
             elif status is None or status >= 500:
                 span.set_attribute("error.type", str(status or "incomplete_response"))
                 span.set_status(Status(StatusCode.ERROR))
-            span.end(end_time=_ns(time.perf_counter(), _epoch_offset_ns()))
+            span.end(end_time=tracing.ns(time.perf_counter()))
             otel_context.detach(token)
-
-
-def _epoch_offset_ns() -> int:
-    """Wall clock minus perf_counter, now: read per use, so a stepped wall clock never
-    leaves children outside their parent."""
-    return time.time_ns() - time.perf_counter_ns()
-
-
-def _ns(perf_s: float, offset: int) -> int:
-    return round(perf_s * 1e9) + offset
 
 
 def _fail(span: Any, error: BaseException | None) -> None:
