@@ -7,7 +7,9 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -250,6 +252,66 @@ def test_an_endpoint_turns_tracing_on(
     assert TraceRequests in [m.cls for m in on.user_middleware]
     (middleware,) = [m for m in on.user_middleware if m.cls is TraceRequests]
     middleware.kwargs["tracing"].shutdown()  # nothing was exported: returns at once
+
+
+class Collector(BaseHTTPRequestHandler):
+    """An OTLP/HTTP receiver that keeps what it is sent."""
+
+    received: list[tuple[str, str, bytes]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append((self.path, self.headers["Content-Type"], body))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_spans_reach_the_configured_collector(
+    loaded: str, settings_factory: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    for name in list(os.environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    Collector.received = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        app = create_app(settings_factory(otlp_endpoint=url))
+        with TestClient(app) as client:
+            answer = client.post(
+                "/rerank",
+                json={"user_id": "u1", "candidates": ["1", "2"]},
+                headers={"traceparent": traceparent()},
+            )
+            assert answer.status_code == 200
+        # Leaving the lifespan flushes the exporter's queue.
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert Collector.received, "nothing was exported"
+    names = set()
+    for path, content_type, body in Collector.received:
+        assert (path, content_type) == ("/v1/traces", "application/x-protobuf")
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource.resource.attributes}
+            assert service["service.name"] == "rerank"
+            for scope in resource.scope_spans:
+                for span in scope.spans:
+                    assert span.trace_id.hex() == TRACE_ID
+                    names.add(span.name)
+    assert names == {"POST /rerank", "redis fetch", "queue wait", "model run"}
 
 
 def test_off_loads_neither_the_sdk_nor_the_exporter() -> None:
