@@ -24,10 +24,16 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.errors import ModelError
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+
+    from app.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +44,14 @@ class _Pending:
     job: Job
     future: asyncio.Future[Scored]
     queued_at: float = field(default_factory=time.perf_counter)
+    trace: Context | None = None  # the request's trace context, when it is traced
 
 
 class Batcher:
-    def __init__(self, max_batch: int, metrics: Metrics) -> None:
+    def __init__(self, max_batch: int, metrics: Metrics, tracing: Tracing | None = None) -> None:
         self.max_batch = max_batch
         self.metrics = metrics
+        self.tracing = tracing
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
         # One thread: batches run one after another, and ONNX Runtime uses its own
@@ -72,7 +80,10 @@ class Batcher:
     async def submit(self, model: LoadedModel, job: Job) -> Scored:
         """Queue one request and wait for its rows."""
         future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(model, job, future))
+        pending = _Pending(model, job, future)
+        if self.tracing is not None:
+            pending.trace = self.tracing.current()
+        self._queue.append(pending)
         self._nonempty.set()
         return await future
 
@@ -118,6 +129,8 @@ class Batcher:
                 raise
             except Exception as exc:  # the loop must outlive any one bad batch
                 error = exc if isinstance(exc, ModelError) else ModelError(repr(exc))
+                if self.tracing is not None:
+                    self._trace(group, now, start, error)
                 log.error("batch of %d on %s failed: %s", len(jobs), model.version, error)
                 for p in group:
                     if not p.future.done():
@@ -125,6 +138,19 @@ class Batcher:
                 continue
             finally:
                 self.metrics.model_seconds.observe(time.perf_counter() - start)
+            if self.tracing is not None:
+                self._trace(group, now, start, None)
             for p, result in zip(group, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+
+    def _trace(
+        self, group: list[_Pending], taken_at: float, start: float, error: Exception | None
+    ) -> None:
+        """The group's queue waits and model run, as spans of the requests that are traced."""
+        assert self.tracing is not None
+        attributes = {
+            "rerank.batch_size": len(group),
+            "rerank.model_version": group[0].model.version,
+        }
+        self.tracing.batch(group, taken_at, start, time.perf_counter(), attributes, error)

@@ -28,10 +28,6 @@ OFFLINE_VERBS = {
 }
 
 
-
-
-
-
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
@@ -141,7 +137,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers < 1:
             log.error("--workers=%d must be at least 1", args.workers)
             return 2
-        return serve(args, settings)
+        from app.metrics import multiprocess_dir
+
+        # Workers share their metrics through a folder, so that any scrape reads them all.
+        with multiprocess_dir(args.workers):
+            return serve(args, settings)
     return load(args, settings)
 
 

@@ -181,6 +181,14 @@ class Settings(BaseSettings):
         description="After the shutdown delay, longest wait for in-flight requests before "
         "they are cancelled (uvicorn's graceful shutdown timeout).",
     )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="Base URL of an OpenTelemetry collector's OTLP/HTTP receiver "
+        "(http://collector:4318; /v1/traces is added). Set, or OTEL_EXPORTER_OTLP_ENDPOINT "
+        "set: each /rerank and /events is traced (request, Redis, queue wait, model run), "
+        "joining the caller's trace from its W3C traceparent header. Unset: no tracing, "
+        "at no cost. Needs the tracing extra.",
+    )
 
     @field_validator(
         "max_batch",
@@ -255,6 +263,15 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(REDIS_SCHEMES):
             raise ValueError(f"redis_url must start with one of {', '.join(REDIS_SCHEMES)}")
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _otlp_endpoint(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_endpoint={value!r} must start with http:// or https://")
         return value
 
     @field_validator("log_level")

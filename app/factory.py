@@ -32,6 +32,8 @@ from app.model import choose_providers
 from app.service import RerankService
 from app.store import ClusterStore, Store, VectorCache
 from app.swap import ModelHolder, ModelSpec, VersionWatcher
+from app.tracing import TraceRequests, Tracing
+from app.tracing import from_settings as tracing_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,12 @@ def redis_client(url: str, settings: Settings) -> Redis | RedisCluster:
     return Redis.from_url(url, **options)
 
 
-def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metrics) -> Store:
+def make_store(
+    client: Redis | RedisCluster,
+    settings: Settings,
+    metrics: Metrics,
+    tracing: Tracing | None = None,
+) -> Store:
     cache = VectorCache(settings.cache_size)
     kind = ClusterStore if isinstance(client, RedisCluster) else Store
     return kind(
@@ -81,6 +88,7 @@ def make_store(client: Redis | RedisCluster, settings: Settings, metrics: Metric
         cache,
         metrics,
         settings.history_ttl_s,
+        tracing,
     )
 
 
@@ -106,9 +114,15 @@ class RerankApp(FastAPI):
         return self.front(super().build_middleware_stack())
 
 
-def front(app: ASGIApp, settings: Settings, admission: Admission, metrics: Metrics) -> ASGIApp:
-    """Outermost first: the request context (id, log, latency), the API key, the body and
-    admission; then FastAPI's own stack."""
+def front(
+    app: ASGIApp,
+    settings: Settings,
+    admission: Admission,
+    metrics: Metrics,
+    tracing: Tracing | None,
+) -> ASGIApp:
+    """Outermost first: the request context (id, log, latency), the request's span when
+    tracing is on, the API key, the body and admission; then FastAPI's own stack."""
     app = AdmissionGate(
         app,
         admission,
@@ -121,12 +135,20 @@ def front(app: ASGIApp, settings: Settings, admission: Admission, metrics: Metri
     if keys:
         guarded = WORK_ROUTES | OPS_ROUTES if settings.protect_ops else WORK_ROUTES
         app = ApiKeyCheck(app, keys, guarded)
+    if tracing is not None:  # the request span covers the body read and the wait for a slot
+        app = TraceRequests(app, tracing)
     return RequestContext(app, metrics)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The service; its lifespan opens Redis, the model and the batcher, closes in reverse."""
+def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
+    """The service; its lifespan opens Redis, the model and the batcher, closes in reverse.
+
+    ``tracing``: where spans go; by default from the settings (app/tracing.py), None when
+    no OTLP endpoint is configured.
+    """
     metrics = Metrics()
+    if tracing is None:
+        tracing = tracing_from_settings(settings)
     drain = Drain(settings.shutdown_delay_s)
     admission = Admission(
         settings.max_inflight,
@@ -141,6 +163,11 @@ def create_app(settings: Settings) -> FastAPI:
         async with AsyncExitStack() as stack:
             drain.install()  # first: a SIGTERM during start-up drains as well
             stack.callback(drain.uninstall)
+            stack.callback(metrics.close)  # last: the worker's live gauges leave the scrape
+            if tracing is not None:  # after the batcher: its last spans are exported
+                stack.push_async_callback(
+                    bounded, "trace exporter", partial(asyncio.to_thread, tracing.shutdown)
+                )
             url = settings.redis_url
             if url is None:  # `uvicorn app.main:app` without Redis: a private one
                 server = await asyncio.to_thread(start_embedded, settings)
@@ -148,9 +175,9 @@ def create_app(settings: Settings) -> FastAPI:
                 url = server.url
             client = redis_client(url, settings)
             stack.push_async_callback(bounded, "redis client", client.aclose)
-            store = make_store(client, settings, metrics)
+            store = make_store(client, settings, metrics, tracing)
             holder = ModelHolder()
-            batcher = Batcher(settings.max_batch, metrics)
+            batcher = Batcher(settings.max_batch, metrics, tracing)
             batcher.start()
             stack.push_async_callback(bounded, "batcher", batcher.close)
             spec = ModelSpec(
@@ -183,13 +210,17 @@ def create_app(settings: Settings) -> FastAPI:
             yield
 
     app = RerankApp(
-        partial(front, settings=settings, admission=admission, metrics=metrics),
+        partial(front, settings=settings, admission=admission, metrics=metrics, tracing=tracing),
         title="rerank",
         summary="Reranks a recall list with a deep model over Redis-cached item vectors.",
         version="0.1.0",
         lifespan=lifespan,
         docs_url=None,  # app/docs.py serves /docs and /redoc with their own assets
         redoc_url=None,
+        # FastAPI's own OpenTelemetry hooks stay off: app/tracing.py traces the requests
+        # (inside the door), and the hooks' check of the global providers costs every
+        # request some microseconds even with nothing configured.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     install_docs(app)
     app.state.metrics = metrics

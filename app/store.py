@@ -17,13 +17,14 @@ any Redis fault into ``StoreUnavailable``, which the service answers by failing 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import compress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from redis.asyncio import Redis, RedisCluster
@@ -33,6 +34,9 @@ from redis.exceptions import RedisClusterException, RedisError
 from app.errors import StoreUnavailable
 from app.manifest import Manifest
 from app.metrics import Metrics
+
+if TYPE_CHECKING:
+    from app.tracing import Tracing
 
 # Why a script: the history's item ids are only known after the list is read, so a plain
 # pipeline needs a second round trip for the history's vectors. The script reads the list and
@@ -189,6 +193,7 @@ class Store:
         cache: VectorCache,
         metrics: Metrics,
         history_ttl_s: int = 0,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
         self.keys = Keys(prefix)
@@ -196,6 +201,7 @@ class Store:
         self.cache = cache
         self.metrics = metrics
         self.history_ttl_s = history_ttl_s  # 0: histories never expire
+        self.tracing = tracing
         # Registering only computes the script's hash (no Redis call); ClusterStore, whose
         # keys span slots, never runs it.
         self._fetch_script = client.register_script(FETCH_SCRIPT)
@@ -204,9 +210,11 @@ class Store:
         """Run one Redis call under the deadline; every failure becomes StoreUnavailable."""
         timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
+        answered = False
         try:
             async with asyncio.timeout(timeout_s):
                 result = await awaitable
+            answered = True
         except TimeoutError as exc:
             raise StoreUnavailable(f"redis {op}: no answer within {timeout_s * 1000:g} ms") from exc
         except (RedisError, RedisClusterException, OSError) as exc:
@@ -217,6 +225,14 @@ class Store:
         finally:
             took = time.perf_counter() - start
             self.metrics.redis_seconds.labels(op).observe(took)
+            if self.tracing is not None:  # a span under the request's, if it is traced
+                self.tracing.child(
+                    f"redis {op}",
+                    start,
+                    start + took,
+                    None if answered else sys.exc_info()[1],  # the error being raised
+                    {"db.system.name": "redis", "db.operation.name": op},
+                )
         return result
 
     async def prepare(self) -> None:

@@ -526,6 +526,9 @@ def test_metrics_md_lists_the_expected_metrics() -> None:
         "rerank_shed_total": "counter",
         "rerank_missing_vectors_total": "counter",
         "rerank_model_info": "info",
+        "rerank_redis_seconds": "histogram",
+        "rerank_model_seconds": "histogram",
+        "rerank_admission_limit": "gauge",
     }
 
 
@@ -573,8 +576,24 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "rerank_cache_misses_total",
         "rate(rerank_degraded_total",
         "rate(rerank_shed_total",
+        'status=~"5.."',  # 5xx rate
+        "sum by (le, op) (rate(rerank_redis_seconds_bucket",  # Redis time by operation
+        "sum by (le) (rate(rerank_model_seconds_bucket",  # model time
+        "rerank_admission_limit{",
+        "sum by (reason) (rate(rerank_degraded_total",  # degraded answers by reason
     ]:
         assert needle in queries, f"no panel queries {needle}"
+
+
+def test_every_dashboard_query_follows_the_instance_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "instance"]
+    assert variable["includeAll"] and variable["multi"] and variable["allValue"] == ".*"
+    used = re.findall(r"\b(rerank_[a-z0-9_]+)\b", variable["definition"])
+    assert used and set(used) <= series_names(documented_metrics()).keys(), variable
+    for expr in dashboard_queries():
+        for selector in re.finditer(r"\b(rerank_[a-z0-9_]+)(\{[^}]*\})?", expr):
+            assert 'instance=~"$instance"' in (selector.group(2) or ""), (selector.group(0), expr)
 
 
 def test_grafana_provisioning_matches_compose() -> None:
