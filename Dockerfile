@@ -41,7 +41,7 @@ RUN "$PYTHON" -m venv /opt/venv
 # Dependencies first, in their own layer: a code change does not reinstall them.
 COPY pyproject.toml constraints.txt ./
 # The serving dependencies and the tracing extra (off until an OTLP endpoint is set).
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['tracing']))" > requirements.txt \
+RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies'] + d['project']['optional-dependencies']['tracing']))" > requirements.txt \
     && pip install -c constraints.txt -r requirements.txt \
     && if [ "$VARIANT" = "gpu" ]; then \
         pip uninstall -y onnxruntime \
