@@ -8,16 +8,22 @@
     ├── Overloaded               the batch queue or the in-flight limit is full: 503 + Retry-After
     ├── Unauthorized             no API key, or a wrong one: 401
     ├── ModelError               ONNX Runtime failed to load or to run a model
-    ├── ManifestMismatch         a model folder or Redis manifest does not match its files
+    ├── ManifestMismatch         what Redis holds of a version does not match its manifest
     └── LoadFailed               `rerank load` could not write or verify a version in Redis
 
+    contract.ManifestError       a model folder or manifest breaks the model contract
+    └── ManifestMismatch         (both: one ``except ManifestError`` catches every mismatch)
+
 Routes never catch broadly: the handlers below turn these into responses in one place.
+A model folder is checked at start-up, at a swap and by `rerank load`, never in a route.
 """
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+
+from contract import ManifestError
 
 
 class RerankError(Exception):
@@ -40,8 +46,8 @@ class ModelError(RerankError):
     """ONNX Runtime could not load or run the model."""
 
 
-class ManifestMismatch(RerankError):
-    """A model's manifest does not match its files, its vectors or the Redis copy."""
+class ManifestMismatch(RerankError, ManifestError):
+    """A version in Redis lacks its manifest or vectors, or they do not match the manifest."""
 
 
 class LoadFailed(RerankError):

@@ -1,6 +1,6 @@
 """Redis access: versioned item vectors, user histories, the active-version pointer.
 
-Keys (prefix ``rr`` by default, see DESIGN.md)::
+Keys (prefix ``rr`` by default, see docs/api.md)::
 
     rr:active                 the active version
     rr:m:<version>            its manifest JSON
@@ -31,8 +31,8 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from app.admission import waited_on_redis
 from app.errors import StoreUnavailable
-from app.manifest import Manifest
 from app.metrics import Metrics
+from contract import Manifest
 
 # Why a script: the history's item ids are only known after the list is read, so a plain
 # pipeline needs a second round trip for the history's vectors. The script reads the list and

@@ -55,8 +55,8 @@ if str(ROOT) not in sys.path:  # `python loadtest/bench.py` puts loadtest/, not 
     sys.path.insert(0, str(ROOT))
 
 from app.embedded import EmbeddedRedis, free_port  # noqa: E402
-from app.loader import load_model  # noqa: E402
-from app.manifest import Manifest, default_version, sha256_file, verify_folder  # noqa: E402
+from app.loader import load_into_redis as load_model  # noqa: E402
+from contract import Manifest, default_version, sha256_file, verify_folder  # noqa: E402
 from loadtest import traffic as tf  # noqa: E402
 from loadtest.gen import HALF_RUNG_FACTOR  # noqa: E402
 

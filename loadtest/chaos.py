@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.embedded import EmbeddedRedis, free_port  # noqa: E402
-from app.loader import load_model  # noqa: E402
+from app.loader import load_into_redis as load_model  # noqa: E402
 from loadtest import gen  # noqa: E402
 
 # --- Parameters -------------------------------------------------------------------------

@@ -30,11 +30,11 @@ import redis
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.embedded import EmbeddedCluster
 from app.factory import create_app, make_store, redis_client
-from app.loader import load_model
-from app.manifest import verify_folder
+from app.loader import load_into_redis as load_model
 from app.metrics import Metrics
+from contract import verify_folder
+from tests.redis_servers import EmbeddedCluster
 
 ITEMS = 1_000_000
 DIM = 64
@@ -191,7 +191,7 @@ def main() -> int:
         "params": {
             "items": args.items,
             "dim": DIM,
-            "vector_dtype": manifest.raw.get("vector_dtype"),
+            "vector_dtype": manifest.vector_dtype,
             "vector_bytes": manifest.vector_bytes,
             "masters": MASTERS,
             "replicas": 0,
