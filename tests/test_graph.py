@@ -70,3 +70,17 @@ def test_feed_holds_what_the_graph_declares() -> None:
     with pytest.raises(ValueError, match="declares cand_feats"):
         feed(KNOWN_INPUTS, a, a, a, a, rank)
     assert missing_inputs(["hist", "cand", "cand_rank"]) == ["hist_mask", "cand_mask"]
+
+
+def test_the_contract_needs_numpy_and_the_standard_library_only() -> None:
+    """Training and the service both import contract/: it may pull in neither's stack."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contract; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'onnx', 'onnxruntime', "
+        "'fastapi', 'starlette', 'pydantic', 'redis', 'app', 'training'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
