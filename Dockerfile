@@ -48,10 +48,12 @@ RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); p
         && pip install -c constraints.txt "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"; \
     fi
 
-# Then the service itself. training/ stays out of the image: `rerank serve` and `rerank load`
-# never import it, and `rerank train` answers that it needs the training extra.
+# Then the service itself and the model contract it reads models by. training/ stays out of
+# the image: `rerank serve` and `rerank load` never import it, and `rerank train` answers that
+# it needs the training extra.
 COPY README.md ./
 COPY app ./app
+COPY contract ./contract
 # pip check only on CPU: onnxruntime-gpu provides `import onnxruntime` but not the
 # distribution name `onnxruntime` that the project declares, which pip check would report.
 RUN pip install --no-deps . \

@@ -86,7 +86,7 @@ def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def build_router(settings: Settings) -> APIRouter:
     """The routes, with request models that carry this app's limits."""
-    rerank_body, events_body = request_models(settings)
+    LimitedRerankRequest, LimitedEventsRequest = request_models(settings)
     router = APIRouter(route_class=JsonRoute)
     # The API key is checked before the body is read, in app/guard.py; declared here.
     keys = bool(settings.api_keys)
@@ -95,17 +95,17 @@ def build_router(settings: Settings) -> APIRouter:
 
     # The body types are built from the settings at run time, which mypy cannot follow.
     # response_model documents the answer; the route returns it already serialised (see
-    # RerankBody in app/schemas.py), so FastAPI neither validates nor re-encodes it.
+    # RerankAnswer in app/schemas.py), so FastAPI neither validates nor re-encodes it.
     # The work routes take the Request and read the service from it directly: resolving a
     # dependency for that was a measurable share of FastAPI's time per request.
     @router.post("/rerank", responses=work_errors, response_model=RerankResponse)
-    async def rerank(body: rerank_body, request: Request) -> Response:  # type: ignore[valid-type]
+    async def rerank(body: LimitedRerankRequest, request: Request) -> Response:  # type: ignore[valid-type]
         """Reorder the candidates for the user; top k, missing ones last."""
         answer = await _service(request).rerank(body)
         return Response(orjson.dumps(answer), media_type="application/json")
 
     @router.post("/events", responses=work_errors)
-    async def events(body: events_body, request: Request) -> EventsResponse:  # type: ignore[valid-type]
+    async def events(body: LimitedEventsRequest, request: Request) -> EventsResponse:  # type: ignore[valid-type]
         """Append items to the user's history (oldest first in the list)."""
         return await _service(request).events(body)
 

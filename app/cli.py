@@ -78,20 +78,21 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def load(args: argparse.Namespace, settings: Settings) -> int:
     from app.errors import RerankError
-    from app.loader import load_model
+    from app.loader import load_into_redis
+    from contract import ManifestError
 
     if settings.redis_url is None:
         log.error("set RERANK_REDIS_URL to the Redis to load into")
         return 2
     try:
-        manifest = load_model(
+        manifest = load_into_redis(
             settings.redis_url,
             Path(args.model_dir),
             settings.key_prefix,
             activate=not args.no_activate,
             cluster=settings.redis_cluster,
         )
-    except RerankError as exc:
+    except (RerankError, ManifestError) as exc:
         log.error("%s", exc)
         return 1
     log.info("version %s loaded%s", manifest.version, "" if args.no_activate else " and active")

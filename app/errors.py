@@ -7,8 +7,11 @@
     │                              /rerank: fail open (200, degraded); elsewhere 503
     ├── UnsupportedMediaType     a body that is not sent as application/json: 415
     ├── ModelError               ONNX Runtime failed to load or to run a model
-    ├── ManifestMismatch         a model folder or Redis manifest does not match its files
+    ├── ManifestMismatch         what Redis holds of a version does not match its manifest
     └── LoadFailed               `rerank load` could not write or verify a version in Redis
+
+    contract.ManifestError       a model folder or manifest breaks the model contract
+    └── ManifestMismatch         (both: one ``except ManifestError`` catches every mismatch)
 
 Routes never catch broadly: the handlers below turn these into responses in one place.
 Answers given before a request reaches the routes (401 without a valid API key, 408 and 413
@@ -16,6 +19,7 @@ for the body, 503 for overload) come from app/guard.py, rendered once at start-u
 FastAPI's ``RequestValidationError`` (a body or parameter the models refuse) is a 422 whose
 errors are rendered by ``validation_errors``: whatever the caller sent renders, and what is
 echoed of it is bounded.
+A model folder is checked at start-up, at a swap and by `rerank load`, never in a route.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+
+from contract import ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,8 @@ class ModelError(RerankError):
     """ONNX Runtime could not load or run the model."""
 
 
-class ManifestMismatch(RerankError):
-    """A model's manifest does not match its files, its vectors or the Redis copy."""
+class ManifestMismatch(RerankError, ManifestError):
+    """A version in Redis lacks its manifest or vectors, or they do not match the manifest."""
 
 
 class LoadFailed(RerankError):

@@ -25,8 +25,7 @@ from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
 from app.guard import OPS_ROUTES, WORK_ROUTES, AdmissionGate, ApiKeyCheck
-from app.loader import load_model
-from app.manifest import default_version
+from app.loader import load_into_redis
 from app.metrics import Metrics
 from app.model import choose_providers
 from app.service import RerankService
@@ -34,6 +33,7 @@ from app.store import ClusterStore, Store, VectorCache
 from app.swap import ModelHolder, ModelSpec, VersionWatcher
 from app.tracing import TraceRequests, Tracing
 from app.tracing import from_settings as tracing_from_settings
+from contract import default_version
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def start_embedded(settings: Settings) -> EmbeddedRedis:
     if version is None:
         log.warning("no model in %s: answers stay degraded until one is loaded", settings.model_dir)
     else:
-        load_model(server.url, settings.model_dir / version, settings.key_prefix)
+        load_into_redis(server.url, settings.model_dir / version, settings.key_prefix)
     return server
 
 

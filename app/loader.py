@@ -12,7 +12,6 @@ already loaded is refused, since versions are immutable.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -21,8 +20,15 @@ import redis
 
 from app.config import cluster_url
 from app.errors import LoadFailed, ManifestMismatch
-from app.manifest import Manifest, check_same, parse_manifest, read_item_ids, verify_folder
 from app.store import Keys
+from contract import (
+    VECTORS_FILE,
+    Manifest,
+    ManifestError,
+    check_same,
+    read_item_ids,
+    verify_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ def connect(redis_url: str, cluster: bool = False) -> Client:
     return redis.Redis.from_url(redis_url, socket_timeout=30)
 
 
-def load_model(
+def load_into_redis(
     redis_url: str,
     model_path: Path,
     prefix: str = "rr",
@@ -56,9 +62,9 @@ def load_model(
     keys = Keys(prefix)
     client = connect(redis_url, cluster)
     ids = read_item_ids(model_path)
-    vectors = np.load(model_path / "item_vectors.npy")  # (n_items, D)
+    vectors = np.load(model_path / VECTORS_FILE)  # (n_items, D)
     try:
-        # A different model under a loaded version is refused as it is (ManifestMismatch).
+        # A different model under a loaded version is refused as it is (ManifestError).
         fresh = not _refuse_other_model(client, keys, manifest)
     except BaseException:
         client.close()
@@ -66,10 +72,10 @@ def load_model(
     try:
         _write_vectors(client, keys, manifest, ids, vectors)
         _verify(client, keys, manifest, ids)
-        client.set(keys.manifest(manifest.version), json.dumps(manifest.raw))
+        client.set(keys.manifest(manifest.version), manifest.to_json())
         if activate:
             client.set(keys.active, manifest.version)
-    except (redis.RedisError, ManifestMismatch) as exc:
+    except (redis.RedisError, ManifestError) as exc:
         if fresh:
             _remove_partial(client, keys, manifest, ids)
         raise LoadFailed(
@@ -104,7 +110,7 @@ def _refuse_other_model(client: Client, keys: Keys, manifest: Manifest) -> bool:
     """True when this version is already loaded (same model); refuses a different one."""
     raw = client.get(keys.manifest(manifest.version))
     if raw is not None:
-        check_same(manifest, parse_manifest(json.loads(raw), "redis manifest"))
+        check_same(manifest, Manifest.from_json(raw, "redis manifest"), "Redis")
     return raw is not None
 
 

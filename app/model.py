@@ -1,4 +1,4 @@
-"""ONNX Runtime session of one model version, with the padding rules the batcher relies on.
+"""ONNX Runtime session of one model version, fed by the contract's padding rules.
 
 A ``LoadedModel`` is immutable once built: the batcher calls ``run_batch`` from its single
 worker thread, and a swap replaces the whole object, so no lock is needed.
@@ -16,13 +16,26 @@ import numpy as np
 import onnxruntime as ort
 
 from app.errors import ModelError
-from app.manifest import Manifest
+from contract import (
+    ATTN,
+    CAND,
+    CAND_RANK,
+    FLOAT,
+    HIST,
+    INPUTS,
+    ONNX_FILE,
+    SCORES,
+    Manifest,
+    feed,
+    left_align,
+    missing_inputs,
+    right_align,
+)
 
 log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-REQUIRED_INPUTS = ("hist", "hist_mask", "cand", "cand_mask")
 MIN_N_BUCKET = 8
 
 
@@ -79,19 +92,24 @@ class LoadedModel:
         self.manifest = manifest
         self.version = manifest.version
         self.session = session
-        names = {i.name for i in session.get_inputs()}
-        absent = [n for n in REQUIRED_INPUTS if n not in names]
+        self.declared = frozenset(i.name for i in session.get_inputs())
+        absent = missing_inputs(self.declared)
         if absent:
             raise ModelError(f"{self.version}: the graph lacks inputs {absent}")
-        # Older graphs have no cand_rank; feeding an undeclared input is an error.
-        self.has_cand_rank = "cand_rank" in names
+        # The service feeds what the exporter writes (INPUTS); a graph that wants more, such
+        # as cand_feats, is refused here rather than failing every batch.
+        unfed = sorted(self.declared - set(INPUTS))
+        if unfed:
+            raise ModelError(f"{self.version}: the graph wants inputs the service lacks {unfed}")
+        # Older graphs have no cand_rank; the feed leaves out what a graph does not declare.
+        self.has_cand_rank = CAND_RANK in self.declared
         self.l_buckets = ladder(manifest.history_len)
         self.n_buckets = ladder(max(max_candidates, MIN_N_BUCKET), MIN_N_BUCKET)
         self._check_dim(session)
 
     def _check_dim(self, session: ort.InferenceSession) -> None:
         for i in session.get_inputs():
-            if i.name in ("hist", "cand"):
+            if i.name in (HIST, CAND):
                 last = i.shape[-1]
                 if isinstance(last, int) and last != self.manifest.dim:
                     raise ModelError(
@@ -100,24 +118,16 @@ class LoadedModel:
                     )
 
     def run_batch(self, jobs: Sequence[Job]) -> list[Scored]:
-        """Pad the jobs to shared bucketed L and N, run once, cut each job's rows back out."""
-        d = self.manifest.dim
-        b = len(jobs)
+        """Pad the jobs to shared bucketed L and N, run once, cut each job's rows back out.
+
+        Histories are right-aligned (the newest item last), candidates left-aligned in the
+        caller's order: the rules of contract/graph.py.
+        """
         l_pad = bucket(max(max(len(j.hist) for j in jobs), 1), self.l_buckets)
         n_pad = bucket(max(len(j.cand) for j in jobs), self.n_buckets)
-        hist = np.zeros((b, l_pad, d), np.float32)
-        hist_mask = np.zeros((b, l_pad), np.bool_)
-        cand = np.zeros((b, n_pad, d), np.float32)
-        cand_mask = np.zeros((b, n_pad), np.bool_)
-        cand_rank = np.zeros((b, n_pad), np.float32)
-        for row, job in enumerate(jobs):
-            lh, nc = len(job.hist), len(job.cand)
-            if lh:  # right-aligned: the newest item sits at the last position
-                hist[row, l_pad - lh :] = job.hist
-                hist_mask[row, l_pad - lh :] = True
-            cand[row, :nc] = job.cand
-            cand_mask[row, :nc] = True
-            cand_rank[row, :nc] = job.cand_rank
+        hist, hist_mask = right_align([j.hist for j in jobs], l_pad, FLOAT)
+        cand, cand_mask = left_align([j.cand for j in jobs], n_pad, FLOAT)
+        cand_rank, _ = left_align([j.cand_rank for j in jobs], n_pad, FLOAT)
         scores, attn = self.run(hist, hist_mask, cand, cand_mask, cand_rank)
         out = []
         for row, job in enumerate(jobs):
@@ -133,11 +143,9 @@ class LoadedModel:
         cand_mask: np.ndarray,  # (B, N)
         cand_rank: np.ndarray,  # (B, N)
     ) -> tuple[np.ndarray, np.ndarray]:
-        feed = {"hist": hist, "hist_mask": hist_mask, "cand": cand, "cand_mask": cand_mask}
-        if self.has_cand_rank:
-            feed["cand_rank"] = cand_rank
+        inputs = feed(self.declared, hist, hist_mask, cand, cand_mask, cand_rank)
         try:
-            scores, attn = self.session.run(["scores", "attn"], feed)
+            scores, attn = self.session.run([SCORES, ATTN], inputs)
         except Exception as exc:  # ONNX Runtime raises its own untyped errors
             raise ModelError(f"{self.version}: model run failed: {exc}") from exc
         return scores, attn
@@ -177,7 +185,7 @@ def load_session(path: Path, providers: Sequence[str], threads: int) -> ort.Infe
         raise ModelError(f"{path}: cannot load the ONNX model: {exc}") from exc
 
 
-def load_model(
+def open_model(
     folder: Path,
     manifest: Manifest,
     providers: Sequence[str],
@@ -185,8 +193,8 @@ def load_model(
     max_candidates: int,
     max_batch: int,
 ) -> LoadedModel:
-    """Load and warm a verified model folder (blocking: call it off the event loop)."""
-    session = load_session(folder / "model.onnx", providers, threads)
+    """Open model.onnx of a verified folder and warm it (blocking: call it off the event loop)."""
+    session = load_session(folder / ONNX_FILE, providers, threads)
     model = LoadedModel(manifest, session, max_candidates)
     took = model.warm_up(max_batch)
     log.info(

@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (the API table of README.md, and /docs).
+"""Request and response bodies of the HTTP API (docs/api.md, and /docs).
 
 The list and k limits come from the settings, so the request models are built per app by
 ``request_models``: the limits then show in the OpenAPI schema, and a violation is an
@@ -110,7 +110,10 @@ class EventsRequest(_Strict):
 
 
 def request_models(settings: Settings) -> tuple[type[RerankRequest], type[EventsRequest]]:
-    """Request models with this app's limits."""
+    """Subclasses of ``RerankRequest`` and ``EventsRequest`` with this app's limits.
+
+    Their class names, ``Rerank`` and ``Events``, are their names in the OpenAPI schema.
+    """
 
     rerank, events = RerankRequest.model_fields, EventsRequest.model_fields
 
@@ -186,21 +189,21 @@ class RerankResponse(BaseModel):
 # models above, which stay the documented schema (the route's response_model): building a
 # pydantic model per item and having FastAPI validate the whole answer again cost more CPU
 # than the rest of the route.
-class BecauseBody(TypedDict):
+class BecauseAnswer(TypedDict):
     item_id: str
     weight: float
 
 
-class RankedItemBody(TypedDict):
+class RankedItemAnswer(TypedDict):
     item_id: str
     score: float | None
-    because: list[BecauseBody] | None
+    because: list[BecauseAnswer] | None
 
 
-class RerankBody(TypedDict):
+class RerankAnswer(TypedDict):
     user_id: str
     model_version: str | None
-    items: list[RankedItemBody]
+    items: list[RankedItemAnswer]
     missing: list[str]
     degraded: bool
 

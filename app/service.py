@@ -1,6 +1,6 @@
 """One /rerank or /events call, from validated request to response.
 
-The rules of DESIGN.md live here: duplicates dropped (first kept), candidates without a
+The rules of docs/api.md live here: duplicates dropped (first kept), candidates without a
 vector ranked last in the caller's order, fail open to the caller's order when Redis or the
 model cannot answer, and the model pinned once per request so its vectors and its scores come
 from the same version.
@@ -18,12 +18,12 @@ from app.errors import ModelError, StoreUnavailable
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
 from app.schemas import (
-    BecauseBody,
+    BecauseAnswer,
     EventsRequest,
     EventsResponse,
-    RankedItemBody,
+    RankedItemAnswer,
     Readiness,
-    RerankBody,
+    RerankAnswer,
     RerankRequest,
 )
 from app.store import Fetched, Store
@@ -36,11 +36,11 @@ def dedupe(ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def unscored(item_id: str) -> RankedItemBody:
+def unscored(item_id: str) -> RankedItemAnswer:
     return {"item_id": item_id, "score": None, "because": None}
 
 
-def caller_order(user_id: str, candidates: list[str], k: int) -> RerankBody:
+def caller_order(user_id: str, candidates: list[str], k: int) -> RerankAnswer:
     """The fail-open answer: the caller's candidates, in the caller's order, unscored.
 
     ``model_version`` is null: no model scored these items.
@@ -61,11 +61,11 @@ def rank(
     scored: Scored | None,
     k: int,
     explain_top: int | None,
-) -> tuple[list[RankedItemBody], list[str]]:
+) -> tuple[list[RankedItemAnswer], list[str]]:
     """Scored candidates by score (ties in the caller's order), then the missing ones."""
     present = fetched.cand_positions
     missing = [candidates[i] for i in fetched.missing_positions]
-    items: list[RankedItemBody] = []
+    items: list[RankedItemAnswer] = []
     if scored is not None:
         order = np.argsort(-scored.scores, kind="stable")[:k]
         scores = scored.scores[order].tolist()
@@ -79,7 +79,7 @@ def rank(
     return items, missing
 
 
-def explain(weights: np.ndarray, hist_ids: list[str], top: int) -> list[BecauseBody]:
+def explain(weights: np.ndarray, hist_ids: list[str], top: int) -> list[BecauseAnswer]:
     """The history items with the highest attention weight for one candidate."""
     if not hist_ids:
         return []
@@ -104,7 +104,7 @@ class RerankService:
         self.explain_top = explain_top
         self.default_history_len = default_history_len
 
-    async def rerank(self, req: RerankRequest) -> RerankBody:
+    async def rerank(self, req: RerankRequest) -> RerankAnswer:
         candidates = dedupe(req.candidates)
         model = self.holder.model  # pinned: vectors and scores come from this version
         if model is None:

@@ -1,6 +1,6 @@
 """Redis access: versioned item vectors, user histories, the active-version pointer.
 
-Keys (prefix ``rr`` by default, see DESIGN.md)::
+Keys (prefix ``rr`` by default, see docs/api.md)::
 
     rr:active                 the active version
     rr:m:<version>            its manifest JSON
@@ -32,8 +32,8 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from app.errors import StoreUnavailable
-from app.manifest import Manifest
 from app.metrics import Metrics
+from contract import Manifest
 
 if TYPE_CHECKING:
     from app.tracing import Tracing

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import ManifestMismatch, ModelError, StoreUnavailable
-from app.manifest import Manifest, check_same, parse_manifest, read_item_ids, verify_folder
 from app.metrics import Metrics
-from app.model import LoadedModel, load_model
+from app.model import LoadedModel, open_model
 from app.store import Store
+from contract import Manifest, ManifestError, check_same, read_item_ids, verify_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,8 @@ def load_version(spec: ModelSpec, remote: Manifest) -> Serving:
     """Verify the local folder of ``remote.version`` against both manifests; load and warm."""
     folder = spec.model_dir / remote.version
     local = verify_folder(folder)
-    check_same(local, remote)
-    model = load_model(
+    check_same(local, remote, "Redis")
+    model = open_model(
         folder, local, spec.providers, spec.threads, spec.max_candidates, spec.max_batch
     )
     ids = read_item_ids(folder)
@@ -120,9 +119,9 @@ class VersionWatcher:
         try:
             if raw is None:
                 raise ManifestMismatch(f"version {version} is active but has no manifest")
-            remote = parse_manifest(json.loads(raw), f"redis manifest of {version}")
+            remote = Manifest.from_json(raw, f"redis manifest of {version}")
             serving = await asyncio.to_thread(load_version, self.spec, remote)
-        except (ManifestMismatch, ModelError, OSError, ValueError) as exc:
+        except (ManifestError, ModelError, OSError, ValueError) as exc:
             self.failed_version, self._failed_at = version, loop.time()
             self.metrics.swap_failures.inc()
             log.error("model %s not loaded, keeping %s: %s", version, _name(current), exc)

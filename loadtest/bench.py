@@ -47,7 +47,7 @@ import numpy as np
 import psutil
 import uvloop
 
-from app.manifest import Manifest, default_version, sha256_file, verify_folder
+from contract import Manifest, default_version, sha256_file, verify_folder
 from loadtest import load
 from loadtest import traffic as tf
 from loadtest.harness import ROOT, Harness, cpu_seconds, harness, read_metrics, relative

@@ -25,8 +25,8 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.embedded import EmbeddedRedis, free_port
-from app.loader import load_model
-from app.manifest import Manifest
+from app.loader import load_into_redis
+from contract import Manifest
 from loadtest import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ class Harness:
 
     def load(self, folder: Path, prefix: str | None = None) -> Manifest:
         """What ``rerank load`` does: vectors, then manifest, then the active pointer."""
-        return load_model(self.url, folder, prefix or self.prefix)
+        return load_into_redis(self.url, folder, prefix or self.prefix)
 
     def env(self, model_dir: Path, prefix: str | None = None, **settings: str) -> dict[str, str]:
         """The environment of a service on this Redis: RERANK_* settings over ours."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from app.manifest import default_version
+from contract import default_version
 
 TRAFFIC_DIR = Path(__file__).resolve().parent / "traffic"
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"

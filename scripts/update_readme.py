@@ -95,7 +95,7 @@ def chaos_table() -> str | None:
 
 
 def model_report() -> str | None:
-    from app.manifest import default_version
+    from contract import default_version
 
     version = default_version(ROOT / "models")
     return None if version is None else (ROOT / "models" / version / "report.md").read_text()
@@ -121,15 +121,15 @@ def example_answer(readme: str) -> str | None:
     from app.config import Settings
     from app.embedded import EmbeddedRedis
     from app.factory import create_app
-    from app.loader import load_model
-    from app.manifest import default_version
+    from app.loader import load_into_redis
+    from contract import default_version
 
     models = ROOT / "models"
     version = default_version(models)
     if version is None:
         return None
     with EmbeddedRedis() as redis_server:
-        load_model(redis_server.url, models / version, "rr")
+        load_into_redis(redis_server.url, models / version, "rr")
         settings = Settings(_env_file=None, redis_url=redis_server.url, model_dir=models)  # type: ignore[call-arg]
         with TestClient(create_app(settings)) as client:
             answers = [client.post(path, json=body) for path, body in example_calls(readme)]

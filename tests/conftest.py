@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.factory import create_app
-from app.loader import load_model
+from app.loader import load_into_redis
 from tests.reference import Reference
 
 VERSION_A = "test-a"
@@ -97,7 +97,7 @@ def settings_factory(
 @pytest.fixture
 def loaded(redis_server: EmbeddedRedis, prefix: str, model_dir: Path) -> str:
     """Version A loaded into Redis under this test's prefix and active."""
-    load_model(redis_server.url, model_dir / VERSION_A, prefix)
+    load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
     return VERSION_A
 
 

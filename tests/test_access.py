@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.embedded import find_redis_server, free_port
 from app.factory import create_app
-from app.loader import load_model
+from app.loader import load_into_redis
 from tests.conftest import VERSION_A, make_settings
 
 KEY = "k3y-0123456789abcdef-secret"
@@ -165,7 +165,7 @@ def test_redis_with_password_over_tls(tls_redis: str, prefix: str, model_dir: Pa
     no_password = tls_redis.replace(f":{PASSWORD}@", "")
     with pytest.raises(redis.AuthenticationError), redis.Redis.from_url(no_password) as r:
         r.ping()
-    load_model(tls_redis, model_dir / VERSION_A, prefix)
+    load_into_redis(tls_redis, model_dir / VERSION_A, prefix)
     settings = make_settings(tls_redis, prefix, model_dir)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").json()["ready"] is True

@@ -1,4 +1,4 @@
-"""The HTTP contract of DESIGN.md, end to end against a real Redis and the exported model."""
+"""The HTTP contract of docs/api.md, end to end against a real Redis and the exported model."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Redis Cluster: the HTTP contract of test_api.py, unchanged, against three local masters.
 
 The session's cluster is three redis-servers started with ``--cluster-enabled yes`` and joined
-with redis-py (app.embedded.EmbeddedCluster). Every test of tests/test_api.py is collected
+with redis-py (tests.redis_servers.EmbeddedCluster). Every test of tests/test_api.py is collected
 again here, with the fixtures below in place of conftest's: the service is configured with a
 ``redis+cluster://`` URL and the model is loaded through the cluster client. Then a master goes
 away and comes back, and a 20k-item catalogue loads and serves (the 1M-item
@@ -27,13 +27,13 @@ from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
 from app.config import Settings
-from app.embedded import EmbeddedCluster
 from app.factory import create_app, make_store, redis_client
-from app.loader import load_model
+from app.loader import load_into_redis
 from app.metrics import Metrics
 from app.store import ClusterStore
 from tests import test_api
 from tests.conftest import VERSION_A, make_settings
+from tests.redis_servers import EmbeddedCluster, paused
 
 # The contract tests, collected again in this module (so this module's fixtures apply).
 globals().update({name: f for name, f in vars(test_api).items() if name.startswith("test_")})
@@ -95,7 +95,7 @@ def settings_factory(
 
 @pytest.fixture
 def loaded(cluster: EmbeddedCluster, prefix: str, model_dir: Path) -> str:
-    load_model(cluster.url, model_dir / VERSION_A, prefix)
+    load_into_redis(cluster.url, model_dir / VERSION_A, prefix)
     return VERSION_A
 
 
@@ -106,7 +106,7 @@ def cluster_client(c: EmbeddedCluster) -> redis.RedisCluster:
 def test_vectors_spread_over_every_master(
     cluster: EmbeddedCluster, prefix: str, model_dir: Path
 ) -> None:
-    load_model(cluster.url, model_dir / VERSION_A, prefix)
+    load_into_redis(cluster.url, model_dir / VERSION_A, prefix)
     per_node = []
     for node in cluster.nodes:
         with redis.Redis(port=node.port) as r:
@@ -123,7 +123,7 @@ def test_setting_selects_cluster_with_a_plain_url(
     cluster: EmbeddedCluster, prefix: str, model_dir: Path
 ) -> None:
     plain = f"redis://127.0.0.1:{cluster.nodes[1].port}"
-    load_model(plain, model_dir / VERSION_A, prefix, cluster=True)
+    load_into_redis(plain, model_dir / VERSION_A, prefix, cluster=True)
     settings = make_settings(plain, prefix, model_dir, redis_cluster=True)
     with TestClient(create_app(settings)) as c:
         assert c.get("/readyz").json()["ready"] is True
@@ -134,7 +134,7 @@ def test_setting_selects_cluster_with_a_plain_url(
 def test_fetch_reads_history_then_vectors_by_slot(
     cluster: EmbeddedCluster, prefix: str, model_dir: Path
 ) -> None:
-    manifest = load_model(cluster.url, model_dir / VERSION_A, prefix)
+    manifest = load_into_redis(cluster.url, model_dir / VERSION_A, prefix)
     table = np.load(model_dir / VERSION_A / "item_vectors.npy").astype(np.float32)
     settings = make_settings(cluster.url, prefix, model_dir)
 
@@ -194,7 +194,7 @@ def test_a_master_goes_away_and_comes_back(model_dir: Path) -> None:
     """No replicas, so no failover: answers degrade, readiness drops, then both recover."""
     with EmbeddedCluster(masters=3) as own:
         prefix = "gone"
-        load_model(own.url, model_dir / VERSION_A, prefix)
+        load_into_redis(own.url, model_dir / VERSION_A, prefix)
         settings = make_settings(own.url, prefix, model_dir, cache_size=0)  # read every shard
         body = {"user_id": "u", "candidates": [str(i) for i in range(1, 41)], "k": 5}
         with TestClient(create_app(settings)) as c:
@@ -222,18 +222,15 @@ def test_a_master_goes_away_and_comes_back(model_dir: Path) -> None:
 
 def test_a_paused_master_is_degraded_within_the_deadline(model_dir: Path) -> None:
     with EmbeddedCluster(masters=3) as own:
-        load_model(own.url, model_dir / VERSION_A, "paused")
+        load_into_redis(own.url, model_dir / VERSION_A, "paused")
         settings = make_settings(own.url, "paused", model_dir, cache_size=0)
         body = {"user_id": "u", "candidates": [str(i) for i in range(1, 41)]}
         with TestClient(create_app(settings)) as c:
             assert not c.post("/rerank", json=body).json()["degraded"]
-            own.nodes[1].pause()
-            try:
+            with paused(own.nodes[1]):
                 start = time.monotonic()
                 assert c.post("/rerank", json=body).json()["degraded"] is True
                 assert time.monotonic() - start < 1.0
-            finally:
-                own.nodes[1].resume()
             wait_for(
                 lambda: not c.post("/rerank", json=body).json()["degraded"], 15, "scored again"
             )
@@ -250,7 +247,7 @@ def test_a_20k_catalogue_loads_and_serves(
         warnings.simplefilter("ignore", DeprecationWarning)
         export_random_model(root, 20_000, dim=16, history_len=8, version="big", seed=3)
     prefix = f"t{uuid.uuid4().hex[:12]}"
-    manifest = load_model(cluster.url, root / "big", prefix)
+    manifest = load_into_redis(cluster.url, root / "big", prefix)
     assert manifest.n_items == 20_000
     counts = []
     for node in cluster.nodes:

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.factory import create_app
-from app.loader import load_model
-from app.manifest import default_version
+from app.loader import load_into_redis
+from contract import default_version
 from tests.reference import Reference, assert_same_ranking
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -31,7 +31,7 @@ def test_default_model_order_for_many_users(
 ) -> None:
     assert VERSION is not None
     folder = MODELS / VERSION
-    load_model(redis_server.url, folder, prefix)
+    load_into_redis(redis_server.url, folder, prefix)
     ref = Reference(folder)
     ids = list(ref.vectors)
     rng = random.Random(11)

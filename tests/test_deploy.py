@@ -319,6 +319,29 @@ def test_dockerignore_sends_only_what_the_image_needs() -> None:
                     assert not dockerignored(rel, patterns), f"{rel}: excluded by .dockerignore"
 
 
+def test_the_image_holds_every_package_the_service_imports() -> None:
+    """app/ imports the model contract (contract/): the image must copy it beside app/."""
+    import ast
+
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    imported = set()
+    for path in (ROOT / "app").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+    needed = (imported & packages) | {"app"}
+    assert "contract" in needed and "training" not in needed
+    copied = set()
+    for stage in parse_dockerfile().stages:
+        for args in stage.all("COPY"):
+            if not args.startswith("--from"):
+                words = [w for w in shlex.split(args) if not w.startswith("--")]
+                copied.update(w.strip("/") for w in words[:-1])
+    assert needed <= copied, f"the image lacks {sorted(needed - copied)}"
+
+
 def test_default_model_is_there_to_bake_in() -> None:
     default = MODELS / "DEFAULT"
     assert default.exists(), "models/DEFAULT is missing: the image bakes in the default model"

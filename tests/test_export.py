@@ -7,8 +7,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from contract import INPUTS, Manifest, sha256_file
 from training import export
-from training.export import export_model, export_random_model, random_model, sha256_file
+from training.export import export_model, export_random_model, random_model
 from training.model import ModelConfig
 
 
@@ -35,7 +36,7 @@ def test_onnx_matches_torch(tmp_path: Path, n_hist: int, n_cand: int) -> None:
     feed = _inputs(np.random.default_rng(1), 4, n_hist, n_cand, 16)
     scores, attn = session.run(["scores", "attn"], feed)
     with torch.no_grad():
-        ref_scores, ref_attn = model.score(*(torch.from_numpy(feed[k]) for k in export.INPUT_NAMES))
+        ref_scores, ref_attn = model.score(*(torch.from_numpy(feed[k]) for k in INPUTS))
     valid = feed["cand_mask"]
     assert np.isfinite(scores[valid]).all()
     np.testing.assert_allclose(scores[valid], ref_scores.numpy()[valid], atol=1e-4, rtol=1e-4)
@@ -58,8 +59,11 @@ def test_manifest_describes_the_files(tmp_path: Path) -> None:
     assert vectors.shape == (50, manifest["dim"]) and vectors.dtype == np.float16
     assert manifest["n_items"] == len((folder / "item_ids.txt").read_text().split()) == 50
     assert manifest["opset"] >= 17
+    assert manifest["inputs"] == list(INPUTS) and manifest["outputs"] == ["scores", "attn"]
     for name, digest in manifest["sha256"].items():
         assert sha256_file(folder / name) == digest
+    assert manifest["dataset"] == "random"  # the caller's extra keys follow the fields
+    assert Manifest.from_dict(manifest, "export").to_dict() == manifest
 
 
 def test_export_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,14 +96,14 @@ def test_padded_candidates_change_no_score() -> None:
     padded["cand_mask"] = torch.cat([feed["cand_mask"], torch.zeros(4, extra, dtype=torch.bool)], 1)
     padded["cand_rank"] = torch.cat([feed["cand_rank"], torch.zeros(4, extra)], dim=1)
     with torch.no_grad():
-        scores, _ = model.score(*(feed[k] for k in export.INPUT_NAMES))
-        wider, _ = model.score(*(padded[k] for k in export.INPUT_NAMES))
+        scores, _ = model.score(*(feed[k] for k in INPUTS))
+        wider, _ = model.score(*(padded[k] for k in INPUTS))
     valid = feed["cand_mask"]
     np.testing.assert_allclose(wider[:, :6][valid].numpy(), scores[valid].numpy(), atol=1e-5)
     # and the context is really there: another real candidate does change the scores
     padded["cand_mask"] = torch.ones_like(padded["cand_mask"])
     with torch.no_grad():
-        crowded, _ = model.score(*(padded[k] for k in export.INPUT_NAMES))
+        crowded, _ = model.score(*(padded[k] for k in INPUTS))
     assert not np.allclose(crowded[:, :6][valid].numpy(), scores[valid].numpy(), atol=1e-5)
 
 
@@ -117,8 +121,8 @@ def test_context_reads_only_the_head_of_the_list(tmp_path: Path) -> None:
     changed = {k: v.copy() for k, v in feed.items()}
     changed["cand"][:, 5] += 10.0  # a candidate past the head
     with torch.no_grad():
-        ref, _ = model.score(*(torch.from_numpy(feed[k]) for k in export.INPUT_NAMES))
-        moved, _ = model.score(*(torch.from_numpy(changed[k]) for k in export.INPUT_NAMES))
+        ref, _ = model.score(*(torch.from_numpy(feed[k]) for k in INPUTS))
+        moved, _ = model.score(*(torch.from_numpy(changed[k]) for k in INPUTS))
     np.testing.assert_allclose(moved[:, :5].numpy(), ref[:, :5].numpy(), atol=1e-6)
     scores, _ = session.run(["scores", "attn"], feed)
     np.testing.assert_allclose(scores, ref.numpy(), atol=1e-4, rtol=1e-4)

@@ -15,9 +15,10 @@ from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.errors import ModelError
 from app.factory import create_app
-from app.loader import load_model
+from app.loader import load_into_redis
 from app.model import Job, LoadedModel, Scored
 from tests.conftest import VERSION_A, make_settings, serve
+from tests.redis_servers import paused
 
 # Generous: the deadline is 50 ms of Redis time; the bound only has to prove "no hang".
 WITHIN_DEADLINE_S = 1.0
@@ -46,7 +47,7 @@ def wait_ready(client: TestClient, timeout_s: float = 10.0) -> None:
 
 
 def fault_app(own_redis: EmbeddedRedis, prefix: str, model_dir: Path) -> TestClient:
-    load_model(own_redis.url, model_dir / VERSION_A, prefix)
+    load_into_redis(own_redis.url, model_dir / VERSION_A, prefix)
     return TestClient(create_app(make_settings(own_redis.url, prefix, model_dir)))
 
 
@@ -54,8 +55,7 @@ def test_redis_paused_then_resumed(own_redis: EmbeddedRedis, prefix: str, model_
     with fault_app(own_redis, prefix, model_dir) as client:
         body, _ = ask(client)
         assert not body["degraded"]
-        own_redis.pause()
-        try:
+        with paused(own_redis):
             for _ in range(3):
                 body, took = ask(client)
                 assert_degraded(body)
@@ -63,8 +63,6 @@ def test_redis_paused_then_resumed(own_redis: EmbeddedRedis, prefix: str, model_
             ready = client.get("/readyz")
             assert ready.status_code == 503 and ready.json()["redis"] is False
             assert 'reason="store"' in client.get("/metrics").text
-        finally:
-            own_redis.resume()
         wait_ready(client)
         body, _ = ask(client)
         assert not body["degraded"] and body["model_version"] == VERSION_A

@@ -2,7 +2,7 @@
 
 schemathesis generates requests from /openapi.json (valid and invalid ones) and checks every
 answer: no 5xx, a status the schema documents, a body that matches the schema. hypothesis
-then checks the ranking rules of DESIGN.md on random candidate lists. Both stay small
+then checks the ranking rules of docs/api.md on random candidate lists. Both stay small
 (max_examples) so the suite stays fast; the deadline is off since a shared CPU is slow.
 """
 

@@ -13,7 +13,8 @@ import redis
 
 from app.embedded import EmbeddedRedis
 from app.errors import ManifestMismatch
-from app.loader import activate, load_model
+from app.loader import activate, load_into_redis
+from contract import ManifestError
 from tests.conftest import VERSION_A, VERSION_B
 
 
@@ -27,7 +28,7 @@ def r(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 def test_load_writes_vectors_manifest_and_pointer(
     redis_server: EmbeddedRedis, r: redis.Redis, prefix: str, model_dir: Path
 ) -> None:
-    m = load_model(redis_server.url, model_dir / VERSION_A, prefix)
+    m = load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
     assert r.get(f"{prefix}:active") == VERSION_A.encode()
     assert json.loads(r.get(f"{prefix}:m:{VERSION_A}") or b"")["sha256"] == m.sha256
     keys = list(r.scan_iter(f"{prefix}:v:{VERSION_A}:*", count=1000))
@@ -40,9 +41,9 @@ def test_load_writes_vectors_manifest_and_pointer(
 def test_load_is_idempotent_and_can_skip_activation(
     redis_server: EmbeddedRedis, r: redis.Redis, prefix: str, model_dir: Path
 ) -> None:
-    load_model(redis_server.url, model_dir / VERSION_A, prefix)
-    load_model(redis_server.url, model_dir / VERSION_A, prefix)
-    load_model(redis_server.url, model_dir / VERSION_B, prefix, activate=False)
+    load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
+    load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
+    load_into_redis(redis_server.url, model_dir / VERSION_B, prefix, activate=False)
     assert r.get(f"{prefix}:active") == VERSION_A.encode()
     assert len(list(r.scan_iter(f"{prefix}:v:{VERSION_A}:*", count=1000))) == 200
     activate(redis_server.url, VERSION_B, prefix)
@@ -58,8 +59,8 @@ def test_a_tampered_folder_writes_nothing(
     with (folder / "item_vectors.npy").open("r+b") as f:
         f.seek(-4, 2)
         f.write(b"\xff\xff\xff\xff")
-    with pytest.raises(ManifestMismatch):
-        load_model(redis_server.url, folder, prefix)
+    with pytest.raises(ManifestError, match="sha256"):
+        load_into_redis(redis_server.url, folder, prefix)
     assert r.get(f"{prefix}:active") is None
     assert not list(r.scan_iter(f"{prefix}:*"))
 
@@ -67,10 +68,10 @@ def test_a_tampered_folder_writes_nothing(
 def test_another_model_under_a_loaded_version_is_refused(
     redis_server: EmbeddedRedis, r: redis.Redis, prefix: str, model_dir: Path, tmp_path: Path
 ) -> None:
-    load_model(redis_server.url, model_dir / VERSION_A, prefix)
+    load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
     impostor = Path(shutil.copytree(model_dir / VERSION_B, tmp_path / VERSION_A))
     data = json.loads((impostor / "manifest.json").read_text())
     data["version"] = VERSION_A
     (impostor / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestMismatch, match="differs"):
-        load_model(redis_server.url, impostor, prefix)
+    with pytest.raises(ManifestError, match="sha256 in Redis differs"):
+        load_into_redis(redis_server.url, impostor, prefix)

@@ -1,17 +1,28 @@
-"""Model folders: verified against their manifest; the default version."""
+"""The model contract's manifest: fields checked by name, folders verified, the JSON kept."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from app.errors import ManifestMismatch
-from app.manifest import check_same, default_version, read_manifest, verify_folder
+from contract import (
+    Manifest,
+    ManifestError,
+    check_same,
+    default_version,
+    read_manifest,
+    sha256_file,
+    verify_folder,
+    write_manifest,
+)
 from tests.conftest import VERSION_A, VERSION_B
+
+COMMITTED = Path(__file__).resolve().parents[1] / "models"
 
 
 def copy(model_dir: Path, tmp_path: Path, version: str = VERSION_A) -> Path:
@@ -28,6 +39,9 @@ def test_a_good_folder(model_dir: Path) -> None:
         200,
     )
     assert m.vector_bytes == 32
+    assert m.inputs == ("hist", "hist_mask", "cand", "cand_mask", "cand_rank")
+    assert m.outputs == ("scores", "attn")
+    assert m.extra == {"dataset": "random"}
 
 
 @pytest.mark.parametrize("name", ["model.onnx", "item_vectors.npy", "item_ids.txt"])
@@ -35,7 +49,7 @@ def test_a_changed_file_is_refused(model_dir: Path, tmp_path: Path, name: str) -
     folder = copy(model_dir, tmp_path)
     with (folder / name).open("ab") as f:
         f.write(b"\n")
-    with pytest.raises(ManifestMismatch, match="sha256"):
+    with pytest.raises(ManifestError, match="sha256"):
         verify_folder(folder)
 
 
@@ -62,7 +76,7 @@ def test_a_wrong_manifest_is_refused(
 ) -> None:
     folder = copy(model_dir, tmp_path)
     rewrite(folder, **fields)
-    with pytest.raises(ManifestMismatch, match=message):
+    with pytest.raises(ManifestError, match=message):
         verify_folder(folder)
 
 
@@ -70,19 +84,113 @@ def test_vectors_of_another_shape_are_refused(model_dir: Path, tmp_path: Path) -
     folder = copy(model_dir, tmp_path)
     np.save(folder / "item_vectors.npy", np.zeros((200, 8), np.float16))
     data = json.loads((folder / "manifest.json").read_text())
-    from app.manifest import sha256_file
-
     data["sha256"]["item_vectors.npy"] = sha256_file(folder / "item_vectors.npy")
     (folder / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestMismatch, match=r"\(200, 8\)"):
+    with pytest.raises(ManifestError, match=r"\(200, 8\)"):
         verify_folder(folder)
+
+
+def good() -> dict[str, Any]:
+    return {
+        "version": "v1",
+        "dim": 4,
+        "history_len": 3,
+        "vector_dtype": "float16",
+        "n_items": 2,
+        "sha256": {f: "0" * 64 for f in ("model.onnx", "item_vectors.npy", "item_ids.txt")},
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"dim": "4"}, "dim must be a positive integer, got '4'"),
+        ({"dim": 0}, "dim must be a positive integer"),
+        ({"history_len": True}, "history_len must be a positive integer"),
+        ({"n_items": 2.5}, "n_items must be a positive integer"),
+        ({"version": ""}, "version must be a folder name"),
+        ({"version": "a/b"}, "version must be a folder name"),
+        ({"version": ".v1.tmp"}, "version must be a folder name"),
+        ({"vector_dtype": "int8"}, "vector_dtype must be one of float16, float32"),
+        ({"sha256": ["model.onnx"]}, "sha256 must map file names"),
+        ({"sha256": {"model.onnx": "0"}}, r"sha256: no sha256 for \['item_vectors.npy'"),
+        ({"opset": "17"}, "opset must be a positive integer"),
+        ({"created_at": 5}, "created_at must be a string"),
+        ({"inputs": ["hist", "cand", "cand_mask"]}, r"inputs .* lack \['hist_mask'\]"),
+        ({"inputs": "hist"}, "inputs must be a list of names"),
+        (
+            {"inputs": ["hist", "hist_mask", "cand", "cand_mask", "price"]},
+            r"inputs .* hold unknown \['price'\]",
+        ),
+        ({"outputs": ["scores"]}, r"outputs .* lack \['attn'\]"),
+        ({"model_config": [1]}, "model_config must be an object"),
+    ],
+)
+def test_a_bad_field_is_named(fields: dict[str, object], message: str) -> None:
+    with pytest.raises(ManifestError, match=f"^here: {message}"):
+        Manifest.from_dict(good() | fields, "here")
+
+
+def test_a_missing_field_or_a_non_object_is_named() -> None:
+    data = good()
+    del data["n_items"], data["dim"]
+    with pytest.raises(ManifestError, match="here: missing field dim, n_items"):
+        Manifest.from_dict(data, "here")
+    with pytest.raises(ManifestError, match="here: a manifest is a JSON object, got list"):
+        Manifest.from_dict([], "here")
+    with pytest.raises(ManifestError, match="here: not JSON"):
+        Manifest.from_json(b"{", "here")
+
+
+def test_an_optional_input_is_accepted() -> None:
+    names = ["hist", "hist_mask", "cand", "cand_mask", "cand_feats"]
+    assert Manifest.from_dict(good() | {"inputs": names}, "here").inputs == tuple(names)
+
+
+def test_the_constructor_checks_too() -> None:
+    fields = good()
+    with pytest.raises(ManifestError, match="dim must be a positive integer"):
+        Manifest(**(fields | {"dim": -1}))
+    with pytest.raises(ManifestError, match=r"extra holds \['dim'\]"):
+        Manifest(**fields, extra={"dim": 5})
+
+
+def test_json_round_trip_keeps_every_key() -> None:
+    data = good() | {"created_at": "2026-01-01T00:00:00+00:00", "opset": 17, "dataset": "x",
+                     "training": {"seed": 0}}  # fmt: skip
+    m = Manifest.from_dict(data, "here")
+    assert m.extra == {"dataset": "x", "training": {"seed": 0}}
+    assert m.to_dict() == data
+    assert Manifest.from_json(m.to_json(), "again") == m
+    assert list(m.to_dict())[:3] == ["version", "created_at", "dim"]  # the file's key order
+
+
+def test_written_manifest_is_the_exported_text(model_dir: Path, tmp_path: Path) -> None:
+    """Reading and writing back leaves manifest.json byte for byte as the exporter wrote it."""
+    text = (model_dir / VERSION_A / "manifest.json").read_text()
+    folder = tmp_path / VERSION_A
+    folder.mkdir()
+    write_manifest(read_manifest(model_dir / VERSION_A), folder)
+    assert (folder / "manifest.json").read_text() == text
+
+
+@pytest.mark.parametrize(
+    "folder", sorted(p.parent for p in COMMITTED.glob("*/manifest.json")), ids=lambda p: p.name
+)
+def test_committed_models_verify_and_keep_their_text(folder: Path, tmp_path: Path) -> None:
+    m = verify_folder(folder)
+    write_manifest(m, tmp_path)
+    assert (tmp_path / "manifest.json").read_text() == (folder / "manifest.json").read_text()
 
 
 def test_check_same(model_dir: Path) -> None:
     a, b = read_manifest(model_dir / VERSION_A), read_manifest(model_dir / VERSION_B)
-    check_same(a, a)
-    with pytest.raises(ManifestMismatch):
-        check_same(a, b)
+    check_same(a, a, "Redis")
+    with pytest.raises(ManifestError, match=f"version {VERSION_A}: version in Redis differs"):
+        check_same(a, b, "Redis")
+    other = Manifest.from_dict(b.to_dict() | {"version": a.version}, "copy")
+    with pytest.raises(ManifestError, match=f"version {VERSION_A}: sha256 in Redis differs"):
+        check_same(a, other, "Redis")
 
 
 def test_default_version(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from app.errors import ModelError
-from app.manifest import verify_folder
-from app.model import Job, LoadedModel, bucket, choose_providers, ladder, load_model, load_session
+from app.model import Job, LoadedModel, bucket, choose_providers, ladder, load_session, open_model
+from contract import verify_folder
 from tests.conftest import VERSION_A
 from tests.reference import Reference
 
@@ -33,7 +33,7 @@ def test_padded_batch_equals_single_unpadded_runs(
     model_dir: Path, references: dict[str, Reference]
 ) -> None:
     folder = model_dir / VERSION_A
-    model = load_model(folder, verify_folder(folder), ["CPUExecutionProvider"], 1, 64, 4)
+    model = open_model(folder, verify_folder(folder), ["CPUExecutionProvider"], 1, 64, 4)
     assert model.has_cand_rank
     ref = references[VERSION_A]
     rng = np.random.default_rng(3)
@@ -56,14 +56,19 @@ def test_padded_batch_equals_single_unpadded_runs(
         np.testing.assert_allclose(got.attn, attn, atol=1e-5)
 
 
-def graph_without_cand_rank(path: Path) -> None:
-    """A stand-in model of the older contract: scores = sum(cand), attn = cand @ hist^T."""
+def graph_without_cand_rank(path: Path, cand_feats: bool = False) -> None:
+    """A stand-in model of the older contract: scores = sum(cand), attn = cand @ hist^T.
+
+    ``cand_feats`` declares that optional input too (the graph does not read it).
+    """
     inputs = [
         helper.make_tensor_value_info("hist", TensorProto.FLOAT, ["B", "L", 16]),
         helper.make_tensor_value_info("hist_mask", TensorProto.BOOL, ["B", "L"]),
         helper.make_tensor_value_info("cand", TensorProto.FLOAT, ["B", "N", 16]),
         helper.make_tensor_value_info("cand_mask", TensorProto.BOOL, ["B", "N"]),
     ]
+    if cand_feats:
+        inputs.append(helper.make_tensor_value_info("cand_feats", TensorProto.FLOAT, ["B", "N", 4]))
     outputs = [
         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", "N"]),
         helper.make_tensor_value_info("attn", TensorProto.FLOAT, ["B", "N", "L"]),
@@ -88,6 +93,14 @@ def test_a_graph_without_cand_rank_is_fed_without_it(model_dir: Path, tmp_path: 
     (out,) = model.run_batch([Job(np.ones((2, 16), np.float32), cand, np.arange(3.0))])
     np.testing.assert_allclose(out.scores, [16, 16, 16])
     assert out.attn.shape == (3, 2)
+
+
+def test_a_graph_that_wants_cand_feats_is_refused_at_load(model_dir: Path, tmp_path: Path) -> None:
+    """The service feeds no cand_feats yet: such a graph fails its load, not every batch."""
+    graph_without_cand_rank(tmp_path / "feats.onnx", cand_feats=True)
+    session = load_session(tmp_path / "feats.onnx", ["CPUExecutionProvider"], 1)
+    with pytest.raises(ModelError, match="cand_feats"):
+        LoadedModel(verify_folder(model_dir / VERSION_A), session, 64)
 
 
 def test_a_broken_file_is_a_model_error(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from app.config import Settings, settings_table
 from app.embedded import EmbeddedRedis
 from app.factory import create_app
-from app.loader import load_model
-from app.manifest import default_version
+from app.loader import load_into_redis
+from contract import default_version
 from scripts.update_readme import DOCUMENTS, SECTIONS, example_calls, render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_example_answer_is_what_the_default_model_says(
     redis_server: EmbeddedRedis, prefix: str, settings_factory: Callable[..., Settings]
 ) -> None:
     version = default_version(MODELS)
-    load_model(redis_server.url, MODELS / str(version), prefix)
+    load_into_redis(redis_server.url, MODELS / str(version), prefix)
     shown = json.loads(section("readme-answer").split("```json", 1)[1].split("```", 1)[0])
     settings = settings_factory(model_dir=MODELS)
     with TestClient(create_app(settings)) as client:

@@ -16,11 +16,12 @@ from redis.asyncio import Redis
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable
 from app.factory import create_app
-from app.loader import load_model
-from app.manifest import Manifest
+from app.loader import load_into_redis
 from app.metrics import Metrics
 from app.store import Store, VectorCache
+from contract import HASHED_FILES, Manifest
 from tests.conftest import N_ITEMS, VERSION_A, make_settings
+from tests.redis_servers import paused
 
 T = TypeVar("T")
 
@@ -51,7 +52,7 @@ def run(
 
 @pytest.fixture
 def manifest(redis_server: EmbeddedRedis, prefix: str, model_dir: Path) -> Manifest:
-    return load_model(redis_server.url, model_dir / "test-a", prefix)
+    return load_into_redis(redis_server.url, model_dir / "test-a", prefix)
 
 
 def vectors(model_dir: Path, ids: list[str]) -> np.ndarray:
@@ -114,19 +115,16 @@ def test_a_vector_of_the_wrong_size_counts_as_missing(
 def test_paused_redis_is_unavailable_within_the_deadline(
     own_redis: EmbeddedRedis, prefix: str, model_dir: Path
 ) -> None:
-    m = load_model(own_redis.url, model_dir / "test-a", prefix)
+    m = load_into_redis(own_redis.url, model_dir / "test-a", prefix)
 
     async def body(store: Store, calls: list[str]) -> None:
         await store.ping()
-        own_redis.pause()
-        try:
+        with paused(own_redis):
             loop = asyncio.get_running_loop()
             start = loop.time()
             with pytest.raises(StoreUnavailable, match="within 50 ms"):
                 await store.fetch(m, "u", None, ["1"])
             assert loop.time() - start < 1.0
-        finally:
-            own_redis.resume()
 
     run(own_redis.url, prefix, body, timeout_s=0.05)
 
@@ -161,7 +159,9 @@ def test_cache_batched_reads_and_writes() -> None:
 def test_decode_keeps_only_values_of_the_right_length() -> None:
     from app.store import decode
 
-    manifest = Manifest("v", 2, 5, "float16", 3, {}, {})
+    sha256 = dict.fromkeys(HASHED_FILES, "0" * 64)
+    manifest = Manifest(version="v", dim=2, history_len=5, vector_dtype="float16", n_items=3,
+                        sha256=sha256)  # fmt: skip
     a, b = np.array([1, 2], "<f2").tobytes(), np.array([3, 4], "<f2").tobytes()
     present, matrix = decode([a, b], manifest)  # every value fine: the fast path
     assert present.tolist() == [True, True] and matrix.tolist() == [[1, 2], [3, 4]]
@@ -199,7 +199,7 @@ def test_a_full_redis_evicts_only_histories_then_refuses_writes_plainly(
     """maxmemory with volatile-lru: histories (which expire) go, vectors and manifests stay;
     with nothing left to evict, /events is a 503 that names no key and quotes no Redis text."""
     with EmbeddedRedis(maxmemory_mb=2) as server:
-        load_model(server.url, model_dir / VERSION_A, prefix)
+        load_into_redis(server.url, model_dir / VERSION_A, prefix)
         r = redis.Redis.from_url(server.url)
         try:
             model_keys = list(r.scan_iter(f"{prefix}:*", count=1000))

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 
 from app.config import Settings
 from app.embedded import EmbeddedRedis
-from app.errors import ManifestMismatch
 from app.factory import create_app
-from app.loader import load_model
+from app.loader import load_into_redis
+from contract import ManifestError
 from tests.conftest import N_ITEMS, VERSION_A, VERSION_B, serve
 from tests.reference import Reference, assert_same_ranking
 
@@ -47,7 +47,9 @@ def test_swap_under_concurrent_traffic(
             stop = asyncio.Event()
             tasks = [asyncio.create_task(worker(i, stop, client)) for i in range(4)]
             await asyncio.sleep(0.3)
-            await asyncio.to_thread(load_model, redis_server.url, model_dir / VERSION_B, prefix)
+            await asyncio.to_thread(
+                load_into_redis, redis_server.url, model_dir / VERSION_B, prefix
+            )
             for _ in range(200):  # the watcher polls every 50 ms; the load takes a moment
                 if results and results[-1][1].get("model_version") == VERSION_B:
                     break
@@ -90,7 +92,7 @@ def test_a_broken_new_version_keeps_the_old_one(
     local = broken_copy(model_dir, tmp_path, VERSION_B)
     app = create_app(settings_factory(model_dir=local, version_poll_s=0.05))
     with TestClient(app) as client:
-        load_model(redis_server.url, model_dir / VERSION_B, prefix)  # Redis has a good B
+        load_into_redis(redis_server.url, model_dir / VERSION_B, prefix)  # Redis has a good B
         for _ in range(100):
             if "rerank_model_swap_failures_total 1.0" in client.get("/metrics").text:
                 break
@@ -110,5 +112,5 @@ def test_start_refuses_a_mismatching_model(
 ) -> None:
     local = broken_copy(model_dir, tmp_path, VERSION_A)
     app = create_app(settings_factory(model_dir=local))
-    with pytest.raises(ManifestMismatch, match="sha256"), TestClient(app):
+    with pytest.raises(ManifestError, match="sha256"), TestClient(app):
         pass

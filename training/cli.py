@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     old = args.model_dir / "report.json"
     if old.exists():
         trained = json.loads(old.read_text())
-        report |= {k: trained[k] for k in ("train_log", "minutes") if k in trained}
+        if "train_log" in trained:
+            report["train_log"] = trained["train_log"]
+        if "minutes" in trained:
+            report["minutes"] = trained["minutes"]
     write_report(report, args.model_dir)
     print(markdown(report))
     return 0

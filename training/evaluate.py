@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -20,7 +20,49 @@ from training.features import transitions
 from training.lists import Lists, right_align
 from training.metrics import bootstrap_ci, bootstrap_ratio_ci, ndcg_at, ranked_positions, summary
 
+if TYPE_CHECKING:  # lightgbm loads only when the baseline trains; pipeline imports this module
+    import lightgbm as lgb
+
+    from training.pipeline import PipelineConfig, Prepared
+
 METHODS = ["recall order", "popularity order", "lightgbm lambdarank", "deep reranker"]
+
+# report.json. Keys with "@" or spaces take the functional TypedDict form.
+Interval = tuple[float, float]
+Metrics = dict[str, float]  # ndcg@10, hr@10, mrr: training.metrics.summary
+MethodRow = TypedDict(
+    "MethodRow", {"ndcg@10": float, "hr@10": float, "mrr": float, "ndcg@10_ci95": Interval}
+)
+Comparison = TypedDict(
+    "Comparison",
+    {
+        "deep / recall order": float,
+        "deep / recall order ci95 (paired)": Interval,
+        "deep - lightgbm": float,
+        "deep - lightgbm ci95 (paired)": Interval,
+    },
+)
+SampledProtocol = TypedDict("SampledProtocol", {"note": str, "deep reranker": Metrics})
+
+
+class LightgbmInfo(TypedDict):
+    features: list[str]
+    trees: int
+
+
+class Report(TypedDict, total=False):
+    """What ``evaluate`` returns; the pipeline and ``rerank eval`` add the last four keys."""
+
+    users: int
+    n_candidates: int
+    summary: dict[str, dict[str, MethodRow]]  # recall source -> method -> metrics
+    comparisons: dict[str, Comparison]  # recall source -> paired comparisons
+    sampled_protocol: SampledProtocol
+    lightgbm: LightgbmInfo
+    recall: dict[str, dict[str, float]]
+    train_log: list[dict[str, float]]
+    minutes: float
+    scored_by: str
 
 
 class FeatureBuilder:
@@ -32,7 +74,7 @@ class FeatureBuilder:
         "hist_len",
     ]  # fmt: skip
 
-    def __init__(self, prep: Any) -> None:
+    def __init__(self, prep: Prepared) -> None:
         self.knn = prep.knn
         self.train = prep.split.train
         self.counts = transitions(prep.split.train, prep.dataset.n_items)  # raw weights
@@ -107,7 +149,10 @@ class FeatureBuilder:
         return np.stack(cols, axis=-1).reshape(m * n, -1).astype(np.float32)
 
 
-def train_lightgbm(prep: Any, seed: int, max_lists: int = 20000) -> tuple[Any, FeatureBuilder]:
+Lightgbm = tuple["lgb.Booster", FeatureBuilder]  # the trained trees and their features
+
+
+def train_lightgbm(prep: Prepared, seed: int, max_lists: int = 20000) -> Lightgbm:
     """LambdaRank on the training lists, early-stopped on the validation lists."""
     import lightgbm as lgb
 
@@ -118,7 +163,9 @@ def train_lightgbm(prep: Any, seed: int, max_lists: int = 20000) -> tuple[Any, F
     val = prep.val_lists.subset(prep.val_lists.target >= 0)
     fb = FeatureBuilder(prep)
 
-    def dataset(lists: Lists, leave_user_out: bool, reference: Any = None) -> Any:
+    def dataset(
+        lists: Lists, leave_user_out: bool, reference: lgb.Dataset | None = None
+    ) -> lgb.Dataset:
         labels = np.zeros(lists.cand.shape, dtype=np.float32)
         labels[np.arange(len(lists)), lists.target] = 1.0
         groups = np.full(len(lists), lists.cand.shape[1])
@@ -142,7 +189,7 @@ def train_lightgbm(prep: Any, seed: int, max_lists: int = 20000) -> tuple[Any, F
 Scorer = Callable[[Lists], np.ndarray]  # candidate lists -> scores (M, N)
 
 
-def _scores(method: str, lists: Lists, prep: Any, model: Scorer, lgbm: Any) -> np.ndarray:
+def _scores(method: str, lists: Lists, prep: Prepared, model: Scorer, lgbm: Lightgbm) -> np.ndarray:
     n = lists.cand.shape[1]
     if method == "recall order":
         return np.broadcast_to(-np.arange(n, dtype=np.float64), lists.cand.shape)
@@ -150,11 +197,11 @@ def _scores(method: str, lists: Lists, prep: Any, model: Scorer, lgbm: Any) -> n
         return prep.knn.count[lists.cand].astype(np.float64)
     if method == "lightgbm lambdarank":
         booster, fb = lgbm
-        return booster.predict(fb.build(lists)).reshape(lists.cand.shape)
+        return np.asarray(booster.predict(fb.build(lists))).reshape(lists.cand.shape)
     return model(lists)
 
 
-def sampled_lists(prep: Any, n_neg: int, seed: int, history_len: int) -> Lists:
+def sampled_lists(prep: Prepared, n_neg: int, seed: int, history_len: int) -> Lists:
     """Test item + n_neg random items the user has not seen, in a random order."""
     rng = np.random.default_rng(seed)
     n_items = prep.dataset.n_items
@@ -175,22 +222,26 @@ def sampled_lists(prep: Any, n_neg: int, seed: int, history_len: int) -> Lists:
     return Lists(right_align(hists, history_len), cand, target, np.arange(len(cand)))
 
 
-def evaluate(prep: Any, model: Scorer, cfg: Any) -> dict[str, Any]:
+def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
     """All methods on both recall sources; ``model`` scores candidate lists."""
     lgbm = train_lightgbm(prep, cfg.seed)
-    results: dict[str, Any] = {}
+    results: dict[str, dict[str, MethodRow]] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
     for source, lists in prep.test_lists.items():
         results[source], per_user[source] = {}, {}
         for method in METHODS:
             pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
-            row: dict[str, Any] = summary(pos)
-            row["ndcg@10_ci95"] = bootstrap_ci(ndcg_at(pos), seed=cfg.seed)
-            results[source][method] = row
+            got = summary(pos)
+            results[source][method] = {
+                "ndcg@10": got["ndcg@10"],
+                "hr@10": got["hr@10"],
+                "mrr": got["mrr"],
+                "ndcg@10_ci95": bootstrap_ci(ndcg_at(pos), seed=cfg.seed),
+            }
             per_user[source][method] = ndcg_at(pos)
     sampled = sampled_lists(prep, 100, cfg.seed, cfg.history_len)
     sampled_pos = ranked_positions(model(sampled), sampled.target)
-    comparisons = {}
+    comparisons: dict[str, Comparison] = {}
     for source, users in per_user.items():
         deep = users["deep reranker"]
         comparisons[source] = {
@@ -216,7 +267,7 @@ def evaluate(prep: Any, model: Scorer, cfg: Any) -> dict[str, Any]:
     }
 
 
-def markdown(report: dict[str, Any]) -> str:
+def markdown(report: Report) -> str:
     lines = [
         f"All {report['users']} test users, top-{report['n_candidates']} recall candidates; "
         "a test item that recall missed counts 0.",
@@ -248,7 +299,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: dict[str, Any], folder: Path) -> None:
+def write_report(report: Report, folder: Path) -> None:
     """report.json, report.md and report.png beside the model."""
     import matplotlib
 

@@ -6,7 +6,6 @@ model folder is never left behind for the service or the loader to pick up.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import warnings
@@ -17,14 +16,22 @@ from typing import Any
 import numpy as np
 import torch
 
-# The service checks the hashes with this same function.
-from app.manifest import sha256_file
+# The service reads and checks the folder through this same contract.
+from contract import (
+    DYNAMIC_AXES,
+    IDS_FILE,
+    INPUTS,
+    ONNX_FILE,
+    OUTPUTS,
+    VECTORS_FILE,
+    Manifest,
+    file_hashes,
+    write_manifest,
+)
 from training.model import ItemTower, ModelConfig, Reranker, ScoreGraph
 
 OPSET = 17
 VECTOR_DTYPE = "float16"
-INPUT_NAMES = ["hist", "hist_mask", "cand", "cand_mask", "cand_rank"]
-OUTPUT_NAMES = ["scores", "attn"]
 
 
 def example_inputs(cfg: ModelConfig, batch: int = 2, n: int = 5) -> tuple[torch.Tensor, ...]:
@@ -39,15 +46,7 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, n: int = 5) -> tuple[torch.
 def export_onnx(model: Reranker, path: Path) -> None:
     """Trace ``Reranker.score`` to ONNX with dynamic B, L and N."""
     graph = ScoreGraph(model).eval()
-    dynamic = {
-        "hist": {0: "B", 1: "L"},
-        "hist_mask": {0: "B", 1: "L"},
-        "cand": {0: "B", 1: "N"},
-        "cand_mask": {0: "B", 1: "N"},
-        "cand_rank": {0: "B", 1: "N"},
-        "scores": {0: "B", 1: "N"},
-        "attn": {0: "B", 1: "N", 2: "L"},
-    }
+    dynamic = {name: DYNAMIC_AXES[name] for name in (*INPUTS, *OUTPUTS)}
     # The TorchScript exporter traces this small static graph reliably and needs no extra
     # dependency (the torch.export one wants onnxscript); silence its deprecation notice.
     with torch.no_grad(), warnings.catch_warnings():
@@ -58,8 +57,8 @@ def export_onnx(model: Reranker, path: Path) -> None:
             graph,
             example_inputs(model.cfg),
             str(path),
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
             dynamic_axes=dynamic,
             opset_version=OPSET,
             dynamo=False,
@@ -88,28 +87,24 @@ def export_model(
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=models_dir))
     try:
-        export_onnx(model, tmp / "model.onnx")
-        np.save(tmp / "item_vectors.npy", vectors)
-        (tmp / "item_ids.txt").write_text("".join(f"{i}\n" for i in item_ids))
-        manifest = {
-            "version": version,
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "dim": model.cfg.dim,
-            "history_len": model.cfg.history_len,
-            "vector_dtype": VECTOR_DTYPE,
-            "n_items": len(item_ids),
-            "opset": OPSET,
-            "inputs": INPUT_NAMES,
-            "outputs": OUTPUT_NAMES,
-            "sha256": {
-                "model.onnx": sha256_file(tmp / "model.onnx"),
-                "item_vectors.npy": sha256_file(tmp / "item_vectors.npy"),
-                "item_ids.txt": sha256_file(tmp / "item_ids.txt"),
-            },
-            "model_config": model.cfg.to_dict(),
-            **(extra or {}),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        export_onnx(model, tmp / ONNX_FILE)
+        np.save(tmp / VECTORS_FILE, vectors)
+        (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in item_ids))
+        manifest = Manifest(
+            version=version,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            dim=model.cfg.dim,
+            history_len=model.cfg.history_len,
+            vector_dtype=VECTOR_DTYPE,
+            n_items=len(item_ids),
+            opset=OPSET,
+            inputs=INPUTS,
+            outputs=OUTPUTS,
+            sha256=file_hashes(tmp),
+            model_config=model.cfg.to_dict(),
+            extra=dict(extra or {}),
+        )
+        write_manifest(manifest, tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
         tmp.rename(final)
     except BaseException:

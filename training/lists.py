@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract import right_align as align
 from training.recall import ItemKNN
 
 
@@ -29,12 +30,9 @@ class Lists:
 
 
 def right_align(histories: list[np.ndarray], length: int) -> np.ndarray:
-    out = np.zeros((len(histories), length), dtype=np.int64)
-    for i, h in enumerate(histories):
-        tail = h[-length:]
-        if len(tail):
-            out[i, length - len(tail) :] = tail
-    return out
+    """Item rows (M, L), by the graph's history rule (contract/graph.py); row 0 pads."""
+    rows, _ = align(histories, length, np.int64)
+    return rows
 
 
 def positions(cand: np.ndarray, truth: np.ndarray) -> np.ndarray:

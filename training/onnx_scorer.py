@@ -1,6 +1,7 @@
 """Score candidate lists with an exported model folder: ONNX Runtime on its float16 vectors.
 
-This is what the service computes, so ``rerank eval`` measures the artifact as served.
+This is what the service computes, so ``rerank eval`` measures the artifact as served: the
+folder is verified against its manifest and the graph is fed by the contract's rules.
 """
 
 from __future__ import annotations
@@ -10,37 +11,49 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract import (
+    FLOAT,
+    ONNX_FILE,
+    SCORES,
+    VECTORS_FILE,
+    feed,
+    list_positions,
+    read_item_ids,
+    verify_folder,
+)
 from training.lists import Lists
 
 
 class OnnxScorer:
     def __init__(self, model_dir: Path, item_ids: list[str], batch_size: int = 256) -> None:
-        vectors = np.load(model_dir / "item_vectors.npy").astype(np.float32)  # (I, D)
-        exported = (model_dir / "item_ids.txt").read_text().split()
-        row_of = {item: i for i, item in enumerate(exported)}
+        verify_folder(model_dir)
+        vectors = np.load(model_dir / VECTORS_FILE).astype(FLOAT)  # (I, D)
+        row_of = {item: i for i, item in enumerate(read_item_ids(model_dir))}
         missing = [i for i in item_ids if i not in row_of]
         if missing:
             raise ValueError(f"{len(missing)} items have no vector in {model_dir}: {missing[:5]}")
         # Row 0 is padding: a zero vector, masked out anyway.
-        self.table = np.concatenate([np.zeros((1, vectors.shape[1]), np.float32),
+        self.table = np.concatenate([np.zeros((1, vectors.shape[1]), FLOAT),
                                      vectors[[row_of[i] for i in item_ids]]])  # fmt: skip
         options = ort.SessionOptions()
         options.intra_op_num_threads = 2
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options,
+        self.session = ort.InferenceSession(str(model_dir / ONNX_FILE), options,
                                             providers=["CPUExecutionProvider"])  # fmt: skip
+        self.declared = {i.name for i in self.session.get_inputs()}
         self.batch_size = batch_size
 
     def __call__(self, lists: Lists) -> np.ndarray:
+        """Scores (M, N) of the lists, whose rows are already padded with item row 0."""
         out = []
-        n = lists.cand.shape[1]
         for s in range(0, len(lists), self.batch_size):
             hist, cand = lists.hist[s : s + self.batch_size], lists.cand[s : s + self.batch_size]
-            feed = {
-                "hist": self.table[hist],
-                "hist_mask": hist > 0,
-                "cand": self.table[cand],
-                "cand_mask": cand > 0,
-                "cand_rank": np.broadcast_to(np.arange(n, dtype=np.float32), cand.shape).copy(),
-            }
-            out.append(self.session.run(["scores"], feed)[0])
+            inputs = feed(
+                self.declared,
+                self.table[hist],
+                hist > 0,
+                self.table[cand],
+                cand > 0,
+                cand_rank=list_positions(*cand.shape),
+            )
+            out.append(self.session.run([SCORES], inputs)[0])
         return np.concatenate(out)

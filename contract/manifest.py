@@ -1,0 +1,279 @@
+"""A model folder, ``models/<version>/``, and the manifest that describes it.
+
+A model is only ever served with the vectors it was exported with: the manifest names the
+dim, the dtype and the sha256 of every file, and anything that does not match is refused.
+The exporter writes the manifest through ``write_manifest`` and the service and the loader
+read it through ``read_manifest`` and ``verify_folder``, so both sides check the same rules.
+
+``manifest.json``, keys in this order (what ``Manifest.to_dict`` writes)::
+
+    version        str     the folder's name; a leading dot marks an export in progress
+    created_at     str     ISO 8601, UTC (optional)
+    dim            int     D, the length of an item vector
+    history_len    int     L, the longest history the model reads
+    vector_dtype   str     float16 or float32: item_vectors.npy, and the vectors in Redis
+    n_items        int     rows of item_vectors.npy, lines of item_ids.txt
+    opset          int     the ONNX opset of model.onnx (optional)
+    inputs         [str]   the graph's input names (optional; see contract/graph.py)
+    outputs        [str]   the graph's output names (optional)
+    sha256         {file: hex digest} of model.onnx, item_vectors.npy and item_ids.txt
+    model_config   {...}   the model's hyper-parameters (optional)
+    ...            any other key (dataset, training, offline_metrics) is kept as it is
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from contract.graph import KNOWN_INPUTS, OUTPUTS, REQUIRED_INPUTS
+
+MANIFEST_FILE = "manifest.json"
+ONNX_FILE = "model.onnx"
+VECTORS_FILE = "item_vectors.npy"
+IDS_FILE = "item_ids.txt"
+HASHED_FILES = (ONNX_FILE, VECTORS_FILE, IDS_FILE)
+VECTOR_DTYPES = ("float16", "float32")
+DEFAULT_FILE = "DEFAULT"  # models/DEFAULT names the default version
+
+# The keys the dataclass holds as fields, in the order they are written.
+_FIELDS = (
+    "version",
+    "created_at",
+    "dim",
+    "history_len",
+    "vector_dtype",
+    "n_items",
+    "opset",
+    "inputs",
+    "outputs",
+    "sha256",
+    "model_config",
+)
+_REQUIRED = ("version", "dim", "history_len", "vector_dtype", "n_items", "sha256")
+# What must agree between two copies of one version's manifest (a folder and Redis).
+_IDENTITY = ("version", "dim", "history_len", "vector_dtype", "n_items", "sha256")
+
+
+class ManifestError(ValueError):
+    """A model folder or a manifest breaks the contract; the message names the field or file."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The manifest of one model version; a constructed one has passed every field check."""
+
+    version: str
+    dim: int
+    history_len: int
+    vector_dtype: str
+    n_items: int
+    sha256: dict[str, str]
+    created_at: str | None = None
+    opset: int | None = None
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+    model_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # every other key, as read
+
+    def __post_init__(self) -> None:
+        _check(self.__dict__, "manifest")
+        clash = [k for k in self.extra if k in _FIELDS]
+        if clash:
+            raise ManifestError(f"manifest: extra holds {clash}, which are fields of their own")
+
+    @property
+    def wire_dtype(self) -> np.dtype[Any]:
+        """The dtype of a vector in Redis: little-endian, whatever the host."""
+        return np.dtype(self.vector_dtype).newbyteorder("<")
+
+    @property
+    def vector_bytes(self) -> int:
+        return self.dim * self.wire_dtype.itemsize
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> Manifest:
+        """Check a decoded manifest; ``where`` names its source in the errors."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: a manifest is a JSON object, got {type(data).__name__}")
+        missing = [k for k in _REQUIRED if k not in data]
+        if missing:
+            raise ManifestError(f"{where}: missing field {', '.join(missing)}")
+        _check(data, where)
+        known = {k: data[k] for k in _FIELDS if k in data}
+        for key in ("inputs", "outputs"):
+            if key in known:
+                known[key] = tuple(known[key])
+        extra = {k: v for k, v in data.items() if k not in _FIELDS}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str) -> Manifest:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ManifestError(f"{where}: not JSON ({exc})") from exc
+        return cls.from_dict(data, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON data: known keys in their order (absent ones left out), then
+        the other keys as read. ``from_dict(m.to_dict())`` gives back ``m``."""
+        out: dict[str, Any] = {}
+        for key in _FIELDS:
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out | self.extra
+
+    def to_json(self, indent: int | None = None) -> str:
+        """The manifest as JSON text: compact (the Redis copy), or indented (the file)."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check(data: dict[str, Any], where: str) -> None:
+    """Every field present in ``data`` has its type and range; errors name the field."""
+
+    def fail(key: str, rule: str) -> ManifestError:
+        return ManifestError(f"{where}: {key} {rule}, got {data[key]!r}")
+
+    version = data["version"]
+    if not isinstance(version, str) or not version or "/" in version or version[0] == ".":
+        raise fail("version", "must be a folder name (not empty, no '/', no leading dot)")
+    for key in ("dim", "history_len", "n_items"):
+        if not _is_int(data[key]) or data[key] < 1:
+            raise fail(key, "must be a positive integer")
+    if data["vector_dtype"] not in VECTOR_DTYPES:
+        raise fail("vector_dtype", f"must be one of {', '.join(VECTOR_DTYPES)}")
+    sha256 = data["sha256"]
+    if not isinstance(sha256, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in sha256.items()
+    ):
+        raise fail("sha256", "must map file names to hex digests")
+    absent = [f for f in HASHED_FILES if f not in sha256]
+    if absent:
+        raise ManifestError(f"{where}: sha256: no sha256 for {absent}")
+    if data.get("created_at") is not None and not isinstance(data["created_at"], str):
+        raise fail("created_at", "must be a string")
+    if data.get("opset") is not None and (not _is_int(data["opset"]) or data["opset"] < 1):
+        raise fail("opset", "must be a positive integer")
+    _check_names(data, "inputs", REQUIRED_INPUTS, KNOWN_INPUTS, where)
+    _check_names(data, "outputs", OUTPUTS, OUTPUTS, where)
+    if data.get("model_config") is not None and not isinstance(data["model_config"], dict):
+        raise fail("model_config", "must be an object")
+
+
+def _check_names(
+    data: dict[str, Any],
+    key: str,
+    required: tuple[str, ...],
+    known: tuple[str, ...],
+    where: str,
+) -> None:
+    names = data.get(key)
+    if names is None:
+        return
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ManifestError(f"{where}: {key} must be a list of names, got {names!r}")
+    lacking = [n for n in required if n not in names]
+    unknown = [n for n in names if n not in known]
+    if lacking or unknown:
+        raise ManifestError(
+            f"{where}: {key} {list(names)} lack {lacking} or hold unknown {unknown} "
+            f"(known: {list(known)})"
+        )
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """``folder/manifest.json``, checked field by field (not against the files: see
+    ``verify_folder``)."""
+    path = folder / MANIFEST_FILE
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read manifest ({exc})") from exc
+    return Manifest.from_json(text, str(path))
+
+
+def write_manifest(manifest: Manifest, folder: Path) -> Path:
+    """``folder/manifest.json``: indented by two, one trailing newline."""
+    path = folder / MANIFEST_FILE
+    path.write_text(manifest.to_json(indent=2) + "\n")
+    return path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """The ``sha256`` field of a folder's files, as the exporter writes it."""
+    return {name: sha256_file(folder / name) for name in HASHED_FILES}
+
+
+def read_item_ids(folder: Path) -> list[str]:
+    """External item ids; line ``i`` names row ``i`` of item_vectors.npy."""
+    return (folder / IDS_FILE).read_text().splitlines()
+
+
+def verify_folder(folder: Path) -> Manifest:
+    """Read the manifest and check hashes, vector shape and dtype, and the id count."""
+    m = read_manifest(folder)
+    if folder.name != m.version:
+        raise ManifestError(f"{folder}: folder name differs from version {m.version!r}")
+    for name, expected in m.sha256.items():
+        path = folder / name
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in the manifest but missing")
+        if sha256_file(path) != expected:
+            raise ManifestError(f"{path}: sha256 differs from the manifest")
+    vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+    if vectors.shape != (m.n_items, m.dim):
+        raise ManifestError(
+            f"{folder}: {VECTORS_FILE} is {vectors.shape}, manifest says ({m.n_items}, {m.dim})"
+        )
+    if vectors.dtype != np.dtype(m.vector_dtype):
+        raise ManifestError(
+            f"{folder}: {VECTORS_FILE} is {vectors.dtype}, manifest says {m.vector_dtype}"
+        )
+    if len(read_item_ids(folder)) != m.n_items:
+        raise ManifestError(f"{folder}: {IDS_FILE} does not hold {m.n_items} ids")
+    return m
+
+
+def check_same(local: Manifest, copy: Manifest, where: str) -> None:
+    """A copy of a manifest held elsewhere (``where``: Redis) describes exactly the local
+    files: same version, shape, dtype and hashes."""
+    for key in _IDENTITY:
+        if getattr(local, key) != getattr(copy, key):
+            raise ManifestError(
+                f"version {local.version}: {key} in {where} differs from the local manifest"
+            )
+
+
+def default_version(models_dir: Path) -> str | None:
+    """The default model: named in ``models/DEFAULT``, else the newest folder by name."""
+    pointer = models_dir / DEFAULT_FILE
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if name:
+            return name
+    folders = sorted(
+        p.name
+        for p in models_dir.glob("*")
+        # a leading dot marks an export still being written
+        if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
+    )
+    return folders[-1] if folders else None
