@@ -18,6 +18,10 @@ from app.errors import ManifestMismatch
 
 VECTOR_DTYPES = ("float16", "float32")
 REQUIRED_FILES = ("model.onnx", "item_vectors.npy", "item_ids.txt")
+# The text encoder of new items, shared by every version: models/encoder/ (app/encoder.py).
+ENCODER_DIR = "encoder"
+# Names under models/ that are not model versions: the default pointer and the text encoder.
+RESERVED_NAMES = ("DEFAULT", ENCODER_DIR)
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,10 @@ def check_same(local: Manifest, remote: Manifest) -> None:
 
 
 def default_version(models_dir: Path) -> str | None:
-    """The default model: named in ``models/DEFAULT``, else the newest folder by name."""
+    """The default model: named in ``models/DEFAULT``, else the newest folder by name.
+
+    ``models/encoder/`` (the text encoder shared by every version) is never a version.
+    """
     pointer = models_dir / "DEFAULT"
     if pointer.is_file():
         name = pointer.read_text().strip()
@@ -130,6 +137,8 @@ def default_version(models_dir: Path) -> str | None:
         p.name
         for p in models_dir.glob("*")
         # a leading dot marks an export still being written
-        if not p.name.startswith(".") and (p / "manifest.json").is_file()
+        if not p.name.startswith(".")
+        and p.name not in RESERVED_NAMES
+        and (p / "manifest.json").is_file()
     )
     return folders[-1] if folders else None
