@@ -31,10 +31,12 @@ from contract.graph import (
 )
 from contract.manifest import (
     DEFAULT_FILE,
+    ENCODER_DIR,
     HASHED_FILES,
     IDS_FILE,
     MANIFEST_FILE,
     ONNX_FILE,
+    RESERVED_NAMES,
     VECTOR_DTYPES,
     VECTORS_FILE,
     Manifest,
@@ -57,6 +59,7 @@ __all__ = [
     "CAND_RANK",
     "DEFAULT_FILE",
     "DYNAMIC_AXES",
+    "ENCODER_DIR",
     "FLOAT",
     "HASHED_FILES",
     "HIST",
@@ -69,6 +72,7 @@ __all__ = [
     "ONNX_FILE",
     "OPTIONAL_INPUTS",
     "OUTPUTS",
+    "RESERVED_NAMES",
     "REQUIRED_INPUTS",
     "SCORES",
     "VECTORS_FILE",

@@ -263,8 +263,17 @@ def check_same(local: Manifest, copy: Manifest, where: str) -> None:
             )
 
 
+# The text encoder of new items, shared by every version: models/encoder/ (app/encoder.py).
+ENCODER_DIR = "encoder"
+# Names under models/ that are not model versions: the default pointer and the text encoder.
+RESERVED_NAMES = (DEFAULT_FILE, ENCODER_DIR)
+
+
 def default_version(models_dir: Path) -> str | None:
-    """The default model: named in ``models/DEFAULT``, else the newest folder by name."""
+    """The default model: named in ``models/DEFAULT``, else the newest folder by name.
+
+    ``models/encoder/`` (the text encoder shared by every version) is never a version.
+    """
     pointer = models_dir / DEFAULT_FILE
     if pointer.is_file():
         name = pointer.read_text().strip()
@@ -274,6 +283,8 @@ def default_version(models_dir: Path) -> str | None:
         p.name
         for p in models_dir.glob("*")
         # a leading dot marks an export still being written
-        if not p.name.startswith(".") and (p / MANIFEST_FILE).is_file()
+        if not p.name.startswith(".")
+        and p.name not in RESERVED_NAMES
+        and (p / MANIFEST_FILE).is_file()
     )
     return folders[-1] if folders else None

@@ -1,4 +1,4 @@
-"""Offline verbs of the ``rerank`` command: data, train, eval.
+"""Offline verbs of the ``rerank`` command: data, train, eval, encoder.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
 for, so that the service never imports PyTorch. This module imports the training code (and
@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate an exported model (its ONNX file) again")
     ev.add_argument("model_dir", type=Path)
     ev.add_argument("--data-dir", type=Path, default=Path("data"))
+    enc = sub.add_parser("encoder", help="the text encoder of new items (models/encoder/)")
+    enc_sub = enc.add_subparsers(dest="action", required=True)
+    enc_export = enc_sub.add_parser(
+        "export", help="all-MiniLM-L6-v2 to int8 ONNX, checked on the catalogue's texts"
+    )
+    enc_export.add_argument("--out", type=Path, default=Path("models/encoder"))
+    enc_export.add_argument("--data-dir", type=Path, default=Path("data"))
     return p
 
 
@@ -48,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch_movielens(args.data_dir)
     dataset = load_movielens(args.data_dir)
+    if args.verb == "encoder":
+        from training.text_onnx import export_encoder
+
+        parity = export_encoder(args.out, dataset.texts)
+        print(f"exported {args.out}: {json.dumps(parity, indent=2)}")
+        return 0
     cache = args.data_dir / "cache"
     if args.verb == "train":
         budget = {} if args.max_minutes is None else {"max_minutes": args.max_minutes}
