@@ -23,8 +23,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from training.channels import EASE, Channel, Markov
 from training.data import fetch_movielens, load_movielens
 from training.fusion import (
@@ -170,8 +168,7 @@ def main() -> None:
         # last HOLDOUT items answer for those positions.
         started = time.monotonic()
         fit_train, queries = time_cut(split.train, HOLDOUT)
-        first = np.zeros(len(ds.users), dtype=np.int64)  # SASRec's early-stopping item
-        first[queries.user[::-1]] = queries.target[::-1]  # each user's first held-out item
+        first = queries.first_held_out(len(ds.users))  # early-stops SASRec
         cut_params = replace(params, sasrec=replace(SASREC))
         cut_channels = fit_channels(fit_train, n_items, first, cut_params)
         fit_minutes = (time.monotonic() - started) / 60

@@ -187,6 +187,8 @@ def test_time_cut_keeps_each_query_target_out_of_the_fit(data):
         assert seq[len(h)] == t
         assert len(h) >= len(fit[u])  # everything from the target on is outside the fit
         np.testing.assert_array_equal(fit[u], seq[: len(fit[u])])
+    first = q.first_held_out(len(split.train))
+    assert [first[u] for u in range(3)] == [split.train[u][len(fit[u])] for u in range(3)]
     knn = ItemKNN(fit, ds.n_items)  # any channel can answer the queries
     items, _ = knn.recall(q.history, 10)
     assert items.shape == (len(q.target), 10)

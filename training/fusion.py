@@ -221,6 +221,13 @@ class PrefixQueries:
     history: list[np.ndarray]  # M prefixes, time order
     target: np.ndarray  # (M,) the next item of each prefix
 
+    def first_held_out(self, n_users: int) -> np.ndarray:
+        """(n_users,) each user's first held-out item, 0 where none: the item right after
+        the fitted part, which early-stops a sequential channel fitted on that part."""
+        first = np.zeros(n_users, dtype=np.int64)
+        first[self.user[::-1]] = self.target[::-1]  # the earliest write wins: written last
+        return first
+
 
 def time_cut(
     train: list[np.ndarray], holdout: int, min_fit: int = 3
@@ -257,14 +264,14 @@ class ChannelParams:
 
     ease_lambda: float = 50.0
     ease_decay: float = 0.95
-    markov_window: int = 5
+    markov_window: int = 10
     markov_gap_decay: float = 0.5
     markov_alpha: float = 0.5
-    markov_last: int = 20
-    markov_query_decay: float = 0.8
+    markov_last: int = 10
+    markov_query_decay: float = 0.9
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     rrf_weights: dict[str, float] = field(
-        default_factory=lambda: {"ease": 1.0, "markov": 1.0, "sasrec": 1.0}
+        default_factory=lambda: {"ease": 2.0, "markov": 1.0, "sasrec": 1.0}
     )
     rrf_k: float = 60.0
 

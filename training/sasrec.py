@@ -31,7 +31,7 @@ class SASRecConfig:
     n_layers: int = 2
     n_heads: int = 2
     dropout: float = 0.2
-    lr: float = 1e-3
+    lr: float = 3e-3
     batch_size: int = 128
     max_epochs: int = 200
     patience: int = 5  # epochs without a better validation NDCG@10
