@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from contract import (
+    RESERVED_NAMES,
     Manifest,
     ManifestError,
     check_same,
@@ -175,7 +176,13 @@ def test_written_manifest_is_the_exported_text(model_dir: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    "folder", sorted(p.parent for p in COMMITTED.glob("*/manifest.json")), ids=lambda p: p.name
+    "folder",
+    sorted(
+        p.parent
+        for p in COMMITTED.glob("*/manifest.json")
+        if p.parent.name not in RESERVED_NAMES  # the text encoder has its own manifest
+    ),
+    ids=lambda p: p.name,
 )
 def test_committed_models_verify_and_keep_their_text(folder: Path, tmp_path: Path) -> None:
     m = verify_folder(folder)
