@@ -16,7 +16,7 @@ from training.lists import Lists
 class OnnxScorer:
     def __init__(self, model_dir: Path, item_ids: list[str], batch_size: int = 256) -> None:
         vectors = np.load(model_dir / "item_vectors.npy").astype(np.float32)  # (I, D)
-        exported = (model_dir / "item_ids.txt").read_text().split()
+        exported = (model_dir / "item_ids.txt").read_text().splitlines()
         row_of = {item: i for i, item in enumerate(exported)}
         missing = [i for i in item_ids if i not in row_of]
         if missing:
