@@ -354,3 +354,44 @@ def test_help_default_matches_the_training_default() -> None:
     from training.train import TrainConfig
 
     assert cli.DEFAULT_MAX_MINUTES == TrainConfig.max_minutes
+
+
+def test_rows_with_more_cells_than_the_header(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One cell more would make pandas read the first column as an index, quietly.
+    rc, lines = _train(capsys, *_write(tmp_path, INTERACTIONS + "u3,7,1,extra\n"))
+    assert rc == 2
+    _one(lines, "interactions.csv", "line 8", "4 cells where the header has 3")
+
+
+def test_awkward_but_valid_csv(tmp_path: Path) -> None:
+    """A byte-order mark, CRLF line ends, ids with spaces, accents and "NA", a text cell
+    that spans lines: all read as written."""
+    inter = "\ufeffuser_id,item_id,timestamp\r\nu 1,a b,1\r\nu 1,é,2\r\nu 1,NA,3\r\n"
+    items = 'item_id,text\r\na b,x\r\né,\r\nNA,"multi\r\nline"\r\n'
+    folder = tmp_path / "awk"
+    folder.mkdir()
+    (folder / "interactions.csv").write_bytes(inter.encode())
+    (folder / "items.csv").write_bytes(items.encode())
+    ds = read_dataset(folder / "interactions.csv", folder / "items.csv", say=None)
+    assert ds.item_ids == ["a b", "é", "NA"] and ds.users == ["u 1"]
+    assert ds.sequences[0].tolist() == [1, 2, 3]
+
+
+def test_train_without_the_training_extra_says_so(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from training import cli\n"
+        f"sys.exit(cli.main(['train', '--interactions', {str(tmp_path / 'i.csv')!r}, "
+        f"'--items', {str(tmp_path / 'x.csv')!r}]))\n"
+    )
+    _write(tmp_path)
+    (tmp_path / "interactions.csv").rename(tmp_path / "i.csv")
+    (tmp_path / "items.csv").rename(tmp_path / "x.csv")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, env=env)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "needs the training extra" in done.stderr and "Traceback" not in done.stderr

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     except DataError as exc:  # DataProblems among them: one line per problem
         return _fail(getattr(exc, "lines", None) or str(exc))
+    except ModuleNotFoundError as exc:  # pandas, PyTorch...: the training extra is missing
+        return _fail(f"`rerank {args.verb}` needs the training extra (make install-train): {exc}")
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -148,10 +150,8 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(f"--max-minutes {args.max_minutes} must be more than 0")
     # Every problem with the data is found here, before anything is trained or written.
     dataset = read_dataset(args.interactions, args.items, name=args.name)
-    try:
-        from training.pipeline import run
-    except ImportError as exc:
-        return _fail(f"`rerank train` needs the training extra (make install-train): {exc}")
+    from training.pipeline import run
+
     cfg = _pipeline_config(args)
     created = not args.models_dir.exists()
     try:
@@ -189,12 +189,9 @@ def _eval(args: argparse.Namespace) -> int:
             print(f"warning: {file} differs from the file the model was trained on",
                   file=sys.stderr)  # fmt: skip
     dataset = read_dataset(interactions, items, name=manifest.get("dataset"))
-    try:
-        from training.evaluate import evaluate, markdown, write_report
-        from training.onnx_scorer import OnnxScorer
-        from training.pipeline import PipelineConfig, prepare
-    except ImportError as exc:
-        return _fail(f"`rerank eval` needs the training extra (make install-train): {exc}")
+    from training.evaluate import evaluate, markdown, write_report
+    from training.onnx_scorer import OnnxScorer
+    from training.pipeline import PipelineConfig, prepare
 
     known = set(PipelineConfig.__dataclass_fields__) - {"train"}
     cfg = PipelineConfig(**{k: v for k, v in manifest["training"].items() if k in known})

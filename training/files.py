@@ -22,6 +22,7 @@ import csv
 import gzip
 import hashlib
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,20 @@ def _csv_line_numbers(path: Path) -> np.ndarray:
     return np.array(starts, dtype=np.int64)
 
 
+def _ragged_rows(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """The header's width, and (line, cells) of each row with more cells than it."""
+    rows = []
+    with _open_text(path) as f:
+        reader = csv.reader(f)
+        width = len(next(reader, []))
+        end = reader.line_num
+        for record in reader:
+            start, end = end + 1, reader.line_num
+            if len(record) > width:
+                rows.append((start, len(record)))
+    return width, rows
+
+
 def _format(path: Path) -> str | None:
     name = path.name.lower()
     return next((f for f in FORMATS if name.endswith(f)), None)
@@ -183,20 +198,27 @@ def _read_csv(path: Path, report: _Report) -> _Table | None:
 
     try:
         # Every cell as text, exactly: no number parsing ("00042" stays), no NA guessing
-        # ("NA" and "null" are ids like any other).
-        df = pd.read_csv(
-            path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig"
-        )
+        # ("NA" and "null" are ids like any other), and never the first column as an index
+        # (pandas' reading of rows with one cell more than the header).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
+                             encoding="utf-8-sig", index_col=False)  # fmt: skip
+    except (pd.errors.ParserError, pd.errors.ParserWarning):
+        width, rows = _ragged_rows(path)
+        for line, cells in rows[:MAX_SHOWN]:
+            report.add(
+                f"{path}: line {line}: {cells} cells where the header has {width}; quote "
+                "cells that hold commas, and give every row as many cells as the header"
+            )
+        if len(rows) > MAX_SHOWN:
+            report.add(f"{path}: {len(rows) - MAX_SHOWN} more rows with more cells than the header")
+        return None
     except pd.errors.EmptyDataError:
         report.add(f"{path}: empty file (no header row); write a header row and the data")
         return None
     except UnicodeDecodeError as exc:
         report.add(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8")
-        return None
-    except pd.errors.ParserError as exc:
-        # pandas names the line: "Expected 3 fields in line 7, saw 4".
-        report.add(f"{path}: not a well-formed CSV file ({str(exc).strip()}); quote cells that "
-                   "hold commas, and give every row as many cells as the header")  # fmt: skip
         return None
     except (OSError, EOFError) as exc:  # a corrupt .gz among them
         report.add(f"{path}: cannot be read ({exc}); check that it is a .csv or gzip'd .csv")
