@@ -146,8 +146,14 @@ def test_offline_help_works_without_torch(verb: str) -> None:
 
 
 def test_training_without_torch_says_what_to_install(tmp_path: Path) -> None:
+    rows = "\n".join(f"u{u},i{i},{u * 10 + i}" for u in range(4) for i in range(5))
+    (tmp_path / "interactions.csv").write_text("user_id,item_id,timestamp\n" + rows + "\n")
+    items = "\n".join(f"i{i},film {i}" for i in range(5))
+    (tmp_path / "items.csv").write_text("item_id,text\n" + items + "\n")
+    files = ["--interactions", str(tmp_path / "interactions.csv")]
+    files += ["--items", str(tmp_path / "items.csv"), "--models-dir", str(tmp_path / "models")]
     done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_TORCH, "train", "--data-dir", str(tmp_path)],
+        [sys.executable, "-c", WITHOUT_TORCH, "train", *files],
         capture_output=True,
         text=True,
         timeout=60,

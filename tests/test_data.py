@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from training import data
-from training.data import DataError, fetch_movielens, load_movielens, synthetic
+from training.data import DataError, fetch_movielens, movielens_tables, synthetic
 from training.split import leave_last_out
 
 
@@ -22,14 +22,14 @@ def test_failed_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_missing_and_corrupt_files_are_refused(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="missing: run `rerank data`"):
-        load_movielens(tmp_path)
+    with pytest.raises(DataError, match="missing: run `rerank data movielens`"):
+        movielens_tables(tmp_path)
     folder = tmp_path / "ml100k"
     folder.mkdir()
     for name in data.FILES:
         (folder / name).write_bytes(b"not parquet")
     with pytest.raises(DataError, match="corrupt"):
-        load_movielens(tmp_path)
+        movielens_tables(tmp_path)
 
 
 def test_split_holds_out_the_last_two() -> None:

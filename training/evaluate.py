@@ -70,7 +70,7 @@ class FeatureBuilder:
 
     names = [
         "rank", "log_rank", "log_pop", "mean_pos", "sim_sum", "sim_sum_rel", "sim_max",
-        "sim_last", "sim_last5", "trans_last", "trans_last3", "genre_cos", "text_cos",
+        "sim_last", "sim_last5", "trans_last", "trans_last3", "attr_cos", "text_cos",
         "hist_len",
     ]  # fmt: skip
 
@@ -79,8 +79,10 @@ class FeatureBuilder:
         self.train = prep.split.train
         self.counts = transitions(prep.split.train, prep.dataset.n_items)  # raw weights
         self.mean_pos = prep.stats[:, 1]
-        genres = np.concatenate([np.zeros((1, prep.dataset.genres.shape[1])), prep.dataset.genres])
-        self.genres = genres / np.maximum(np.linalg.norm(genres, axis=1, keepdims=True), 1e-6)
+        # The categorical attributes (MovieLens: genres), one unit row per item, row 0 padding.
+        attrs = prep.dataset.categorical
+        attrs = np.concatenate([np.zeros((1, attrs.shape[1]), np.float32), attrs])
+        self.attrs = attrs / np.maximum(np.linalg.norm(attrs, axis=1, keepdims=True), 1e-6)
         self.text = prep.text
 
     def build(self, lists: Lists, leave_user_out: bool = False, chunk: int = 2000) -> np.ndarray:
@@ -125,7 +127,7 @@ class FeatureBuilder:
             np.log1p(np.maximum(self.counts[hist[:, -3:, None], cand[:, None, :]] - own_trans, 0.0))
             * mask[:, -3:, None]
         )  # (M, 3, N)
-        profile = (self.genres[hist] * mask[..., None]).sum(axis=1)  # (M, G)
+        profile = (self.attrs[hist] * mask[..., None]).sum(axis=1)  # (M, A)
         profile /= np.maximum(np.linalg.norm(profile, axis=1, keepdims=True), 1e-6)
         recent = self.text[hist[:, -10:]].mean(axis=1)  # (M, T), padding rows are zeros
         recent /= np.maximum(np.linalg.norm(recent, axis=1, keepdims=True), 1e-6)
@@ -142,7 +144,7 @@ class FeatureBuilder:
             sims[:, -5:].sum(axis=1),
             trans[:, -1],
             trans.sum(axis=1),
-            np.einsum("mng,mg->mn", self.genres[cand], profile),
+            np.einsum("mna,ma->mn", self.attrs[cand], profile),
             np.einsum("mnt,mt->mn", self.text[cand], recent),
             np.broadcast_to(mask.sum(axis=1, keepdims=True), (m, n)),
         ]
@@ -202,7 +204,8 @@ def _scores(method: str, lists: Lists, prep: Prepared, model: Scorer, lgbm: Ligh
 
 
 def sampled_lists(prep: Prepared, n_neg: int, seed: int, history_len: int) -> Lists:
-    """Test item + n_neg random items the user has not seen, in a random order."""
+    """Test item + n_neg random items the user has not seen, in a random order; fewer where
+    the catalogue has fewer unseen items, the list padded with row 0."""
     rng = np.random.default_rng(seed)
     n_items = prep.dataset.n_items
     hists, cands = [], []
@@ -210,13 +213,15 @@ def sampled_lists(prep: Prepared, n_neg: int, seed: int, history_len: int) -> Li
         hist = prep.split.test_history(u)
         seen = set(hist.tolist()) | {int(prep.split.test[u])}
         negatives: list[int] = []
-        while len(negatives) < n_neg:
+        want = min(n_neg, n_items - len(seen))
+        while len(negatives) < want:
             i = int(rng.integers(1, n_items + 1))
             if i not in seen:
                 seen.add(i)
                 negatives.append(i)
         hists.append(hist)
-        cands.append(rng.permutation([int(prep.split.test[u]), *negatives]))
+        listed = rng.permutation([int(prep.split.test[u]), *negatives])
+        cands.append(np.pad(listed, (0, n_neg + 1 - len(listed))))
     cand = np.array(cands)
     target = np.argmax(cand == prep.split.test[:, None], axis=1)
     return Lists(right_align(hists, history_len), cand, target, np.arange(len(cand)))

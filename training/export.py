@@ -125,7 +125,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Reranker:
 
     torch.manual_seed(seed)
     tower = ItemTower(
-        cfg, table(cfg.text_dim), table(cfg.n_genres), table(cfg.n_cf), table(cfg.n_stats)
+        cfg, table(cfg.text_dim), table(cfg.n_attrs), table(cfg.n_cf), table(cfg.n_stats)
     )
     return Reranker(cfg, tower).eval()
 

@@ -4,7 +4,8 @@
   and of the "B follows A" transition matrix (left = as predecessor, right = as successor);
   these put the item-to-item signals that recall is built on into the item vector;
 - statistics: log popularity, the mean position of an item in its users' timelines, the
-  mean clock time of its interactions (what was being watched when), and release year.
+  mean clock time of its interactions (what was being watched when), and the catalogue's
+  numeric attributes (MovieLens: the release year).
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ def _standardise(x: np.ndarray) -> np.ndarray:
 def item_features(
     train: list[np.ndarray],
     train_times: list[np.ndarray],
-    year: np.ndarray,
+    numeric: np.ndarray,
     knn: ItemKNN,
     n_items: int,
     n_cf: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Collaborative factors (I+1, n_cf) and statistics (I+1, 4); row 0 (padding) is zero."""
+    """Collaborative factors (I+1, n_cf) and statistics (I+1, 3 + n_numeric); row 0
+    (padding) is zero. ``numeric`` (I, n_numeric) has no missing values."""
     k_co, k_tr = n_cf // 2, n_cf // 4
     co, _ = _svd_factors(knn.sim, k_co)
     t = np.log1p(transitions(train, n_items))
@@ -58,9 +60,8 @@ def item_features(
     mean_pos = position_sum[1:] / np.maximum(counts, 1)
     all_times = np.concatenate(train_times)
     mean_time = np.where(counts > 0, time_sum[1:] / np.maximum(counts, 1), all_times.mean())
-    known = year > 0
-    year = np.where(known, year, np.median(year[known]) if known.any() else 0.0)
-    stats = _standardise(np.stack([np.log1p(counts), mean_pos, mean_time, year], axis=1))
+    usage = np.stack([np.log1p(counts), mean_pos, mean_time], axis=1)
+    stats = _standardise(np.concatenate([usage, numeric.astype(np.float64)], axis=1))
 
     pad = np.zeros((1, cf.shape[1] + stats.shape[1]), dtype=np.float32)
     out = np.concatenate([pad, np.concatenate([cf, stats], axis=1).astype(np.float32)])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from contract import right_align as align
+from training.progress import progress
 from training.recall import ItemKNN
 
 
@@ -64,7 +65,7 @@ def training_lists(
     ``max_per_user`` of them, so that a few heavy users do not dominate), kept where recall
     found the true next item: the lists the model meets online, with a positive to learn."""
     hists, cands, targets, users = [], [], [], []
-    for u, seq in enumerate(train):
+    for u, seq in progress(enumerate(train), len(train), "training lists"):
         start = max(min_history, len(seq) - max_per_user) if max_per_user else min_history
         if len(seq) <= start:
             continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,9 +30,9 @@ class ModelConfig:
     dim: int = 64  # D, the size of an item vector
     history_len: int = 50  # L, the longest history the encoder reads
     text_dim: int = 384  # MiniLM sentence embedding
-    n_genres: int = 19
+    n_attrs: int = 19  # categorical attribute values, multi-hot (MovieLens: 19 genres)
     n_cf: int = 32  # collaborative factors per item (co-occurrence and transition SVD)
-    n_stats: int = 4  # numeric item statistics (see training/features.py)
+    n_stats: int = 4  # numeric item statistics and attributes (see training/features.py)
     n_heads: int = 2
     n_layers: int = 2
     hidden: int = 64  # scorer MLP width
@@ -54,6 +55,14 @@ class ModelConfig:
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """From a manifest's ``model_config``; ``n_genres`` is the older name of ``n_attrs``."""
+        d = dict(d)
+        if "n_genres" in d:
+            d["n_attrs"] = d.pop("n_genres")
+        return cls(**d)
+
 
 class ItemTower(nn.Module):
     """Item index -> item vector of size D, from an id embedding and fixed item features."""
@@ -62,19 +71,20 @@ class ItemTower(nn.Module):
         self,
         cfg: ModelConfig,
         text: Tensor,  # (n_items, text_dim) MiniLM embeddings, row 0 zeros
-        genres: Tensor,  # (n_items, n_genres) multi-hot
+        attrs: Tensor,  # (n_items, n_attrs) multi-hot of categorical attribute values
         cf: Tensor,  # (n_items, n_cf) collaborative factors
         stats: Tensor,  # (n_items, n_stats) standardised statistics
     ) -> None:
         super().__init__()
         self.register_buffer("text", text.float())
-        self.register_buffer("genres", genres.float())
+        self.register_buffer("attrs", attrs.float())
         self.register_buffer("cf", cf.float())
         self.register_buffer("stats", stats.float())
         self.id_emb = nn.Embedding(cfg.n_items, cfg.dim, padding_idx=0)
         nn.init.normal_(self.id_emb.weight, std=0.02)
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
-        self.genre_proj = nn.Linear(cfg.n_genres, cfg.dim)
+        # A catalogue without categorical attributes has no attribute term at all.
+        self.attr_proj = nn.Linear(cfg.n_attrs, cfg.dim) if cfg.n_attrs else None
         self.cf_proj = nn.Linear(cfg.n_cf, cfg.dim)
         self.stats_proj = nn.Linear(cfg.n_stats, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
@@ -86,13 +96,15 @@ class ItemTower(nn.Module):
         Projecting the whole catalogue once per step is far cheaper than projecting the
         384-wide text of every (batch x list) position.
         """
-        return self.norm(
+        x = (
             self.id_emb.weight
             + self.text_proj(self.text)
-            + self.genre_proj(self.genres)
             + self.cf_proj(self.cf)
             + self.stats_proj(self.stats)
         )
+        if self.attr_proj is not None:
+            x = x + self.attr_proj(self.attrs)
+        return self.norm(x)
 
     def forward(self, *idx: Tensor) -> tuple[Tensor, ...]:
         """Vectors for each index tensor, from one table: (..., D) each."""

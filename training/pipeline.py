@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from training.export import export_model
 from training.features import item_features
 from training.lists import Lists, eval_lists, training_lists
 from training.model import ItemTower, ModelConfig, Reranker
+from training.progress import step
 from training.recall import ALSRecall, ItemKNN, recall_at
 from training.split import Split, leave_last_out
 from training.train import TrainConfig, predict, train
@@ -76,14 +78,17 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     n_users, n = len(dataset.users), cfg.n_candidates
     val_hist = [split.val_history(u) for u in range(n_users)]
     test_hist = [split.test_history(u) for u in range(n_users)]
-    knn = ItemKNN(split.train, dataset.n_items)
-    als = ALSRecall(split.train, dataset.n_items, factors=cfg.als_factors, seed=cfg.seed)
+    with step("item-knn"):
+        knn = ItemKNN(split.train, dataset.n_items)
+    with step("als"):
+        als = ALSRecall(split.train, dataset.n_items, factors=cfg.als_factors, seed=cfg.seed)
     recall: dict[str, dict[str, float]] = {}
     test_lists: dict[str, Lists] = {}
     val_lists = None
     for source in (knn, als):
-        val_cand, _ = source.recall(val_hist, n)
-        test_cand, _ = source.recall(test_hist, n)
+        with step(f"{source.name} recall lists"):
+            val_cand, _ = source.recall(val_hist, n)
+            test_cand, _ = source.recall(test_hist, n)
         recall[source.name] = {
             f"val_recall@{n}": recall_at(val_cand, split.val),
             f"test_recall@{n}": recall_at(test_cand, split.test),
@@ -92,22 +97,29 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         if source is knn:
             val_lists = eval_lists(val_hist, split.val, val_cand, cfg.history_len)
     assert val_lists is not None
-    cf, stats = item_features(split.train, split.train_times, dataset.year, knn, dataset.n_items)
-    return Prepared(
-        dataset=dataset,
-        split=split,
-        knn=knn,
-        train_lists=training_lists(
+    with step("item features"):
+        cf, stats = item_features(
+            split.train, split.train_times, dataset.numeric, knn, dataset.n_items
+        )
+    with step("training lists"):
+        train_lists = training_lists(
             split.train,
             knn,
             n,
             cfg.history_len,
             min_history=cfg.min_history,
             max_per_user=cfg.lists_per_user,
-        ),
+        )
+    with step("text vectors"):
+        text = _text_vectors(dataset, cfg, cache_dir)
+    return Prepared(
+        dataset=dataset,
+        split=split,
+        knn=knn,
+        train_lists=train_lists,
         val_lists=val_lists,
         test_lists=test_lists,
-        text=_text_vectors(dataset, cfg, cache_dir),
+        text=text,
         cf=cf,
         stats=stats,
         recall=recall,
@@ -120,7 +132,7 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         dim=cfg.dim,
         history_len=cfg.history_len,
         text_dim=prep.text.shape[1],
-        n_genres=prep.dataset.genres.shape[1],
+        n_attrs=prep.dataset.categorical.shape[1],
         n_cf=prep.cf.shape[1],
         n_stats=prep.stats.shape[1],
         n_heads=cfg.n_heads,
@@ -130,11 +142,12 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         list_context=cfg.list_context,
     )
     torch.manual_seed(cfg.seed)
-    genres = np.concatenate([np.zeros((1, prep.dataset.genres.shape[1])), prep.dataset.genres])
+    attrs = prep.dataset.categorical
+    attrs = np.concatenate([np.zeros((1, attrs.shape[1]), np.float32), attrs])  # row 0: padding
     tower = ItemTower(
         mcfg,
         torch.from_numpy(prep.text),
-        torch.from_numpy(genres.astype(np.float32)),
+        torch.from_numpy(attrs.astype(np.float32)),
         torch.from_numpy(prep.cf),
         torch.from_numpy(prep.stats),
     )
@@ -159,8 +172,10 @@ def run(
     started = time.monotonic()
     prep = prepare(dataset, cfg, cache_dir)
     print(f"prepared {len(prep.train_lists)} training lists; recall {json.dumps(prep.recall)}")
-    model, log = fit(prep, cfg)
-    report = evaluate(prep, partial(predict, model), cfg)
+    with step("train"):
+        model, log = fit(prep, cfg)
+    with step("evaluate"):
+        report = evaluate(prep, partial(predict, model), cfg)
     report["recall"] = prep.recall
     report["train_log"] = log
     report["minutes"] = (time.monotonic() - started) / 60
@@ -171,6 +186,12 @@ def run(
         "training": cfg.to_dict(),
         "offline_metrics": report["summary"],
     }
+    if dataset.source:  # the files it was trained on: `rerank eval` reads them again
+        extra["data"] = dataset.source
     folder = export_model(model, dataset.item_ids, models_dir, version, extra)
-    write_report(report, folder)
+    try:
+        write_report(report, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # no model folder without its report
+        raise
     return folder

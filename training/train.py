@@ -12,6 +12,7 @@ import torch
 from training.lists import Lists
 from training.metrics import ndcg_at, ranked_positions
 from training.model import Reranker
+from training.progress import progress
 
 
 @dataclass
@@ -92,7 +93,8 @@ def train(
         model.train()
         order = rng.permutation(len(train_lists))
         total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
+        starts = range(0, len(order), cfg.batch_size)
+        for start in progress(starts, len(starts), f"epoch {epoch}"):
             hist, cand, target = _tensors(train_lists, order[start : start + cfg.batch_size])
             _, loss = model(hist, cand, target)
             opt.zero_grad()
