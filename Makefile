@@ -33,8 +33,18 @@ install-dev: $(VENV)/.dev
 
 # Quick start 1: the service on an embedded Redis with the default model.
 demo run: install
-	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (POST /rerank, POST /events, GET /docs, GET /metrics)"
+	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (GET /demo, POST /rerank, POST /events, GET /docs, GET /metrics)"
 	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
+
+# docs/demo.png: the /demo page of the default model in the system's headless Chromium
+# (apt-get install chromium chromium-driver).
+.PHONY: screenshot demo-sample
+screenshot: install-dev
+	$(BIN)/python -m tests.screenshot
+
+# models/<default>/demo.json: the demo page's sample users, from MovieLens (fetched to data/).
+demo-sample: install-train
+	$(BIN)/python -m training.demo --model models/$$(cat models/DEFAULT)
 
 # Quick start 2: the test suite (starts its own redis-server).
 test: install-dev

@@ -189,6 +189,12 @@ class Settings(BaseSettings):
         "joining the caller's trace from its W3C traceparent header. Unset: no tracing, "
         "at no cost. Needs the tracing extra.",
     )
+    demo: bool = Field(
+        default=True,
+        description="Serve the demo page at /demo (app/demo.py): a sample user of the model's "
+        "models/<version>/demo.json reranked in the browser, its history sent with each "
+        "request, nothing written to Redis. Production sets false: /demo is then 404.",
+    )
 
     @field_validator(
         "max_batch",

@@ -20,6 +20,7 @@ from app.admission import Admission
 from app.api import RequestContext, build_router
 from app.batcher import Batcher
 from app.config import Settings, cluster_url
+from app.demo import install_demo
 from app.docs import install_docs
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
@@ -228,4 +229,5 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
     app.state.drain = drain
     install_handlers(app, settings.retry_after_s)
     app.include_router(build_router(settings))
+    install_demo(app, settings)  # after the API: its routes are matched first
     return app

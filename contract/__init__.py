@@ -31,6 +31,7 @@ from contract.graph import (
 )
 from contract.manifest import (
     DEFAULT_FILE,
+    DEMO_FILE,
     ENCODER_DIR,
     HASHED_FILES,
     IDS_FILE,
@@ -58,6 +59,7 @@ __all__ = [
     "CAND_MASK",
     "CAND_RANK",
     "DEFAULT_FILE",
+    "DEMO_FILE",
     "DYNAMIC_AXES",
     "ENCODER_DIR",
     "FLOAT",

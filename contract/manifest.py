@@ -40,6 +40,8 @@ IDS_FILE = "item_ids.txt"
 HASHED_FILES = (ONNX_FILE, VECTORS_FILE, IDS_FILE)
 VECTOR_DTYPES = ("float16", "float32")
 DEFAULT_FILE = "DEFAULT"  # models/DEFAULT names the default version
+# Sample users for the /demo page (app/demo.py, written by training/demo.py); optional.
+DEMO_FILE = "demo.json"
 
 # The keys the dataclass holds as fields, in the order they are written.
 _FIELDS = (
