@@ -18,18 +18,21 @@ MAX_ID_LENGTH = 128
 
 
 def _int_to_str(value: Any) -> Any:
-    # An integer id means its decimal string; bool is an int in Python but never an id.
+    # An integer id means its decimal string; bool is an int in Python but never an id. A
+    # float with no fraction is an integer to JSON Schema (2.0), so it means "2" as well.
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return value
 
 
 def _ints_to_str(value: Any) -> Any:
-    # The same for a whole list in one call: a request carries hundreds of ids, and a Python
-    # validator per id was most of the validation's time. Anything else is left for the
-    # item schema to refuse, with the item's index in the error.
+    # The same for a whole list: a request carries hundreds of ids, and most are strings, so
+    # only the others pay for the call. Anything else is left for the item schema to
+    # refuse, with the item's index in the error.
     if isinstance(value, list):
-        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return [v if isinstance(v, str) else _int_to_str(v) for v in value]
     return value
 
 

@@ -115,6 +115,16 @@ def test_integer_ids_mean_decimal_strings(client: TestClient) -> None:
     assert sorted(i["item_id"] for i in body["items"]) == ["1", "2", "3"]
 
 
+def test_integral_floats_are_integer_ids_and_fractions_are_refused(client: TestClient) -> None:
+    # JSON Schema counts 2.0 as an integer, and the schema says ids may be integers.
+    body = rerank(client, user_id=196.0, candidates=[1.0, "2", 3], k=3, history=[4.0])
+    assert body["user_id"] == "196"
+    assert sorted(i["item_id"] for i in body["items"]) == ["1", "2", "3"]
+    refused = client.post("/rerank", json={"user_id": "u", "candidates": ["1", 2.5]})
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "candidates", 1]
+
+
 def test_request_history_replaces_stored(
     client: TestClient, references: dict[str, Reference]
 ) -> None:
