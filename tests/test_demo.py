@@ -153,7 +153,8 @@ def test_generator_writes_the_committed_sample() -> None:
     """`python -m training.demo` on MovieLens rebuilds the committed file byte for byte."""
     if not (ROOT / "data" / "ml100k").is_dir():
         pytest.skip(
-            "MovieLens is not fetched (data/ml100k): run `rerank data movielens --out data/ml100k-files`"
+            "MovieLens is not fetched (data/ml100k): run "
+            "`rerank data movielens --out data/ml100k-files`"
         )
     from training.data import load_movielens
     from training.demo import build_sample, dumps

@@ -56,6 +56,14 @@ def pick_users(dataset: Dataset, first: str, n: int, seed: int) -> list[str]:
     return [first, *(others[i] for i in drawn)]
 
 
+def genres_of(dataset: Dataset, row: int) -> list[str]:
+    """The item's values of the categorical attribute ``genres``, in MovieLens's order."""
+    on = dataset.categorical[row] > 0
+    names = [n for n, hit in zip(dataset.categorical_names, on, strict=True) if hit]
+    found = {n.split("=", 1)[1] for n in names if n.startswith("genres=")}
+    return [g for g in GENRES if g in found]
+
+
 def build_sample(
     dataset: Dataset,
     model_dir: Path,
@@ -105,7 +113,7 @@ def build_sample(
     items = {
         item: {
             "title": title_of(dataset.texts[index[item]]),
-            "genres": [g for g, on in zip(GENRES, dataset.genres[index[item]], strict=True) if on],
+            "genres": genres_of(dataset, index[item]),
         }
         for item in sorted(shown, key=lambda i: index[i])
     }
