@@ -288,3 +288,20 @@ def test_nothing_is_remembered_when_feedback_is_off(
         assert not list(r.scan_iter(f"{prefix}:imp:*")) and not list(r.scan_iter(f"{prefix}:ab:*"))
     finally:
         r.close()
+
+
+def test_live_models_share_one_cpu_arena(
+    loaded: str, redis_server: EmbeddedRedis, prefix: str, model_dir: Path, client: TestClient
+) -> None:
+    """Three live versions must not hold three arenas, each at its largest batch's peak."""
+    load_into_redis(redis_server.url, model_dir / VERSION_B, prefix, activate=False)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        set_split(r, Keys(prefix), Split(((VERSION_A, 50), (VERSION_B, 50))))
+    finally:
+        r.close()
+    holder = client.app.state.holder  # type: ignore[attr-defined]
+    wait_for(lambda: len(holder.routing.live()) == 2, "both versions loaded")
+    for serving in holder.routing.live().values():
+        options = serving.model.session.get_session_options()
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
