@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     embedded_redis_maxmemory_mb: int = Field(
         default=256,
         description="maxmemory of the embedded redis-server, in MiB (0: no limit). Its policy "
-        "is volatile-lru: only keys with an expiry (histories) are evicted, never vectors or "
-        "manifests; a write past the limit with nothing left to evict gets 503.",
+        "is volatile-lru: only keys with an expiry (histories, remembered answers) are evicted, "
+        "never vectors or manifests; a write past the limit with nothing left to evict gets "
+        "503.",
     )
     model_dir: Path = Field(
         default=Path("models"),
