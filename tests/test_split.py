@@ -305,3 +305,16 @@ def test_live_models_share_one_cpu_arena(
     for serving in holder.routing.live().values():
         options = serving.model.session.get_session_options()
         assert options.get_session_config_entry("session.use_env_allocators") == "1"
+
+
+def test_the_access_log_names_the_version_that_answered(
+    loaded: str, client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="app.access"):
+        client.post("/rerank", json={"user_id": "l", "candidates": ["1", "2"]})
+        client.get("/healthz")
+    lines = [r.getMessage() for r in caplog.records if r.name == "app.access"]
+    assert any(
+        line.startswith("POST /rerank 200 ") and f"model={VERSION_A}" in line for line in lines
+    )
+    assert not any("model=" in line for line in lines if "/healthz" in line)
