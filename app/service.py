@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,6 +108,8 @@ class RerankService:
         self.explain_top = explain_top
         self.default_history_len = default_history_len
         self.feedback = feedback  # None: answers are not remembered (feedback_top_k=0)
+        # Counter children bound once per version: ``labels()`` is a locked lookup.
+        self._answers: dict[str, Any] = {}
 
     async def rerank(self, req: RerankRequest) -> RerankAnswer:
         candidates = dedupe(req.candidates)
@@ -132,7 +135,10 @@ class RerankService:
         items, missing = rank(
             candidates, fetched, scored, req.k, self.explain_top if req.explain else None
         )
-        self.metrics.answers.labels(model.version).inc()
+        counter = self._answers.get(model.version)
+        if counter is None:
+            counter = self._answers[model.version] = self.metrics.answers.labels(model.version)
+        counter.inc()
         call = CURRENT.get()
         if call is not None:
             call.model_version = model.version  # the access log line names it
