@@ -199,11 +199,12 @@ class RequestContext:
             self._histogram(route, status).observe(took)
             if not call.refused:
                 access_log.info(
-                    "%s %s %d %.1fms",
+                    "%s %s %d %.1fms%s",
                     scope["method"],
                     path,
                     status,
                     took * 1000,
+                    "" if call.model_version is None else f" model={call.model_version}",
                     extra={"request_id": request_id},
                 )
             CURRENT.reset(call_token)

@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     embedded_redis_maxmemory_mb: int = Field(
         default=256,
         description="maxmemory of the embedded redis-server, in MiB (0: no limit). Its policy "
-        "is volatile-lru: only keys with an expiry (histories) are evicted, never vectors or "
-        "manifests; a write past the limit with nothing left to evict gets 503.",
+        "is volatile-lru: only keys with an expiry (histories, remembered answers) are evicted, "
+        "never vectors or manifests; a write past the limit with nothing left to evict gets "
+        "503.",
     )
     model_dir: Path = Field(
         default=Path("models"),
@@ -103,6 +104,17 @@ class Settings(BaseSettings):
         default=30.0,
         description="A stored history (rr:h:<user>) expires after this many days without "
         "an /events call for its user; every append sets the expiry again (0: never).",
+    )
+    feedback_top_k: int = Field(
+        default=10,
+        description="Items of each non-degraded /rerank answer remembered for its user "
+        "(rr:imp:<user>), so that an /events item among them counts as an online hit for the "
+        "version that showed it (`rerank split --report`); 0: nothing is remembered.",
+    )
+    feedback_ttl_s: int = Field(
+        default=3600,
+        description="How long a remembered answer waits for an /events hit, in seconds; the "
+        "user's next answer replaces it.",
     )
     explain_top: int = Field(
         default=3, description="History items listed per returned item when explain is true."
@@ -205,6 +217,7 @@ class Settings(BaseSettings):
         "max_history",
         "explain_top",
         "max_body_bytes",
+        "feedback_ttl_s",
     )
     @classmethod
     def _positive_int(cls, value: int, info: Any) -> int:
@@ -221,6 +234,7 @@ class Settings(BaseSettings):
         "drain_s",
         "history_ttl_days",
         "embedded_redis_maxmemory_mb",
+        "feedback_top_k",
     )
     @classmethod
     def _not_negative(cls, value: float, info: Any) -> float:

@@ -17,6 +17,7 @@ class Call:
     """One request's notes, filled in by the layers that serve it."""
 
     refused: bool = False  # refused for overload (app/guard.py): logged in sum, not per line
+    model_version: str | None = None  # the version that scored the answer (app/service.py)
 
 
 CURRENT: ContextVar[Call | None] = ContextVar("rerank_call", default=None)

@@ -8,7 +8,10 @@
     ├── UnsupportedMediaType     a body that is not sent as application/json: 415
     ├── ModelError               ONNX Runtime failed to load or to run a model
     ├── ManifestMismatch         what Redis holds of a version does not match its manifest
-    └── LoadFailed               `rerank load` could not write or verify a version in Redis
+    ├── LoadFailed               `rerank load` could not write or verify a version in Redis
+    └── VersionRefused           a version command's input is wrong (an unknown version, shares
+                                   that do not sum to 100, a live version dropped): nothing
+                                   was changed; `rerank` exits 2
 
     contract.ManifestError       a model folder or manifest breaks the model contract
     └── ManifestMismatch         (both: one ``except ManifestError`` catches every mismatch)
@@ -67,6 +70,10 @@ class ManifestMismatch(RerankError, ManifestError):
 
 class LoadFailed(RerankError):
     """Loading a version into Redis failed; the active version was left unchanged."""
+
+
+class VersionRefused(RerankError):
+    """A version command refused its input (the message names it) and changed nothing."""
 
 
 def _text(value: str) -> str:

@@ -25,6 +25,7 @@ from app.docs import install_docs
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
 from app.errors import StoreUnavailable, install_handlers
+from app.feedback import Feedback
 from app.guard import OPS_ROUTES, WORK_ROUTES, AdmissionGate, ApiKeyCheck
 from app.loader import load_into_redis
 from app.metrics import Metrics
@@ -198,8 +199,21 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
                 log.warning("starting without a model, Redis unavailable: %s", exc)
             watcher.start()
             stack.push_async_callback(bounded, "version watcher", watcher.close)
+            feedback = None
+            if settings.feedback_top_k:
+                feedback = Feedback(
+                    store, metrics, settings.feedback_top_k, settings.feedback_ttl_s
+                )
+                feedback.start()  # closed before Redis: what is queued still goes out
+                stack.push_async_callback(bounded, "feedback writer", feedback.close)
             app.state.service = RerankService(
-                store, holder, batcher, metrics, settings.explain_top, settings.max_history
+                store,
+                holder,
+                batcher,
+                metrics,
+                settings.explain_top,
+                settings.max_history,
+                feedback,
             )
             app.state.holder = holder
             app.state.batcher = batcher

@@ -8,10 +8,18 @@ leaves ``rr:active`` where it was, and removes the vectors it wrote of a version
 manifest yet, so a full Redis is not left fuller. Writing the same
 version twice writes the same bytes (idempotent); a different model under a version that is
 already loaded is refused, since versions are immutable.
+
+``name`` (`rerank load DIR --as NAME`) loads the same files under another version name: the
+folder is verified against its own manifest as always, and only the copy in Redis says
+``version: NAME`` with ``artifact`` naming the folder, where every process finds the files
+(A/A tests, staged copies). Each load is recorded in ``rr:versions`` (its time, its folder)
+for `rerank versions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -19,8 +27,10 @@ import numpy as np
 import redis
 
 from app.config import cluster_url
-from app.errors import LoadFailed, ManifestMismatch
-from app.store import Keys
+from app.errors import LoadFailed, ManifestMismatch, VersionRefused
+from app.store import ARTIFACT, Keys
+from app.versions import activate as activate_version
+from app.versions import activation_problem, now_iso
 from contract import (
     VECTORS_FILE,
     Manifest,
@@ -52,13 +62,15 @@ def load_into_redis(
     prefix: str = "rr",
     activate: bool = True,
     cluster: bool = False,
+    name: str | None = None,
 ) -> Manifest:
-    """Load ``model_path`` (a verified model folder) into Redis under its version.
+    """Load ``model_path`` (a verified model folder) into Redis under its version, or under
+    ``name``; returns the manifest as Redis holds it.
 
     On a cluster the same order holds: the vectors go out pipelined per node, and the
     manifest and the pointer (single keys) are written only after every vector is verified.
     """
-    manifest = verify_folder(model_path)
+    manifest = renamed(verify_folder(model_path), name)
     keys = Keys(prefix)
     client = connect(redis_url, cluster)
     ids = read_item_ids(model_path)
@@ -66,22 +78,37 @@ def load_into_redis(
     try:
         # A different model under a loaded version is refused as it is (ManifestError).
         fresh = not _refuse_other_model(client, keys, manifest)
+        # So is an activation that would make a fourth live version, before any write.
+        problem = activation_problem(client, keys, manifest.version) if activate else None
+        if problem:
+            raise VersionRefused(problem)
     except BaseException:
         client.close()
         raise
     try:
-        _write_vectors(client, keys, manifest, ids, vectors)
-        _verify(client, keys, manifest, ids)
-        client.set(keys.manifest(manifest.version), manifest.to_json())
-        if activate:
-            client.set(keys.active, manifest.version)
-    except (redis.RedisError, ManifestError) as exc:
-        if fresh:
-            _remove_partial(client, keys, manifest, ids)
-        raise LoadFailed(
-            f"loading {manifest.version} into Redis failed, {keys.active} unchanged "
-            f"({_active(client, keys)}): {exc}"
-        ) from exc
+        try:
+            _write_vectors(client, keys, manifest, ids, vectors)
+            _verify(client, keys, manifest, ids)
+            # The registry entry before the manifest: a version whose manifest is in Redis
+            # is always listed by `rerank versions`.
+            record = {"loaded_at": now_iso(), ARTIFACT: model_path.name}
+            client.hset(keys.versions, manifest.version, json.dumps(record))
+            client.set(keys.manifest(manifest.version), manifest.to_json())
+        except (redis.RedisError, ManifestError) as exc:
+            if fresh:
+                _remove_partial(client, keys, manifest, ids)
+            raise LoadFailed(
+                f"loading {manifest.version} into Redis failed, {keys.active} unchanged "
+                f"({_active(client, keys)}): {exc}"
+            ) from exc
+        try:
+            if activate:  # loaded and verified: a refusal now (the split changed) keeps it
+                activate_version(client, keys, manifest.version)
+        except (redis.RedisError, VersionRefused) as exc:
+            raise LoadFailed(
+                f"{manifest.version} is loaded but not active, {keys.active} "
+                f"{_active(client, keys)}: {exc}"
+            ) from exc
     finally:
         client.close()
     log.info(
@@ -94,14 +121,21 @@ def load_into_redis(
     return manifest
 
 
+def renamed(manifest: Manifest, name: str | None) -> Manifest:
+    """The manifest as Redis holds it under ``name`` (itself when no other name is given)."""
+    if name is None or name == manifest.version:
+        return manifest
+    if not name or name.startswith(".") or "/" in name or any(c.isspace() for c in name):
+        raise VersionRefused(f"--as {name!r}: a version name has no '/', space or leading dot")
+    extra = {**manifest.extra, ARTIFACT: manifest.version}
+    return dataclasses.replace(manifest, version=name, extra=extra)
+
+
 def activate(redis_url: str, version: str, prefix: str = "rr", cluster: bool = False) -> None:
-    """Point ``rr:active`` at an already loaded version."""
-    keys = Keys(prefix)
+    """Point ``rr:active`` at an already loaded version (app/versions.py has the rules)."""
     client = connect(redis_url, cluster)
     try:
-        if not client.exists(keys.manifest(version)):
-            raise ManifestMismatch(f"version {version} is not loaded")
-        client.set(keys.active, version)
+        activate_version(client, Keys(prefix), version)
     finally:
         client.close()
 
@@ -127,6 +161,7 @@ def _active(client: Client, keys: Keys) -> str:
 def _remove_partial(client: Client, keys: Keys, m: Manifest, ids: list[str]) -> None:
     """Delete what a failed load wrote of a version nobody can use yet (no manifest)."""
     try:
+        client.hdel(keys.versions, m.version)
         for start in range(0, len(ids), CHUNK):
             chunk = [keys.vector(m.version, i) for i in ids[start : start + CHUNK]]
             if isinstance(client, redis.RedisCluster):  # one UNLINK per key, pipelined per node

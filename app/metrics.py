@@ -143,6 +143,39 @@ class Metrics:
             "rerank_model_swaps", "Model versions loaded and swapped in", registry=r
         )
         self.active_version = ModelVersion(r)
+        # Per version: every live version of a split has its own series.
+        self.answers = Counter(
+            "rerank_answers",
+            "Answers scored by a model, by the version that scored them",
+            ["version"],
+            registry=r,
+        )
+        self.model_share = Gauge(
+            "rerank_model_share",
+            "Percent of users a live version answers (100: the active one, no split)",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.online_impressions = Counter(
+            "rerank_online_impressions",
+            "Answers remembered for online feedback, by the version that chose them",
+            ["version"],
+            registry=r,
+        )
+        self.online_hits = Counter(
+            "rerank_online_hits",
+            "Remembered answers an /events item was taken from, by version and the item's "
+            "position (1, 2-3, 4-10, 11+)",
+            ["version", "position"],
+            registry=r,
+        )
+        self.online_write_failures = Counter(
+            "rerank_online_write_failures",
+            "Online feedback writes lost (Redis unavailable, or the queue full), by operation",
+            ["op"],
+            registry=r,
+        )
         # Over the live workers, the lowest: 1 only when every worker serves a model.
         self.model_loaded = Gauge(
             "rerank_model_loaded",

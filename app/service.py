@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from app.batcher import Batcher
+from app.context import CURRENT
 from app.errors import ModelError, StoreUnavailable
+from app.feedback import Feedback
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
 from app.schemas import (
@@ -96,6 +99,7 @@ class RerankService:
         metrics: Metrics,
         explain_top: int,
         default_history_len: int,
+        feedback: Feedback | None = None,
     ) -> None:
         self.store = store
         self.holder = holder
@@ -103,29 +107,43 @@ class RerankService:
         self.metrics = metrics
         self.explain_top = explain_top
         self.default_history_len = default_history_len
+        self.feedback = feedback  # None: answers are not remembered (feedback_top_k=0)
+        # Counter children bound once per version: ``labels()`` is a locked lookup.
+        self._answers: dict[str, Any] = {}
 
     async def rerank(self, req: RerankRequest) -> RerankAnswer:
         candidates = dedupe(req.candidates)
-        model = self.holder.model  # pinned: vectors and scores come from this version
+        # Pinned: the user's arm of the split (else the active version); its vectors and its
+        # scores come from this version.
+        model = self.holder.pick(req.user_id)
         if model is None:
             self.metrics.degraded.labels("no_model").inc()
             return caller_order(req.user_id, candidates, req.k)
         try:
             fetched = await self.store.fetch(model.manifest, req.user_id, req.history, candidates)
         except StoreUnavailable as exc:
-            log.warning("degraded answer for user %s: %s", req.user_id, exc)
+            log.warning("degraded answer for user %s (%s): %s", req.user_id, model.version, exc)
             self.metrics.degraded.labels("store").inc()
             return caller_order(req.user_id, candidates, req.k)
         self.metrics.missing_vectors.inc(len(fetched.missing_positions))
         try:
             scored = await self._score(model, fetched)
         except ModelError as exc:
-            log.error("degraded answer for user %s: %s", req.user_id, exc)
+            log.error("degraded answer for user %s (%s): %s", req.user_id, model.version, exc)
             self.metrics.degraded.labels("model").inc()
             return caller_order(req.user_id, candidates, req.k)
         items, missing = rank(
             candidates, fetched, scored, req.k, self.explain_top if req.explain else None
         )
+        counter = self._answers.get(model.version)
+        if counter is None:
+            counter = self._answers[model.version] = self.metrics.answers.labels(model.version)
+        counter.inc()
+        call = CURRENT.get()
+        if call is not None:
+            call.model_version = model.version  # the access log line names it
+        if self.feedback is not None:  # queued: written after the answer, off its path
+            self.feedback.remember(req.user_id, model.version, [i["item_id"] for i in items])
         return {
             "user_id": req.user_id,
             "model_version": model.version,
@@ -143,21 +161,33 @@ class RerankService:
         return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions))
 
     async def events(self, req: EventsRequest) -> EventsResponse:
-        model = self.holder.model
-        keep = model.manifest.history_len if model is not None else self.default_history_len
-        length = await self.store.append_history(req.user_id, req.item_ids, keep)
+        # The longest history any live version reads: each arm of a split sees its own.
+        live = self.holder.routing.live()
+        keep = max(
+            (s.model.manifest.history_len for s in live.values()),
+            default=self.default_history_len,
+        )
+        length, remembered = await self.store.append_events(
+            req.user_id, req.item_ids, keep, lookup=self.feedback is not None
+        )
+        if self.feedback is not None and remembered:
+            self.feedback.found(req.user_id, remembered)
         return EventsResponse(user_id=req.user_id, history_length=length)
 
     async def readiness(self) -> Readiness:
-        serving = self.holder.serving
+        routing = self.holder.routing
+        live = routing.live()
         try:
             redis = await self.store.ping()
-            vectors = serving is not None and await self.store.vectors_present(
-                serving.model.version, serving.sample_ids
+            # Every live version's vectors: each arm of a split answers some users.
+            vectors = bool(live) and await self.store.all_vectors_present(
+                {version: serving.sample_ids for version, serving in live.items()}
             )
         except StoreUnavailable:
             redis = vectors = False
-        version = serving.model.version if serving is not None else None
+        version = routing.active_version
+        if version is None and live:  # a split without an active version
+            version = next(iter(live))
         return Readiness(
             ready=redis and vectors, redis=redis, model_version=version, vectors=vectors
         )

@@ -6,7 +6,12 @@ Keys (prefix ``rr`` by default, see docs/api.md)::
     rr:m:<version>            its manifest JSON
     rr:v:<version>:<item_id>  item vector, raw little-endian bytes of the manifest dtype
     rr:h:<user_id>            item ids, newest first, trimmed to history_len; expires after
-                              history_ttl_s without an append (the only keys with an expiry)
+                              history_ttl_s without an append
+    rr:split                  the split of users between live versions (app/split.py)
+    rr:versions               hash: version -> JSON {loaded_at, artifact} (rerank load)
+    rr:imp:<user_id>          hash: item id -> "<position> <version>", the user's last answer's
+                              top k; expires after feedback_ttl_s (app/feedback.py)
+    rr:ab:<version>           hash: the version's online counts (impressions, hits, rr, ...)
 
 Cost per /rerank: at most one round trip, zero when the caller sends the history and every
 vector is in the process cache. Every call runs under the per-request deadline and turns
@@ -66,6 +71,10 @@ STARTUP_TIMEOUT_S = 5.0
 ERROR_CHARS = 300  # longest Redis error text kept in a StoreUnavailable
 
 
+# In a Redis manifest, the model folder of a version loaded under another name (`--as`).
+ARTIFACT = "artifact"
+
+
 class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -82,6 +91,20 @@ class Keys:
 
     def history(self, user_id: str) -> str:
         return f"{self.prefix}:h:{user_id}"
+
+    @property
+    def split(self) -> str:
+        return f"{self.prefix}:split"
+
+    @property
+    def versions(self) -> str:
+        return f"{self.prefix}:versions"
+
+    def impressions(self, user_id: str) -> str:
+        return f"{self.prefix}:imp:{user_id}"
+
+    def ab(self, version: str) -> str:
+        return f"{self.prefix}:ab:{version}"
 
 
 class VectorCache:
@@ -182,6 +205,42 @@ def decode(raw: Sequence[bytes | None], manifest: Manifest) -> tuple[np.ndarray,
     return present, matrix.astype(np.float32)
 
 
+# Hit positions (1-based) grouped for the hits counter: label -> (first, last) position.
+POSITION_BUCKETS = (("1", 1, 1), ("2-3", 2, 3), ("4-10", 4, 10), ("11+", 11, None))
+
+
+def position_bucket(position: int) -> str:
+    for label, first, last in POSITION_BUCKETS:
+        if position >= first and (last is None or position <= last):
+            return label
+    raise ValueError(f"position {position} is not 1 or more")
+
+
+@dataclass(frozen=True)
+class Remembered:
+    """One answer's top items as shown to the user, best first, and the version that chose."""
+
+    user_id: str
+    version: str
+    item_ids: tuple[str, ...]
+
+    def entries(self) -> dict[str, str]:
+        """Field -> "<position> <version>" of ``rr:imp:<user>``; a repeated id keeps its first."""
+        out: dict[str, str] = {}
+        for position, item_id in enumerate(self.item_ids, 1):
+            out.setdefault(item_id, f"{position} {self.version}")
+        return out
+
+
+@dataclass(frozen=True)
+class Hit:
+    """An /events item found in the user's remembered answer: its position and version."""
+
+    user_id: str
+    version: str
+    position: int
+
+
 class Store:
     client: Redis | RedisCluster
 
@@ -254,6 +313,14 @@ class Store:
         value = await self._call("get_active", self.client.get(self.keys.active))
         return value.decode() if value is not None else None
 
+    async def routing(self) -> tuple[str | None, bytes | None]:
+        """``rr:active`` and ``rr:split`` in one round trip (what the version watcher follows)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.keys.active)
+        pipe.get(self.keys.split)
+        active, split = await self._call("get_routing", pipe.execute())
+        return (active.decode() if active is not None else None), split
+
     async def manifest_json(self, version: str) -> bytes | None:
         value: bytes | None = await self._call(
             "get_manifest", self.client.get(self.keys.manifest(version))
@@ -262,7 +329,16 @@ class Store:
 
     async def vectors_present(self, version: str, sample_ids: Sequence[str]) -> bool:
         """The manifest key (written after every vector) and a sample of vectors exist."""
-        keys = [self.keys.manifest(version)] + [self.keys.vector(version, i) for i in sample_ids]
+        return await self.all_vectors_present({version: sample_ids})
+
+    async def all_vectors_present(self, samples: dict[str, Sequence[str]]) -> bool:
+        """``vectors_present`` for several versions (the live ones) in one call."""
+        keys = []
+        for version, sample_ids in samples.items():
+            keys.append(self.keys.manifest(version))
+            keys.extend(self.keys.vector(version, i) for i in sample_ids)
+        if not keys:
+            return False
         count = await self._call("exists", self.client.exists(*keys))
         return int(count) == len(keys)
 
@@ -273,6 +349,23 @@ class Store:
         history lasts ``history_ttl_s`` after their last event, so the users who stop coming
         do not hold Redis's memory forever.
         """
+        pipe = self._history_pipeline(user_id, item_ids, keep)
+        result = await self._call("events", pipe.execute())
+        return int(result[-1])
+
+    async def append_events(
+        self, user_id: str, item_ids: Sequence[str], keep: int, lookup: bool
+    ) -> tuple[int, list[bytes | None]]:
+        """``append_history``, and with ``lookup`` the user's remembered answer's entries
+        for ``item_ids`` (``rr:imp:<user>``, None where absent), in the same round trip."""
+        if not lookup:
+            return await self.append_history(user_id, item_ids, keep), []
+        pipe = self._history_pipeline(user_id, item_ids, keep)
+        pipe.hmget(self.keys.impressions(user_id), list(item_ids))
+        result = await self._call("events", pipe.execute())
+        return int(result[-2]), list(result[-1])
+
+    def _history_pipeline(self, user_id: str, item_ids: Sequence[str], keep: int) -> Any:
         key = self.keys.history(user_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.lpush(key, *item_ids)
@@ -280,8 +373,47 @@ class Store:
         if self.history_ttl_s:
             pipe.expire(key, self.history_ttl_s)
         pipe.llen(key)
-        result = await self._call("events", pipe.execute())
-        return int(result[-1])
+        return pipe
+
+    async def remember_answers(
+        self, answers: Sequence[Remembered], ttl_s: int, timeout_s: float
+    ) -> None:
+        """Each answer replaces its user's remembered one (``rr:imp:<user>``, with an
+        expiry); each version's impressions count goes up by its answers. One round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        per_version: dict[str, int] = {}
+        for answer in answers:
+            key = self.keys.impressions(answer.user_id)
+            pipe.delete(key)
+            fields: dict[Any, Any] = answer.entries()  # redis-py's key type is a wide union
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, ttl_s)
+            per_version[answer.version] = per_version.get(answer.version, 0) + 1
+        for version, count in per_version.items():
+            pipe.hincrby(self.keys.ab(version), "impressions", count)
+        await self._call("remember", pipe.execute(), timeout_s)
+
+    async def count_hits(self, hits: Sequence[Hit], timeout_s: float) -> list[Hit]:
+        """Consume each hit's remembered answer (DEL); count the hits whose answer this call
+        deleted in ``rr:ab:<version>``, and return them. An answer counts once: of two
+        concurrent hits on one answer, only the one whose DEL removed it is counted."""
+        pipe = self.client.pipeline(transaction=False)
+        for hit in hits:
+            pipe.delete(self.keys.impressions(hit.user_id))
+        deleted = await self._call("hits", pipe.execute(), timeout_s)
+        counted = [hit for hit, gone in zip(hits, deleted, strict=True) if int(gone)]
+        if not counted:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for hit in counted:
+            key = self.keys.ab(hit.version)
+            rr = 1.0 / hit.position
+            pipe.hincrby(key, "hits", 1)
+            pipe.hincrby(key, f"hits:{position_bucket(hit.position)}", 1)
+            pipe.hincrbyfloat(key, "rr", rr)
+            pipe.hincrbyfloat(key, "rr2", rr * rr)
+        await self._call("hits", pipe.execute(), timeout_s)
+        return counted
 
     def _cached(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
         return self.cache.get_many(version, ids)
@@ -411,6 +543,18 @@ class ClusterStore(Store):
             return []
         got: list[bytes | None] = await self._call("mget", self._read_vectors(version, ids))
         return got
+
+    async def append_events(
+        self, user_id: str, item_ids: Sequence[str], keep: int, lookup: bool
+    ) -> tuple[int, list[bytes | None]]:
+        """The history's transaction and the remembered answer's HMGET are in different hash
+        slots, so they go as two calls at once: still one round trip of waiting."""
+        if not lookup:
+            return await self.append_history(user_id, item_ids, keep), []
+        pipe = self._history_pipeline(user_id, item_ids, keep)
+        lookup_call = self.client.hmget(self.keys.impressions(user_id), list(item_ids))
+        result, remembered = await self._call("events", asyncio.gather(pipe.execute(), lookup_call))
+        return int(result[-1]), list(remembered)
 
     async def _read_vectors(self, version: str, ids: list[str]) -> list[bytes | None]:
         if not ids:

@@ -91,6 +91,7 @@ WORKERS = (1, 2)
 FLOOR_BUDGET_S = 6.0  # seconds per floor measurement (model, Redis), paced and hot
 REDIS_CONCURRENCY = 8
 MAX_CONNS = 512
+SPLIT_SUFFIX = "-b"  # --split: the model a second time under this suffix, 50/50 by user
 
 
 def log(*parts: object) -> None:
@@ -283,6 +284,21 @@ def load_measured(h: Harness, folder: Path, prefix: str) -> dict[str, Any]:
         "redis_bytes_per_item": (after - before) / manifest.n_items,
         "load_s": took,
     }
+
+
+def split_versions(h: Harness, folder: Path, prefix: str) -> None:
+    """The model loaded again under another name and a 50/50 split between the two: what an
+    A/A test costs against one version (the same model, so only the split's cost differs)."""
+    from app.loader import load_into_redis
+    from app.split import Split
+    from app.store import Keys
+    from app.versions import set_split
+
+    other = folder.name + SPLIT_SUFFIX
+    load_into_redis(h.url, folder, prefix, activate=False, name=other)
+    with h.client() as client:
+        set_split(client, Keys(prefix), Split(((folder.name, 50), (other, 50))))
+    log(f"split: {folder.name}=50 {other}=50")
 
 
 def synthetic_model(src: Path, root: Path, n_items: int, seed: int) -> Path:
@@ -823,6 +839,8 @@ def run(args: argparse.Namespace) -> Path:
     with harness(prefix, name="rerank-bench") as h:
         log(f"redis-server {h.url}; loading {folder.name}")
         real_load = load_measured(h, folder, prefix)
+        if args.split:
+            split_versions(h, folder, prefix)
         store_histories(h, prefix, traffic["users"])
         env = h.env(folder.parent)
         redis_pid = h.redis.pid
@@ -942,6 +960,9 @@ def run(args: argparse.Namespace) -> Path:
                 "python": platform.python_version(),
                 "onnxruntime": __import__("onnxruntime").__version__,
                 "model_version": manifest.version,
+                "split": f"{manifest.version}=50 {manifest.version}{SPLIT_SUFFIX}=50"
+                if args.split
+                else None,
                 "model_dir": relative(folder),
                 "traffic": meta_traffic,
                 "command": " ".join(["python", "-m", "loadtest.bench", *args.argv]),
@@ -1001,7 +1022,7 @@ def run(args: argparse.Namespace) -> Path:
         }  # fmt: skip
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.now(UTC):%Y-%m-%d}-{args.machine}"
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{args.machine}{'-split' if args.split else ''}"
     out = args.out_dir / f"{stem}.json"
     out.write_text(json.dumps(results, indent=1) + "\n")
     (args.out_dir / f"{stem}.md").write_text(markdown(results))
@@ -1087,6 +1108,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a("--floor-budget", type=float, default=FLOOR_BUDGET_S)
     a("--redis-concurrency", type=int, default=REDIS_CONCURRENCY)
     a("--max-conns", type=int, default=MAX_CONNS)
+    a("--split", action="store_true",
+      help="the model twice under two names, 50/50 by user (results file *-split)")  # fmt: skip
     a("--smoke", action="store_true", help="a tiny run in seconds (the test suite's)")
     args = p.parse_args(argv)
     if args.smoke:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.embedded import EmbeddedRedis
+from app.loader import load_into_redis
 from tests.conftest import VERSION_A
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +79,26 @@ def test_smoke_run_writes_results(model_dir: Path, tmp_path: Path) -> None:
     # Committed results name no path of the machine that ran them.
     assert not any(str(v).startswith("/") for v in res["params"].values())
     assert not res["meta"]["model_dir"].startswith("/")
+
+
+def test_the_split_option_serves_the_model_twice_50_50(
+    model_dir: Path, redis_server: EmbeddedRedis, prefix: str
+) -> None:
+    import types
+
+    import redis
+
+    from loadtest.bench import parse, split_versions
+
+    assert parse(["--split"]).split and not parse([]).split
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
+        h = types.SimpleNamespace(
+            url=redis_server.url, client=lambda: redis.Redis.from_url(redis_server.url)
+        )
+        split_versions(h, model_dir / VERSION_A, prefix)  # type: ignore[arg-type]
+        split = json.loads(client.get(f"{prefix}:split") or b"")
+        assert split == {"shares": [[VERSION_A, 50], [f"{VERSION_A}-b", 50]]}
+    finally:
+        client.close()

@@ -261,3 +261,43 @@ def test_a_20k_catalogue_loads_and_serves(
         body = c.post("/rerank", json={"user_id": "u", "candidates": cands, "k": 60}).json()
         assert not body["degraded"] and body["missing"] == ["not-an-item"]
         assert len(body["items"]) == 51
+
+
+def test_a_split_and_online_hits_over_the_cluster(
+    cluster: EmbeddedCluster, prefix: str, model_dir: Path
+) -> None:
+    """The version verbs without a transaction, a split's two arms, a hit counted once."""
+    from app.errors import VersionRefused
+    from app.split import Split
+    from app.store import Keys
+    from app.versions import drop, set_split
+    from tests.conftest import VERSION_B
+
+    load_into_redis(cluster.url, model_dir / VERSION_A, prefix)
+    load_into_redis(cluster.url, model_dir / VERSION_B, prefix, activate=False, name="b-copy")
+    admin = cluster_client(cluster)
+    keys = Keys(prefix)
+    try:
+        set_split(admin, keys, Split(((VERSION_A, 50), ("b-copy", 50))))
+        settings = make_settings(cluster.url, prefix, model_dir)
+        with TestClient(create_app(settings)) as c:
+            seen: dict[str, str] = {}
+            for i in range(40):
+                body = {"user_id": f"s{i}", "candidates": ["1", "2", "3"], "k": 3}
+                answer = c.post("/rerank", json=body).json()
+                assert not answer["degraded"]
+                seen[f"s{i}"] = answer["model_version"]
+            assert set(seen.values()) == {VERSION_A, "b-copy"}
+            user = next(u for u, v in seen.items() if v == "b-copy")
+            wait_for(lambda: admin.exists(f"{prefix}:imp:{user}") == 1, 10, "remembered")
+            top = c.post("/rerank", json={"user_id": user, "candidates": ["1", "2", "3"]})
+            first = top.json()["items"][0]["item_id"]
+            wait_for(
+                lambda: admin.hget(f"{prefix}:imp:{user}", first) == b"1 b-copy", 10, "replaced"
+            )
+            assert c.post("/events", json={"user_id": user, "item_ids": [first]}).is_success
+            wait_for(lambda: admin.hget(f"{prefix}:ab:b-copy", "hits") == b"1", 10, "counted")
+        with pytest.raises(VersionRefused, match="live"):
+            drop(admin, keys, "b-copy")
+    finally:
+        admin.close()

@@ -552,6 +552,10 @@ def test_metrics_md_lists_the_expected_metrics() -> None:
         "rerank_redis_seconds": "histogram",
         "rerank_model_seconds": "histogram",
         "rerank_admission_limit": "gauge",
+        "rerank_answers_total": "counter",
+        "rerank_model_share": "gauge",
+        "rerank_online_impressions_total": "counter",
+        "rerank_online_hits_total": "counter",
     }
 
 
@@ -604,6 +608,9 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
         "sum by (le) (rate(rerank_model_seconds_bucket",  # model time
         "rerank_admission_limit{",
         "sum by (reason) (rate(rerank_degraded_total",  # degraded answers by reason
+        "sum by (version) (rate(rerank_online_impressions_total",  # impressions by version
+        "sum by (version) (rate(rerank_online_hits_total",  # hit rate by version
+        "sum by (version) (rate(rerank_answers_total",  # answers by version
     ]:
         assert needle in queries, f"no panel queries {needle}"
 

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from app.embedded import EmbeddedRedis
-from app.errors import ManifestMismatch
+from app.errors import VersionRefused
 from app.loader import activate, load_into_redis
 from contract import ManifestError
 from tests.conftest import VERSION_A, VERSION_B
@@ -48,7 +48,7 @@ def test_load_is_idempotent_and_can_skip_activation(
     assert len(list(r.scan_iter(f"{prefix}:v:{VERSION_A}:*", count=1000))) == 200
     activate(redis_server.url, VERSION_B, prefix)
     assert r.get(f"{prefix}:active") == VERSION_B.encode()
-    with pytest.raises(ManifestMismatch, match="not loaded"):
+    with pytest.raises(VersionRefused, match="not loaded"):
         activate(redis_server.url, "never-loaded", prefix)
 
 

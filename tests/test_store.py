@@ -237,3 +237,38 @@ def test_a_full_redis_evicts_only_histories_then_refuses_writes_plainly(
                 assert answer.status_code == 200 and not answer.json()["degraded"]
         finally:
             r.close()
+
+
+def test_online_feedback_round_trips(
+    redis_server: EmbeddedRedis, prefix: str, manifest: Manifest
+) -> None:
+    """/events reads the remembered answer in its one round trip; a hit counts once."""
+    from app.store import Hit, Remembered
+
+    async def body(store: Store, calls: list[str]) -> None:
+        ops: list[str] = []
+        original = store._call
+
+        async def recorded(op: str, awaitable: Any, timeout_s: float | None = None) -> Any:
+            ops.append(op)
+            return await original(op, awaitable, timeout_s)
+
+        store._call = recorded  # type: ignore[method-assign]
+        answer = Remembered("u", "test-a", ("3", "1", "2"))
+        await store.remember_answers([answer], ttl_s=60, timeout_s=1.0)
+        assert ops == ["remember"]
+        length, found = await store.append_events("u", ["9", "2"], keep=8, lookup=True)
+        assert ops == ["remember", "events"] and length == 2
+        assert found == [None, b"3 test-a"]
+        hit = Hit("u", "test-a", 3)
+        both = await asyncio.gather(store.count_hits([hit], 1.0), store.count_hits([hit], 1.0))
+        assert sorted(len(c) for c in both) == [0, 1]  # one DEL removed it: counted once
+        ab = await store.client.hgetall(f"{prefix}:ab:test-a")
+        assert ab[b"impressions"] == b"1" and ab[b"hits"] == b"1" and ab[b"hits:2-3"] == b"1"
+        assert float(ab[b"rr"]) == pytest.approx(1 / 3)
+        assert await store.client.exists(f"{prefix}:imp:u") == 0
+        ops.clear()
+        assert await store.append_events("v", ["1"], keep=8, lookup=False) == (1, [])
+        assert ops == ["events"]
+
+    run(redis_server.url, prefix, body)
