@@ -441,16 +441,15 @@ async def overload_closed_loop(
     return result
 
 
-async def run_all() -> list[Report]:
+async def run_all(target: Target) -> list[Report]:
     reports: list[Report] = []
-    with environment() as target:
-        for name in ("redis_paused", "redis_slowed", "redis_killed"):
-            reports.append(await redis_fault(target, name))
-        reports.append(await redis_full(target))
-        reports.append(await bad_swap(target))
-        reports.append(await overload(target))
-        reports.append(await overload_closed_loop(target))
-        reports.append(await sigterm(target))
+    for name in ("redis_paused", "redis_slowed", "redis_killed"):
+        reports.append(await redis_fault(target, name))
+    reports.append(await redis_full(target))
+    reports.append(await bad_swap(target))
+    reports.append(await overload(target))
+    reports.append(await overload_closed_loop(target))
+    reports.append(await sigterm(target))
     return reports
 
 
@@ -458,7 +457,9 @@ def main() -> int:
     started = dt.datetime.now(dt.UTC)
     # uvloop: the generator shares the service's cores, and on uvloop it costs less and lags
     # less, so less of what it measures is its own.
-    reports = uvloop.run(run_all())
+    # The environment starts outside the event loop: its readiness wait runs a loop of its own.
+    with environment() as target:
+        reports = uvloop.run(run_all(target))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"chaos-{started:%Y-%m-%d}.json"
     params = {
