@@ -13,13 +13,11 @@ One mechanism decides, with three rules:
   back, so refusals cannot multiply until their own handling takes the CPU from the
   requests being served. The line holds at most ``max_waiting`` requests; past that a
   request is refused at once.
-- **Never served late.** A slot goes to the longest-waiting request that can still be
-  answered within the latency target (its wait so far plus the time a slot is held, on
-  average). A request that can no longer make it is never served: it is set aside to wait
-  out its deadline and get the 503, so under overload the requests that are served are the
-  fresh ones and are answered within the target, and the callers that waited too long are
-  slowed rather than served late (a served request that waited a second would only add to
-  the latency its caller sees).
+- **Fresh requests first under overload.** While the oldest waiter can still be answered
+  within the latency target (its wait so far plus the time a slot is held, on average),
+  slots go in arrival order. Once it cannot, they go to the newest waiter (adaptive LIFO):
+  the requests that are served are answered within the target, and the ones that waited too
+  long wait out their deadline instead of being served late.
 
 The limit is fixed on purpose: a controller that moves it with the time spent in a slot
 reads the CPU taken by refusals, or by another process, as a reason to cut, and cut down to
@@ -69,13 +67,12 @@ class Admission:
         self.clock = clock
         self.inflight = 0
         self.hold_s = 0.0  # running mean of the time one request holds its slot
-        self._line: deque[Ticket] = deque()  # waiting, in arrival order
-        self._stale: set[Ticket] = set()  # waiting for their deadline only
+        self._line: deque[Ticket] = deque()
         metrics.admission_limit.set(max_inflight)
 
     @property
     def waiting(self) -> int:
-        return len(self._line) + len(self._stale)
+        return len(self._line)
 
     def full(self) -> bool:
         """Whether a request arriving now would be refused at once: slots and line taken."""
@@ -90,7 +87,7 @@ class Admission:
         if self.inflight < self.limit and not self._line:
             self.inflight += 1
             return ticket
-        if self.waiting >= self.max_waiting:
+        if len(self._line) >= self.max_waiting:
             return None
         loop = asyncio.get_running_loop()
         granted = ticket.granted = loop.create_future()
@@ -102,8 +99,8 @@ class Admission:
         except asyncio.CancelledError:  # the request's task is cancelled (shutdown)
             if not granted.cancelled() and granted.done() and granted.result():
                 self.leave(ticket)  # handed a slot in the same turn: pass it on
-            else:
-                self._forget(ticket)
+            elif ticket in self._line:
+                self._line.remove(ticket)
             raise
         finally:
             expiry.cancel()
@@ -116,26 +113,22 @@ class Admission:
             return
         now = self.clock()
         self.hold_s += HOLD_WEIGHT * (now - ticket.started - self.hold_s)
-        # The line is in arrival order: those at its head that can no longer be answered
-        # within the target are set aside until their deadline.
-        while self._line and now - self._line[0].asked + self.hold_s > self.target_s:
-            self._stale.add(self._line.popleft())
         while self._line:
-            waiter = self._line.popleft()
+            waiter = self._next(now)
             assert waiter.granted is not None
             if not waiter.granted.done():  # done: cancelled while it waited
                 waiter.granted.set_result(True)  # the slot passes on: inflight unchanged
                 return
         self.inflight -= 1
 
-    def _forget(self, ticket: Ticket) -> None:
-        if ticket in self._stale:
-            self._stale.discard(ticket)
-        elif ticket in self._line:
-            self._line.remove(ticket)
+    def _next(self, now: float) -> Ticket:
+        """The waiter a free slot goes to: the oldest while it can still make the target."""
+        if now - self._line[0].asked + self.hold_s <= self.target_s:
+            return self._line.popleft()
+        return self._line.pop()
 
     def _expire(self, ticket: Ticket) -> None:
         assert ticket.granted is not None
         if not ticket.granted.done():
-            self._forget(ticket)
+            self._line.remove(ticket)
             ticket.granted.set_result(False)

@@ -149,16 +149,13 @@ class Settings(BaseSettings):
     max_inflight: int = Field(
         default=16,
         description="Most /rerank and /events requests one process works on at once, counted "
-        "once the body is read (0: no limit); past it a request waits in line for a slot. "
-        "A slot is held for about max_inflight / throughput, so this bounds the time in the "
-        "process under load.",
+        "once the body is read (0: no limit); past it a request waits in line for a slot.",
     )
     latency_target_ms: float = Field(
         default=50.0,
-        description="The answer time admission aims at: a free slot goes to the longest-"
-        "waiting request that can still be answered within it (its wait plus the mean time a "
-        "slot is held); one that cannot is never served and gets the 503 at its deadline "
-        "(docs/reliability.md, Admission).",
+        description="The answer time admission aims at: while the oldest request in line can "
+        "still be answered within it, free slots go in arrival order; once it cannot, to the "
+        "newest in line (docs/reliability.md, Admission).",
     )
     queue_timeout_ms: float = Field(
         default=200.0,
