@@ -26,6 +26,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 import urllib.error
@@ -488,6 +489,21 @@ def test_compose_profiles_and_pinned_images() -> None:
         for volume in services[name]["volumes"]:
             source = volume.split(":")[0]
             assert (ROOT / source).exists(), f"{name} mounts {source}, which does not exist"
+
+
+def test_the_documented_demo_sample_mount_is_valid_compose() -> None:
+    """docs/operations.md's override mounts the host's models/ (with a demo.json made there)
+    over the image's models folder: the final stage's WORKDIR plus models."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    section = text.split("## Demo page", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"\n\n((?: {6,}\S.*\n)+)", section.split("docker-compose.override.yml")[1])
+    assert block, "no override block after docker-compose.override.yml"
+    override = yaml.safe_load(textwrap.dedent(block.group(1)))
+    model = merge(compose(COMPOSE), interpolate(override, {}))
+    assert not schema_errors(model)
+    workdir = parse_dockerfile().final.all("WORKDIR")[-1]
+    source, target, mode = override["services"]["api"]["volumes"][0].split(":")
+    assert (ROOT / source).resolve() == MODELS and target == f"{workdir}/models" and mode == "ro"
 
 
 def test_compose_gpu_override_reserves_a_device() -> None:
