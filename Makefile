@@ -23,6 +23,11 @@ $(VENV)/.train: $(VENV)/.serve
 	$(PIP) -e '.[train]'
 	touch $@
 
+# The demo page's sample needs no PyTorch: pandas and pyarrow read MovieLens, scipy recalls.
+$(VENV)/.demo: $(VENV)/.serve
+	$(PIP) -e '.[demo]'
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.train
 	$(PIP) -e '.[train,dev]'
 	touch $@
@@ -31,20 +36,30 @@ install: $(VENV)/.serve
 install-train: $(VENV)/.train
 install-dev: $(VENV)/.dev
 
-# Quick start 1: the service on an embedded Redis with the default model.
-demo run: install
+# Quick start 1: the service on an embedded Redis with the default model. The first run
+# also makes the demo page's sample (SAMPLE), best effort: without network the service
+# still starts, and /demo says how to make the sample later.
+SAMPLE = models/$$(cat models/DEFAULT)/demo.json
+demo: install
+	@test -f $(SAMPLE) || $(MAKE) --no-print-directory demo-sample \
+		|| echo "make demo: no demo sample (see above); serving anyway, /demo says how to make it"
 	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (GET /demo, POST /rerank, POST /events, GET /docs, GET /metrics)"
 	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
 
+run: install
+	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
+
 # docs/demo.png: the /demo page of the default model in the system's headless Chromium
-# (apt-get install chromium chromium-driver).
+# (apt-get install chromium chromium-driver); the sample is made first if missing.
 .PHONY: screenshot demo-sample
 screenshot: install-dev
+	@test -f $(SAMPLE) || $(MAKE) --no-print-directory demo-sample
 	$(BIN)/python -m tests.screenshot
 
-# models/<default>/demo.json: the demo page's sample users, from MovieLens (fetched to data/).
-demo-sample: install-train
-	$(BIN)/python -m training.demo --model models/$$(cat models/DEFAULT)
+# models/<default>/demo.json, the demo page's sample users, from MovieLens (fetched to data/).
+# Git-ignored and kept out of the image: MovieLens may not be redistributed.
+demo-sample: $(VENV)/.demo
+	$(BIN)/rerank demo-sample
 
 # Quick start 2: the test suite (starts its own redis-server).
 test: install-dev

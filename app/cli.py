@@ -32,7 +32,10 @@ OFFLINE_VERBS = {
     "train": "train the reranker and export a model version",
     "eval": "evaluate a model version against the baselines",
     "encoder": "export the text encoder of new items to models/encoder/",
+    "demo-sample": "write the demo page's sample users into a model folder (no PyTorch)",
 }
+# What an offline verb needs when it needs less than the training extra.
+EXTRAS = {"demo-sample": "the demo extra (make demo-sample)"}
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
@@ -228,7 +231,8 @@ def offline(verb: str, rest: Sequence[str]) -> int:
         training_cli = importlib.import_module("training.cli")
         result = training_cli.main([verb, *rest])
     except ModuleNotFoundError as exc:
-        log.error("`rerank %s` needs the training extra (make install-train): %s", verb, exc)
+        extra = EXTRAS.get(verb, "the training extra (make install-train)")
+        log.error("`rerank %s` needs %s: %s", verb, extra, exc)
         return 2
     return int(result or 0)
 

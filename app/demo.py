@@ -5,12 +5,15 @@ and every URL it names is relative to the service, so it works offline and behin
 prefix. Its Content-Security-Policy allows this origin only: a browser refuses anything
 else the page might name.
 
-Its data is ``models/<version>/demo.json`` (training/demo.py): a few users of the model's
-training data, each with a history and the candidate list recall made for it, and the
-titles of those items. The page sends the history in each ``/rerank`` request's ``history``
-field and keeps the films a visitor clicks in the browser. So the demo writes nothing to
-Redis, reads no stored history, and visitors never see each other's clicks; a reload
-starts over.
+Its data is ``models/<version>/demo.json`` (training/demo.py, ``make demo-sample``): a few
+users of the model's training data, each with a history and the candidate list recall made
+for it, and the titles of those items. The file is made on each machine and never committed
+or baked into an image (it holds the data's titles and histories); without it,
+``/demo/sample.json`` is a 404 whose detail names the command, and the page shows that.
+
+The page sends the history in each ``/rerank`` request's ``history`` field and keeps the
+films a visitor clicks in the browser. So the demo writes nothing to Redis, reads no stored
+history, and visitors never see each other's clicks; a reload starts over.
 
 ``RERANK_DEMO=false`` leaves all of this out: ``/demo`` is then 404 like any unknown path.
 """
@@ -75,8 +78,8 @@ def install_demo(app: FastAPI, settings: Settings) -> None:
         if path is None:
             detail = (
                 f"no {DEMO_FILE} in the served or the default model folder under "
-                f"{settings.model_dir}: run `python -m training.demo --model "
-                "models/<version>`"
+                f"{settings.model_dir}: make it with `make demo-sample` (or `rerank "
+                "demo-sample --model models/<version>`, which fetches MovieLens), then reload"
             )
             return JSONResponse({"detail": detail}, status_code=404)
         return FileResponse(

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -25,8 +25,12 @@ from app.factory import create_app
 from app.loader import load_into_redis
 from tests.reference import Reference
 
+if TYPE_CHECKING:
+    from training.data import Dataset
+
 VERSION_A = "test-a"
 VERSION_B = "test-b"
+DEMO_VERSION = "test-demo"
 HISTORY_LEN = 8
 N_ITEMS = 200
 
@@ -45,6 +49,39 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             export_random_model(
                 root, N_ITEMS, dim=16, history_len=HISTORY_LEN, version=version, seed=seed
             )
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_dataset() -> Dataset:
+    """A generated data set (training.data.synthetic): item ids "1000".., titles
+    "synthetic item 1000"..; the tests' stand-in for MovieLens, which is never committed."""
+    from training.data import synthetic
+
+    return synthetic(n_users=40, n_items=N_ITEMS, length=30, seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory: pytest.TempPathFactory, demo_dataset: Dataset) -> Path:
+    """models/ with one random model over ``demo_dataset``'s item ids (the DEFAULT) and its
+    demo page sample, demo.json, made by the generator from that data set."""
+    from training.demo import make_sample
+    from training.export import export_random_model
+
+    root = tmp_path_factory.mktemp("demo-models")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        export_random_model(
+            root,
+            N_ITEMS,
+            dim=16,
+            history_len=HISTORY_LEN,
+            version=DEMO_VERSION,
+            seed=2,
+            item_ids=demo_dataset.item_ids,
+        )
+    (root / "DEFAULT").write_text(DEMO_VERSION + "\n")
+    make_sample(demo_dataset, root / DEMO_VERSION)
     return root
 
 

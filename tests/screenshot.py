@@ -3,8 +3,10 @@
     python -m tests.screenshot [--out docs/demo.png] [--width 1280]
 
 The service runs as ``make demo`` runs it (an embedded Redis loaded with the default model),
-under uvicorn in a thread; the browser is the system's Chromium (tests/browser.py). The PNG
-is cut to the page's height and reduced to a 128-colour palette when Pillow is installed.
+under uvicorn in a thread, with the default model's demo sample, which ``make screenshot``
+makes first when it is missing (``make demo-sample``; never committed, unlike the picture);
+the browser is the system's Chromium (tests/browser.py). The PNG is cut to the page's height
+and reduced to a 128-colour palette when Pillow is installed.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -14,7 +16,8 @@ import redis
 
 from app import cli
 from app.embedded import EmbeddedRedis
-from tests.conftest import VERSION_A, VERSION_B
+from contract import DEMO_FILE
+from tests.conftest import DEMO_VERSION, VERSION_A, VERSION_B
 
 
 def test_load(
@@ -133,7 +136,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("verb", ["data", "train", "eval"])
+@pytest.mark.parametrize("verb", ["data", "train", "eval", "demo-sample"])
 def test_offline_help_works_without_torch(verb: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", WITHOUT_TORCH, verb, "--help"],
@@ -160,6 +163,80 @@ def test_training_without_torch_says_what_to_install(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "needs the training extra" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_demo_sample_from_files_without_torch(tmp_path: Path, demo_models: Path) -> None:
+    """`rerank demo-sample` on the files a model was trained on, where `import torch` fails:
+    the demo page's sample needs only the demo extra."""
+    model = tmp_path / "models" / DEMO_VERSION
+    shutil.copytree(demo_models / DEMO_VERSION, model)
+    (model / DEMO_FILE).unlink()
+
+    def rerank(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", WITHOUT_TORCH, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    files = tmp_path / "files"
+    # The data set of the demo model (tests/conftest.py: demo_dataset), as the two files.
+    made = rerank("data", "synthetic", "--users", "40", "--items", "200", "--length", "30",
+                  "--seed", "0", "--out", str(files))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    data = ["--interactions", str(files / "interactions.csv"), "--items", str(files / "items.csv")]
+    done = rerank("demo-sample", "--model", str(model), *data)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {model / DEMO_FILE}" in done.stdout
+    sample = json.loads((model / DEMO_FILE).read_text())
+    expected = json.loads((demo_models / DEMO_VERSION / DEMO_FILE).read_text())
+    assert sample["users"] == expected["users"] and sample["items"] == expected["items"]
+
+    chosen = rerank("demo-sample", "--model", str(model), *data, "--users", "5,2")
+    assert chosen.returncode == 0, chosen.stderr
+    assert [u["user_id"] for u in json.loads((model / DEMO_FILE).read_text())["users"]] == [
+        "5",
+        "2",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--model", "{tmp}/nothing"], "no manifest.json"),
+        (["--model", "{model}", "--interactions", "{tmp}/i.csv"], "go together"),
+        (["--model", "{model}", "--files", "--users", "nobody"], "not users of"),
+        (["--model", "{other}", "--files"], "have no vector"),
+    ],
+    ids=["no-model", "half-the-files", "unknown-user", "other-items"],
+)
+def test_demo_sample_bad_arguments_are_one_line(
+    argv: list[str],
+    says: str,
+    tmp_path: Path,
+    demo_models: Path,
+    model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from training.cli import main as training_main
+    from training.data import synthetic_tables
+    from training.files import write_files
+
+    files = write_files(tmp_path / "files", *synthetic_tables(40, 200, 30, seed=0))
+    words: list[str] = []
+    for word in argv:
+        if word == "--files":
+            words += ["--interactions", str(files[0]), "--items", str(files[1])]
+        else:
+            words.append(
+                word.format(
+                    tmp=tmp_path, model=demo_models / DEMO_VERSION, other=model_dir / VERSION_A
+                )
+            )
+    assert training_main(["demo-sample", *words]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
 
 
 def test_serve_uses_the_embedded_port_setting_and_logs_the_url(

@@ -1,14 +1,20 @@
 """The demo page (app/demo.py): served from the package, off with a setting, its sample
-fits the default model, and in a real headless Chromium it renders the sample user's
-reranking, asks nothing outside the service's origin, and a click changes the ranking."""
+(training/demo.py) fits its model, and in a real headless Chromium it renders the sample
+user's reranking, asks nothing outside the service's origin, and a click changes the ranking.
+
+The sample is built from a generated data set and a random model over its item ids
+(tests/conftest.py: demo_dataset, demo_models): MovieLens is never committed, so nothing
+here needs it except the determinism check on it, which skips without data/ml100k."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -20,14 +26,18 @@ from app.factory import create_app
 from app.loader import load_into_redis
 from contract import DEMO_FILE, default_version, read_item_ids, read_manifest
 from tests.browser import INSTALL_HINT, chromium, find_browser, requested_urls, running
+from tests.conftest import DEMO_VERSION
+from training.data import GENRES, Dataset
+from training.demo import build_sample, dumps
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 VERSION = default_version(MODELS)
-SAMPLE = MODELS / str(VERSION) / DEMO_FILE
-needs_sample = pytest.mark.skipif(
-    VERSION is None or not SAMPLE.is_file(), reason="no default model with a demo.json"
-)
+
+
+def _sample(models: Path) -> dict[str, Any]:
+    sample: dict[str, Any] = json.loads((models / DEMO_VERSION / DEMO_FILE).read_text())
+    return sample
 
 
 # --- the route, without a browser ---------------------------------------------------------
@@ -98,7 +108,7 @@ def test_the_page_files_are_package_data() -> None:
 def test_sample_without_a_demo_file_is_a_404_that_says_how_to_make_one(client: TestClient) -> None:
     answer = client.get("/demo/sample.json")  # the test models have no demo.json
     assert answer.status_code == 404
-    assert "python -m training.demo" in answer.json()["detail"]
+    assert "make demo-sample" in answer.json()["detail"]
 
 
 def test_sample_of_the_served_version_first_then_the_default(tmp_path: Path) -> None:
@@ -113,33 +123,31 @@ def test_sample_of_the_served_version_first_then_the_default(tmp_path: Path) -> 
     assert sample_path(tmp_path, "new") == tmp_path / "new" / DEMO_FILE
 
 
-@needs_sample
-def test_sample_is_served_for_the_default_model(
-    redis_server: EmbeddedRedis, prefix: str, settings_factory: Callable[..., Settings]
+def test_sample_is_served_for_the_served_model(
+    demo_models: Path,
+    redis_server: EmbeddedRedis,
+    prefix: str,
+    settings_factory: Callable[..., Settings],
 ) -> None:
-    load_into_redis(redis_server.url, MODELS / str(VERSION), prefix)
-    with TestClient(create_app(settings_factory(model_dir=MODELS))) as client:
+    load_into_redis(redis_server.url, demo_models / DEMO_VERSION, prefix)
+    with TestClient(create_app(settings_factory(model_dir=demo_models))) as client:
         answer = client.get("/demo/sample.json")
     assert answer.status_code == 200
-    assert answer.json() == json.loads(SAMPLE.read_text())
+    assert answer.json() == _sample(demo_models)
 
 
-@needs_sample
-def test_committed_sample_fits_the_default_model() -> None:
+def check_sample(sample: dict[str, Any], model_dir: Path) -> None:
     """Small, and every id it names is an item of the model with a title."""
-    assert SAMPLE.stat().st_size < 100_000
-    sample = json.loads(SAMPLE.read_text())
-    manifest = read_manifest(MODELS / str(VERSION))
-    known = set(read_item_ids(MODELS / str(VERSION)))
-    assert sample["model_version"] == VERSION
+    manifest = read_manifest(model_dir)
+    known = set(read_item_ids(model_dir))
+    assert sample["model_version"] == manifest.version
     assert sample["history_len"] == manifest.history_len and 1 <= sample["k"] <= 100
     assert 3 <= len(sample["users"]) <= 10
-    assert sample["users"][0]["user_id"] == "196"  # the README's example user
     for user in sample["users"]:
         history, candidates = user["history"], user["candidates"]
         assert 0 < len(history) == min(manifest.history_len, user["history_total"])
         assert len(candidates) >= sample["k"] and len(set(candidates)) == len(candidates)
-        assert not set(history) & set(candidates), "recall proposes only unseen films"
+        assert not set(history) & set(candidates), "recall proposes only unseen items"
         for item in [*history, *candidates, user["watched_next"]]:
             assert item in known and sample["items"][item]["title"]
     named = {i for u in sample["users"] for i in [*u["history"], *u["candidates"]]}
@@ -147,22 +155,100 @@ def test_committed_sample_fits_the_default_model() -> None:
     assert set(sample["items"]) == named  # titles of what the page shows, nothing more
 
 
+def test_generated_sample_fits_its_model(demo_models: Path, demo_dataset: Dataset) -> None:
+    path = demo_models / DEMO_VERSION / DEMO_FILE
+    assert path.stat().st_size < 100_000
+    sample = _sample(demo_models)
+    check_sample(sample, demo_models / DEMO_VERSION)
+    assert sample["dataset"] == demo_dataset.name
+    assert sample["recall"] == {"method": "item-knn", "n": 100, "fit_on": "training split"}
+    titles = {v["title"] for v in sample["items"].values()}
+    assert len(titles) == len(sample["items"]) and all(
+        t.startswith("synthetic item ") for t in titles
+    )
+    assert all(set(v["genres"]) <= set(GENRES) for v in sample["items"].values())
+
+
+def test_generator_is_deterministic_and_takes_the_users_asked_for(
+    demo_models: Path, demo_dataset: Dataset, tmp_path: Path
+) -> None:
+    model = demo_models / DEMO_VERSION
+    users = [u["user_id"] for u in _sample(demo_models)["users"]]
+    again = build_sample(demo_dataset, model, users)
+    assert dumps(again) == (model / DEMO_FILE).read_text()
+    chosen = build_sample(demo_dataset, model, ["7", "3"])
+    assert [u["user_id"] for u in chosen["users"]] == ["7", "3"]
+    with pytest.raises(ValueError, match="not users of"):
+        build_sample(demo_dataset, model, ["no-such-user"])
+
+
+def test_generator_refuses_data_the_model_has_no_vectors_for(
+    model_dir: Path, demo_dataset: Dataset
+) -> None:
+    """The test models' items are "1".."200", the data set's "1000"..: the page would show
+    items the service cannot score."""
+    with pytest.raises(ValueError, match="have no vector"):
+        build_sample(demo_dataset, model_dir / "test-a", ["1"])
+
+
+def test_the_sample_is_never_committed_nor_baked_into_the_image() -> None:
+    """A sample holds its data's titles and histories; MovieLens may not be redistributed."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "ls-files", "models"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert tracked and not [p for p in tracked if Path(p).name == DEMO_FILE]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", f"models/any-version/{DEMO_FILE}"], cwd=ROOT, timeout=30
+    )
+    assert ignored.returncode == 0, f"models/*/{DEMO_FILE} is not git-ignored"
+    dockerignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert f"models/*/{DEMO_FILE}" in dockerignore
+
+
+def test_make_demo_makes_a_missing_sample_best_effort_before_serving(tmp_path: Path) -> None:
+    """`make demo`: the sample first when it is missing, its failure not stopping the
+    service (`|| echo`), through the demo extra's stamp (no PyTorch)."""
+    missing = tmp_path / "no-such" / DEMO_FILE
+    done = subprocess.run(
+        ["make", "-n", "--no-print-directory", "demo", f"SAMPLE={missing}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    guard = next(i for i, line in enumerate(lines) if f"test -f {missing}" in line)
+    assert "demo-sample" in lines[guard] and "|| echo" in "".join(lines[guard : guard + 2])
+    made = next(i for i, line in enumerate(lines) if line.endswith("rerank demo-sample"))
+    served = next(i for i, line in enumerate(lines) if "rerank serve" in line)
+    assert guard < made < served
+    assert any("-e '.[demo]'" in line for line in lines[guard:made])
+    assert not any("torch" in line for line in lines)
+
+
 @pytest.mark.slow
-@needs_sample
-def test_generator_writes_the_committed_sample() -> None:
-    """`python -m training.demo` on MovieLens rebuilds the committed file byte for byte."""
+def test_movielens_sample_is_deterministic_and_fits_the_default_model() -> None:
+    """`make demo-sample`'s build on MovieLens: twice the same bytes, user 196 first, every
+    item a vector of the default model."""
+    if VERSION is None:
+        pytest.skip("no default model")
     if not (ROOT / "data" / "ml100k").is_dir():
         pytest.skip(
             "MovieLens is not fetched (data/ml100k): run "
             "`rerank data movielens --out data/ml100k-files`"
         )
     from training.data import load_movielens
-    from training.demo import build_sample, dumps
+    from training.demo import FIRST_USER, N_USERS, SEED, pick_users
 
-    sample = json.loads(SAMPLE.read_text())
-    users = [u["user_id"] for u in sample["users"]]
-    rebuilt = build_sample(load_movielens(ROOT / "data"), MODELS / str(VERSION), users)
-    assert dumps(rebuilt) == SAMPLE.read_text()
+    dataset = load_movielens(ROOT / "data")
+    users = pick_users(dataset, FIRST_USER, N_USERS, SEED)
+    first = build_sample(dataset, MODELS / VERSION, users)
+    assert dumps(first) == dumps(build_sample(dataset, MODELS / VERSION, users))
+    assert first["users"][0]["user_id"] == "196"  # the README's example user
+    check_sample(first, MODELS / VERSION)
 
 
 # --- in a real browser --------------------------------------------------------------------
@@ -204,25 +290,27 @@ def _texts(driver, selector: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [e.text for e in driver.find_elements("css selector", selector)]
 
 
-@needs_sample
 def test_page_in_headless_chromium(
-    redis_server: EmbeddedRedis, prefix: str, settings_factory: Callable[..., Settings]
+    demo_models: Path,
+    redis_server: EmbeddedRedis,
+    prefix: str,
+    settings_factory: Callable[..., Settings],
 ) -> None:
     browser = _browser_or_skip()
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
-    sample = json.loads(SAMPLE.read_text())
+    sample = _sample(demo_models)
     titles = {i: v["title"] for i, v in sample["items"].items()}
     first = sample["users"][0]
-    load_into_redis(redis_server.url, MODELS / str(VERSION), prefix)
-    settings = settings_factory(model_dir=MODELS, max_candidates=1000)
+    load_into_redis(redis_server.url, demo_models / DEMO_VERSION, prefix)
+    settings = settings_factory(model_dir=demo_models, max_candidates=128)
     with running(settings) as url, chromium(browser) as driver:
         driver.get(f"{url}/demo")
         _wait_for_answer(driver, 1)
 
         # Without interaction: the sample user's history, recall list and top k, by title.
-        assert driver.find_element("id", "model-version").text == VERSION
+        assert driver.find_element("id", "model-version").text == DEMO_VERSION
         ranked = _ranked(driver)
         assert len(ranked) == sample["k"] and set(ranked) <= set(first["candidates"])
         shown = _texts(driver, "#ranked button.film")

@@ -1,4 +1,4 @@
-"""Offline verbs of the ``rerank`` command: data, train, eval, encoder.
+"""Offline verbs of the ``rerank`` command: data, train, eval, encoder, demo-sample.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
 for, so that the service never imports PyTorch. This module itself imports only the
@@ -88,6 +88,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     enc_export.add_argument("--out", type=Path, default=Path("models/encoder"))
     enc_export.add_argument("--data-dir", type=Path, default=Path("data"))
+
+    demo = sub.add_parser(
+        "demo-sample",
+        help="write the demo page's sample users into a model folder (demo.json)",
+        description="Write models/<version>/demo.json, the sample users the page at /demo "
+        "shows (training/demo.py): from MovieLens-100K, fetched into --data-dir on first use, "
+        "or from the files given. The file is git-ignored: it holds the data's titles.",
+    )
+    demo.add_argument("--model", type=Path,
+                      help="the model folder (default: models/<DEFAULT>)")  # fmt: skip
+    demo.add_argument("--data-dir", type=Path, default=Path("data"),
+                      help="where MovieLens is kept (default: data)")  # fmt: skip
+    demo.add_argument("--interactions", type=Path,
+                      help="the model's data instead of MovieLens: with --items")  # fmt: skip
+    demo.add_argument("--items", type=Path, help="the item catalogue, with --interactions")
+    demo.add_argument("--users", help="comma-separated user ids (default: a few drawn; on "
+                      "MovieLens user 196 first)")  # fmt: skip
     return p
 
 
@@ -108,11 +125,18 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.verb == "encoder":
             return _encoder(args)
+        if args.verb == "demo-sample":
+            return _demo_sample(args)
         return _eval(args)
     except DataError as exc:  # DataProblems among them: one line per problem
         return _fail(getattr(exc, "lines", None) or str(exc))
-    except ModuleNotFoundError as exc:  # pandas, PyTorch...: the training extra is missing
-        return _fail(f"`rerank {args.verb}` needs the training extra (make install-train): {exc}")
+    except ModuleNotFoundError as exc:  # pandas, PyTorch...: the extra is missing
+        extra = EXTRAS.get(args.verb, "the training extra (make install-train)")
+        return _fail(f"`rerank {args.verb}` needs {extra}: {exc}")
+
+
+# The verbs that need less than the training extra, and how to install what they need.
+EXTRAS = {"demo-sample": "the demo extra (pip install -e '.[demo]', or make demo-sample)"}
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -143,6 +167,46 @@ def _encoder(args: argparse.Namespace) -> int:
     fetch_movielens(args.data_dir)
     parity = export_encoder(args.out, load_movielens(args.data_dir).texts)
     print(f"exported {args.out}: {json.dumps(parity, indent=2)}")
+    return 0
+
+
+def _demo_sample(args: argparse.Namespace) -> int:
+    """models/<version>/demo.json from MovieLens or the given files; never imports PyTorch."""
+    from contract import default_version
+
+    model = args.model
+    if model is None:
+        version = default_version(Path("models"))
+        if version is None:
+            return _fail("models/ holds no model version: pass --model models/<version>")
+        model = Path("models") / version
+    if not (model / "manifest.json").is_file():
+        return _fail(f"--model {model}: no manifest.json; give a model folder (models/<version>)")
+    if (args.interactions is None) != (args.items is None):
+        return _fail("--interactions and --items go together")
+    users = [u.strip() for u in (args.users or "").split(",") if u.strip()]
+    from training.demo import FIRST_USER, make_sample
+
+    if args.interactions is not None:
+        from training.files import read_dataset
+
+        name = json.loads((model / "manifest.json").read_text()).get("dataset")
+        dataset = read_dataset(args.interactions, args.items, name=name)
+        first = None
+    else:
+        from training.data import fetch_movielens, load_movielens
+
+        fetch_movielens(args.data_dir)
+        dataset = load_movielens(args.data_dir)
+        first = FIRST_USER
+    try:
+        path = make_sample(dataset, model, users, first)
+    except ValueError as exc:  # a user not in the data, or items the model has no vector for
+        hint = "" if args.interactions else " (a model not trained on MovieLens: pass its files)"
+        return _fail(f"{exc}{hint}")
+    sample = json.loads(path.read_text())
+    chosen = ", ".join(u["user_id"] for u in sample["users"])
+    print(f"wrote {path} ({path.stat().st_size} bytes, users {chosen})")
     return 0
 
 

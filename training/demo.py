@@ -1,23 +1,28 @@
-"""The demo page's sample users: ``models/<version>/demo.json``, written from MovieLens.
+"""The demo page's sample users: ``models/<version>/demo.json``, made on each machine.
 
-    python -m training.demo --model models/<version> [--data-dir data] [--users 196,186]
+    rerank demo-sample [--model models/<version>] [--interactions F --items F] [--users 196,186]
+    make demo-sample                      # the default model, from MovieLens
 
 For a few users it writes what the page at ``/demo`` needs to show a reranking without any
 stored state: the user's history (the newest ``history_len`` items, oldest first), the
 candidate list the project's own recall (item-kNN on the training split, as in
-``training.pipeline.prepare``) made for that history, best first, and the film the user
-watched next; and the title and genres of every item those lists name. The lists are the
+``training.pipeline.prepare``) made for that history, best first, and the item the user
+chose next; and the title and genres of every item those lists name. The lists are the
 offline test lists of the pipeline: history = training items + validation item, the held-out
-next film is the test item.
+next item is the test item.
 
-The output is deterministic (same data, same model folder, same users: same bytes), so a
-test can rebuild it and compare with the committed file. It needs the training extra (scipy
-for the recall) and MovieLens in ``--data-dir`` (fetched on first use, never committed).
+The data is any ``Dataset`` whose item ids are the model's: MovieLens-100K by default
+(fetched into ``data/`` on first use), the files a model was trained on, or a generated set
+(``training.data.synthetic``, which the tests use). The file holds the data's titles and
+histories, so it is git-ignored and never baked into an image: MovieLens may not be
+redistributed. The output is deterministic (same data, same model folder, same users: same
+bytes).
+
+It needs numpy, pandas, pyarrow, scipy and threadpoolctl (the ``demo`` extra), never PyTorch.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -25,11 +30,11 @@ from typing import Any
 import numpy as np
 
 from contract import DEMO_FILE, read_item_ids, read_manifest
-from training.data import GENRES, Dataset, fetch_movielens, load_movielens
+from training.data import GENRES, Dataset
 from training.recall import ItemKNN
 from training.split import leave_last_out
 
-# User 196 is the README's example user; the others are drawn with a fixed seed.
+# On MovieLens, user 196 is the README's example user; the others are drawn with a fixed seed.
 FIRST_USER = "196"
 N_USERS = 5
 MIN_HISTORY = 20  # a user the page shows needs a history worth reading
@@ -38,22 +43,31 @@ K = 10  # the page's top k
 
 
 def title_of(text: str) -> str:
-    """The MovieLens title out of an item text, "Toy Story (1995). Genres: ..." -> title."""
+    """The title out of an item text: the text up to a ". Genres: " suffix, if it has one."""
     return text.rsplit(". Genres: ", 1)[0]
 
 
-def pick_users(dataset: Dataset, first: str, n: int, seed: int) -> list[str]:
-    """``first``, then ``n - 1`` others with at least MIN_HISTORY films, in a seeded order."""
-    if first not in dataset.users:
+def _user_order(user: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order, then the others by name: a fixed order for the draw."""
+    return (0, int(user), "") if user.isdigit() else (1, 0, user)
+
+
+def pick_users(dataset: Dataset, first: str | None, n: int, seed: int) -> list[str]:
+    """``first`` (if given), then others with at least MIN_HISTORY items drawn with ``seed``,
+    ``n`` users in all."""
+    if first is not None and first not in dataset.users:
         raise ValueError(f"--users: user {first!r} is not in {dataset.name}")
     eligible = sorted(
         (u for u, s in zip(dataset.users, dataset.sequences, strict=True) if len(s) >= MIN_HISTORY),
-        key=int,
+        key=_user_order,
     )
+    head = [] if first is None else [first]
     others = [u for u in eligible if u != first]
+    if not head and not others:
+        raise ValueError(f"{dataset.name}: no user has {MIN_HISTORY} or more interactions")
     rng = np.random.default_rng(seed)
-    drawn = rng.choice(len(others), size=min(n - 1, len(others)), replace=False)
-    return [first, *(others[i] for i in drawn)]
+    drawn = rng.choice(len(others), size=min(n - len(head), len(others)), replace=False)
+    return [*head, *(others[i] for i in drawn)]
 
 
 def genres_of(dataset: Dataset, row: int) -> list[str]:
@@ -144,6 +158,7 @@ def dumps(sample: dict[str, Any]) -> str:
 
 
 def write_sample(sample: dict[str, Any], model_dir: Path) -> Path:
+    """``model_dir/demo.json``, replaced whole: a reader never sees half a file."""
     path = model_dir / DEMO_FILE
     tmp = path.with_name(f".{DEMO_FILE}.tmp")
     tmp.write_text(dumps(sample))
@@ -151,26 +166,26 @@ def write_sample(sample: dict[str, Any], model_dir: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, required=True, help="the model folder, models/<version>")
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument(
-        "--users",
-        default=None,
-        help=f"comma-separated user ids (default: {FIRST_USER} and {N_USERS - 1} drawn)",
-    )
-    args = p.parse_args(argv)
-    fetch_movielens(args.data_dir)
-    dataset = load_movielens(args.data_dir)
-    if args.users:
-        users = [u.strip() for u in args.users.split(",") if u.strip()]
-    else:
-        users = pick_users(dataset, FIRST_USER, N_USERS, SEED)
-    path = write_sample(build_sample(dataset, args.model, users), args.model)
-    print(f"wrote {path} ({path.stat().st_size} bytes, users {', '.join(users)})")
-    return 0
+def make_sample(
+    dataset: Dataset,
+    model_dir: Path,
+    users: list[str] | None = None,
+    first: str | None = None,
+) -> Path:
+    """Build the sample of ``dataset`` for the model in ``model_dir`` and write it there.
+
+    ``users`` names the users; without it, ``first`` (if given) and others drawn with a
+    fixed seed, N_USERS in all.
+    """
+    if not users:
+        users = pick_users(dataset, first, N_USERS, SEED)
+    return write_sample(build_sample(dataset, model_dir, users), model_dir)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # One parser for both doors: training/cli.py's `rerank demo-sample`.
+    import sys
+
+    from training.cli import main
+
+    sys.exit(main(["demo-sample", *sys.argv[1:]]))

@@ -137,8 +137,10 @@ def export_random_model(
     history_len: int = 8,
     version: str = "test-random",
     seed: int = 0,
+    item_ids: list[str] | None = None,
 ) -> Path:
-    """Export an untrained model over items "1".."n_items" (for tests; no data needed)."""
+    """Export an untrained model over ``item_ids``, by default "1".."n_items" (for tests; no
+    data needed)."""
     cfg = ModelConfig(
         n_items=n_items + 1,
         dim=dim,
@@ -150,5 +152,7 @@ def export_random_model(
         hidden=32,
     )
     model = random_model(cfg, seed)
-    ids = [str(i) for i in range(1, n_items + 1)]
+    ids = [str(i) for i in range(1, n_items + 1)] if item_ids is None else list(item_ids)
+    if len(ids) != n_items:
+        raise ValueError(f"item_ids: {len(ids)} ids for n_items={n_items}")
     return export_model(model, ids, models_dir, version, {"dataset": "random"})
