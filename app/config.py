@@ -104,6 +104,14 @@ class Settings(BaseSettings):
         description="A stored history (rr:h:<user>) expires after this many days without "
         "an /events call for its user; every append sets the expiry again (0: never).",
     )
+    max_items_per_call: int = Field(
+        default=100, description="Most items one POST /items call may add."
+    )
+    items_queue: int = Field(
+        default=4,
+        description="Most POST /items calls waiting for the item encoder (one worker thread) "
+        "beside the one it runs; past it a call gets 503 with Retry-After.",
+    )
     explain_top: int = Field(
         default=3, description="History items listed per returned item when explain is true."
     )
@@ -163,7 +171,7 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="API keys, comma separated. Set: /rerank and /events need one in "
+        description="API keys, comma separated. Set: /rerank, /events and /items need one in "
         "`X-API-Key` or `Authorization: Bearer`, else 401. Unset: open.",
     )
     protect_ops: bool = Field(
@@ -197,6 +205,7 @@ class Settings(BaseSettings):
         "max_candidates",
         "max_k",
         "max_history",
+        "max_items_per_call",
         "explain_top",
         "max_body_bytes",
     )
@@ -208,6 +217,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "cache_size",
+        "items_queue",
         "onnx_threads",
         "max_inflight",
         "max_waiting",
