@@ -26,6 +26,7 @@ OFFLINE_VERBS = {
     "train": "train the reranker and export a model version",
     "eval": "evaluate a model version against the baselines",
     "encoder": "export the text encoder of new items to models/encoder/",
+    "items": "add items after training: `rerank items add FILE` writes their vectors to Redis",
 }
 
 

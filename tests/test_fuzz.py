@@ -49,7 +49,7 @@ def test_every_endpoint_keeps_to_its_schema(fuzz_app: FastAPI, mode: GenerationM
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
     operations = [result.ok() for result in schema.get_all_operations()]
     paths = {op.path for op in operations}
-    assert paths == {"/rerank", "/events", "/healthz", "/readyz", "/metrics"}
+    assert paths == {"/rerank", "/events", "/items", "/healthz", "/readyz", "/metrics"}
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
             continue  # no parameters and no body: nothing can be made invalid
