@@ -170,8 +170,8 @@ def _items(args: argparse.Namespace) -> int:
 
     from app.config import Settings
     from app.errors import BadItems, ModelError, NoItemTower, StoreUnavailable
-    from contract import ManifestError
     from app.items import NewItem, add_in_batches
+    from contract import ManifestError
     from training.files import read_items
 
     settings = Settings()
