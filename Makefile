@@ -33,7 +33,7 @@ install-dev: $(VENV)/.dev
 
 # Quick start 1: the service on an embedded Redis with the default model.
 demo run: install
-	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (POST /rerank, POST /events, GET /docs, GET /metrics)"
+	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (POST /rerank, POST /events, POST /items, GET /docs, GET /metrics)"
 	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
 
 # Quick start 2: the test suite (starts its own redis-server).
