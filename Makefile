@@ -43,7 +43,7 @@ SAMPLE = models/$$(cat models/DEFAULT)/demo.json
 demo: install
 	@test -f $(SAMPLE) || $(MAKE) --no-print-directory demo-sample \
 		|| echo "make demo: no demo sample (see above); serving anyway, /demo says how to make it"
-	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (GET /demo, POST /rerank, POST /events, GET /docs, GET /metrics)"
+	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (GET /demo, POST /rerank, POST /events, POST /items, GET /docs, GET /metrics)"
 	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
 
 run: install

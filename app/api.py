@@ -18,14 +18,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.body import JsonRoute
 from app.config import Settings
 from app.context import CURRENT, Call
+from app.items import ItemsService, NewItem
 from app.logs import REQUEST_ID
 from app.metrics import Metrics
 from app.schemas import (
     ErrorDetail,
     EventsResponse,
     Health,
+    ItemsResponse,
     Readiness,
     RerankResponse,
+    items_request_model,
     request_models,
 )
 from app.service import RerankService
@@ -33,7 +36,7 @@ from app.service import RerankService
 # The access log: one line per request with its X-Request-ID (uvicorn's own is turned off).
 access_log = logging.getLogger("app.access")
 
-ROUTES = frozenset({"/rerank", "/events", "/healthz", "/readyz", "/metrics"})
+ROUTES = frozenset({"/rerank", "/events", "/items", "/healthz", "/readyz", "/metrics"})
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 # A caller's id is echoed into headers and logs: accept only short, plain tokens.
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -73,6 +76,7 @@ def _documented(*codes: int) -> dict[int | str, dict[str, Any]]:
         401: "No API key, or a wrong one (only when API keys are configured).",
         408: "The request body did not arrive within body_timeout_s.",
         413: "The request body is larger than max_body_bytes.",
+        409: "No live model version has an item tower, so none can add items.",
         415: "The body is not sent with Content-Type: application/json.",
         503: "Overloaded, or Redis could not serve a write; retry after Retry-After seconds.",
     }
@@ -108,6 +112,23 @@ def build_router(settings: Settings) -> APIRouter:
     async def events(body: LimitedEventsRequest, request: Request) -> EventsResponse:  # type: ignore[valid-type]
         """Append items to the user's history (oldest first in the list)."""
         return await _service(request).events(body)
+
+    LimitedItemsRequest = items_request_model(settings)
+    items_errors = _documented(*((401,) if keys else ()), 408, 409, 413, 415, 503)
+
+    @router.post("/items", responses=items_errors)
+    async def items(body: LimitedItemsRequest, request: Request) -> ItemsResponse:  # type: ignore[valid-type]
+        """Add items after training: each item's vector from its text and attributes, under
+        every live version; an existing vector is never replaced."""
+        service: ItemsService = request.app.state.items
+        new = [NewItem(i.item_id, i.text, dict(i.attributes)) for i in body.items]  # type: ignore[attr-defined]
+        done = await service.add(new)
+        return ItemsResponse(
+            added=done.added,
+            existing=done.existing,
+            versions=done.versions,
+            ignored_attributes=done.ignored_attributes,
+        )
 
     @router.get("/healthz", responses=ops_errors)
     async def healthz() -> Health:

@@ -33,6 +33,7 @@ OFFLINE_VERBS = {
     "eval": "evaluate a model version against the baselines",
     "encoder": "export the text encoder of new items to models/encoder/",
     "demo-sample": "write the demo page's sample users into a model folder (no PyTorch)",
+    "items": "add items after training: `rerank items add FILE` writes their vectors to Redis",
 }
 # What an offline verb needs when it needs less than the training extra.
 EXTRAS = {"demo-sample": "the demo extra (make demo-sample)"}

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
         description="How long a remembered answer waits for an /events hit, in seconds; the "
         "user's next answer replaces it.",
     )
+    max_items_per_call: int = Field(
+        default=100, description="Most items one POST /items call may add."
+    )
+    items_queue: int = Field(
+        default=4,
+        description="Most POST /items calls waiting for the item encoder (one worker thread) "
+        "beside the one it runs; past it a call gets 503 with Retry-After.",
+    )
     explain_top: int = Field(
         default=3, description="History items listed per returned item when explain is true."
     )
@@ -175,7 +183,7 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="API keys, comma separated. Set: /rerank and /events need one in "
+        description="API keys, comma separated. Set: /rerank, /events and /items need one in "
         "`X-API-Key` or `Authorization: Bearer`, else 401. Unset: open.",
     )
     protect_ops: bool = Field(
@@ -215,6 +223,7 @@ class Settings(BaseSettings):
         "max_candidates",
         "max_k",
         "max_history",
+        "max_items_per_call",
         "explain_top",
         "max_body_bytes",
         "feedback_ttl_s",
@@ -227,6 +236,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "cache_size",
+        "items_queue",
         "onnx_threads",
         "max_inflight",
         "max_waiting",

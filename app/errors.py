@@ -9,9 +9,12 @@
     ├── ModelError               ONNX Runtime failed to load or to run a model
     ├── ManifestMismatch         what Redis holds of a version does not match its manifest
     ├── LoadFailed               `rerank load` could not write or verify a version in Redis
-    └── VersionRefused           a version command's input is wrong (an unknown version, shares
+    ├── VersionRefused           a version command's input is wrong (an unknown version, shares
                                    that do not sum to 100, a live version dropped): nothing
                                    was changed; `rerank` exits 2
+    ├── NoItemTower              /items: no live version has an item tower: 409
+    ├── ItemsBusy                /items: the item encoder's queue is full: the overload 503
+    └── BadItems                 /items: an item the serving versions cannot read: 422
 
     contract.ManifestError       a model folder or manifest breaks the model contract
     └── ManifestMismatch         (both: one ``except ManifestError`` catches every mismatch)
@@ -74,6 +77,23 @@ class LoadFailed(RerankError):
 
 class VersionRefused(RerankError):
     """A version command refused its input (the message names it) and changed nothing."""
+
+
+class NoItemTower(RerankError):
+    """No live version can add items: none is active, or none has an item tower."""
+
+
+class ItemsBusy(RerankError):
+    """The item encoder's queue is full."""
+
+
+class BadItems(RerankError):
+    """Items the serving versions cannot read; ``errors`` in the form of FastAPI's 422 list,
+    each naming the item."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(str(e["msg"]) for e in errors))
+        self.errors = errors
 
 
 def _text(value: str) -> str:
@@ -172,10 +192,26 @@ def install_handlers(app: FastAPI, retry_after_s: int) -> None:
         errors = exc.errors() if isinstance(exc, RequestValidationError) else []
         return JSONResponse({"detail": validation_errors(errors)}, status_code=422)
 
+    async def bad_items(_: Request, exc: Exception) -> JSONResponse:
+        errors = exc.errors if isinstance(exc, BadItems) else []
+        return JSONResponse({"detail": validation_errors(errors)}, status_code=422)
+
+    async def no_tower(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    async def busy(_: Request, exc: Exception) -> JSONResponse:
+        # The words of the admission gate's overload answer (app/guard.py): one answer.
+        return JSONResponse(
+            {"detail": "overloaded: retry later"}, status_code=503, headers=retry_after
+        )
+
     async def internal(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, status_code=500)
 
     app.add_exception_handler(UnsupportedMediaType, unsupported)
     app.add_exception_handler(StoreUnavailable, unavailable)
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(BadItems, bad_items)
+    app.add_exception_handler(NoItemTower, no_tower)
+    app.add_exception_handler(ItemsBusy, busy)
     app.add_exception_handler(RerankError, internal)

@@ -24,9 +24,10 @@ from app.demo import install_demo
 from app.docs import install_docs
 from app.drain import Drain
 from app.embedded import EmbeddedRedis
-from app.errors import StoreUnavailable, install_handlers
+from app.errors import RerankError, StoreUnavailable, install_handlers
 from app.feedback import Feedback
 from app.guard import OPS_ROUTES, WORK_ROUTES, AdmissionGate, ApiKeyCheck
+from app.items import EncoderQueue, ItemEncoder, ItemsService
 from app.loader import load_into_redis
 from app.metrics import Metrics
 from app.model import choose_providers
@@ -35,7 +36,7 @@ from app.store import ClusterStore, Store, VectorCache
 from app.swap import ModelHolder, ModelSpec, VersionWatcher
 from app.tracing import TraceRequests, Tracing
 from app.tracing import from_settings as tracing_from_settings
-from contract import default_version
+from contract import ManifestError, default_version
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,28 @@ async def bounded(name: str, close: Callable[[], Awaitable[object]]) -> None:
             await close()
     except TimeoutError:
         log.warning("closing the %s took over %g s; shut down without it", name, CLOSE_TIMEOUT_S)
+
+
+async def start_items(
+    settings: Settings,
+    store: Store,
+    holder: ModelHolder,
+    metrics: Metrics,
+    spec: ModelSpec,
+    stack: AsyncExitStack,
+) -> ItemsService:
+    """POST /items: its encoder worker, and the item encoder loaded now only when the active
+    model has an item tower (a model without one loads nothing: no memory for it)."""
+    queue = EncoderQueue(settings.items_queue)
+    stack.callback(queue.close)
+    encoder = ItemEncoder(settings.model_dir, spec.providers)
+    model = holder.model
+    if model is not None and model.manifest.item_tower is not None:
+        try:
+            await asyncio.to_thread(encoder.preload, model.manifest)
+        except (RerankError, ManifestError, OSError) as exc:  # /items says so; /rerank serves
+            log.error("the item encoder of %s did not load: %s", model.version, exc)
+    return ItemsService(store, encoder, queue, metrics, holder)
 
 
 class RerankApp(FastAPI):
@@ -217,6 +240,7 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
             )
             app.state.holder = holder
             app.state.batcher = batcher
+            app.state.items = await start_items(settings, store, holder, metrics, spec, stack)
             # What start-up built lives as long as the process: moved out of the
             # collector's reach (after a last collection of start-up's garbage), it is not
             # scanned again by every full collection, a pause that would land on a request.

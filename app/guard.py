@@ -9,7 +9,7 @@ request they answer costs a few calls, not a pass through every layer:
   from validation. Every configured key is compared in constant time
   (``hmac.compare_digest``), all of them, so the time taken does not tell which key came
   close; the key is never logged nor echoed.
-- ``AdmissionGate`` takes a work request (/rerank, /events) in two steps. First its body is
+- ``AdmissionGate`` takes a work request (/rerank, /events, /items) in two steps. First its body is
   read whole, under ``body_timeout_s`` (408 and close past it) and ``max_body_bytes`` (413
   and close past it), holding nothing but the connection: time spent waiting on a slow
   client is never the process's. Then the request asks ``app.admission`` for a slot and
@@ -37,7 +37,7 @@ from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-WORK_ROUTES = frozenset({"/rerank", "/events"})
+WORK_ROUTES = frozenset({"/rerank", "/events", "/items"})
 OPS_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 REFUSALS_LOG_S = 1.0  # at most one summary line of refusals this often
 

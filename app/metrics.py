@@ -142,6 +142,22 @@ class Metrics:
         self.swaps = Counter(
             "rerank_model_swaps", "Model versions loaded and swapped in", registry=r
         )
+        self.items_added = Counter(
+            "rerank_items_added",
+            "Items added after training (POST /items): a vector written under a live version",
+            registry=r,
+        )
+        self.item_encoder_seconds = Histogram(
+            "rerank_item_encoder_seconds",
+            "Time of the item encoder (text encoder and item towers) for one /items call",
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )
+        self.item_attributes_ignored = Counter(
+            "rerank_item_attributes_ignored",
+            "Attribute names in /items calls that no live version reads (ignored)",
+            registry=r,
+        )
         self.active_version = ModelVersion(r)
         # Per version: every live version of a split has its own series.
         self.answers = Counter(

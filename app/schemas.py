@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypedDict
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+)
 from pydantic.json_schema import WithJsonSchema
 
 from app.config import Settings
@@ -141,6 +151,86 @@ def request_models(settings: Settings) -> tuple[type[RerankRequest], type[Events
         )
 
     return Rerank, Events
+
+
+MAX_TEXT_CHARS = 10_000  # an item's text; the encoder reads its first 256 word pieces
+MAX_ATTRIBUTES = 100  # attributes of one item
+# An attribute's value as JSON gives it: a text or a list of texts (categorical), a finite
+# number (numeric), or null (none, or missing). Which kind an attribute must be is the model's
+# (its manifest's item_tower), checked when the item is read.
+AttributeValue = (
+    StrictStr | StrictInt | Annotated[StrictFloat, AllowInfNan(False)] | list[StrictStr] | None
+)
+_AttributeName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class NewItemBody(_Strict):
+    item_id: Id = Field(description="The new item's id: a string of 1 to 128 characters, or an "
+                        "integer (its decimal string).")  # fmt: skip
+    text: str = Field(
+        default="",
+        max_length=MAX_TEXT_CHARS,
+        description="What the text encoder reads first, e.g. the title; may be empty.",
+    )
+    attributes: dict[_AttributeName, AttributeValue] = Field(
+        default_factory=dict,
+        max_length=MAX_ATTRIBUTES,
+        description="The item's attributes by name, as in the training items file: a "
+        "categorical one as a list of texts (or one text, `|` separating values), a numeric "
+        "one as a number; null or absent: none (numeric: the training median). Names the "
+        "model does not read are ignored and listed in the answer.",
+    )
+
+
+class ItemsRequest(_Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {
+                            "item_id": "new-1",
+                            "text": "Space Station 2049 (1998)",
+                            "attributes": {"genres": ["Sci-Fi"], "year": 1998},
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+
+    items: list[NewItemBody] = Field(min_length=1, description="The items to add.")
+
+
+def items_request_model(settings: Settings) -> type[ItemsRequest]:
+    """``ItemsRequest`` with this app's limit on items per call; named ``Items`` in OpenAPI."""
+
+    class Items(ItemsRequest):
+        items: list[NewItemBody] = Field(
+            min_length=1,
+            max_length=settings.max_items_per_call,
+            description=ItemsRequest.model_fields["items"].description,
+        )
+
+    return Items
+
+
+class ItemsResponse(BaseModel):
+    added: list[str] = Field(
+        description="Items whose vector was written under at least one version, in the order sent.",
+        examples=[["new-1"]],
+    )
+    existing: list[str] = Field(
+        description="Items that had a vector under every version already: never replaced.",
+        examples=[[]],
+    )
+    versions: list[str] = Field(
+        description="The live versions with an item tower, under which vectors were written.",
+        examples=[["ml100k-20250101-000000"]],
+    )
+    ignored_attributes: list[str] = Field(
+        description="Attribute names sent that no live version reads.", examples=[[]]
+    )
 
 
 class Because(BaseModel):

@@ -68,6 +68,9 @@ return {ids, mget(ARGV[1], ids, 1), mget(ARGV[1], ARGV, 3)}
 """
 
 STARTUP_TIMEOUT_S = 5.0
+# Deadline of the reads and writes of new items (POST /items): not a request on the hot path,
+# and a batch of 100 items under three versions is several hundred keys.
+ITEMS_TIMEOUT_S = 1.0
 ERROR_CHARS = 300  # longest Redis error text kept in a StoreUnavailable
 
 
@@ -414,6 +417,27 @@ class Store:
             pipe.hincrbyfloat(key, "rr2", rr * rr)
         await self._call("hits", pipe.execute(), timeout_s)
         return counted
+
+    async def vectors_exist(self, version: str, ids: Sequence[str]) -> list[bool]:
+        """Per id, whether ``version`` has its vector (one pipelined round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        for item_id in ids:
+            pipe.exists(self.keys.vector(version, item_id))
+        found = await self._call(
+            "items_exist", pipe.execute(), max(ITEMS_TIMEOUT_S, self.timeout_s)
+        )
+        return [bool(f) for f in found]
+
+    async def add_vectors(
+        self, version: str, ids: Sequence[str], values: Sequence[bytes]
+    ) -> list[bool]:
+        """Write each vector with SET NX: True where written, False where a vector was there
+        already (vectors are immutable: an existing one is never replaced)."""
+        pipe = self.client.pipeline(transaction=False)
+        for item_id, value in zip(ids, values, strict=True):
+            pipe.set(self.keys.vector(version, item_id), value, nx=True)
+        done = await self._call("items_add", pipe.execute(), max(ITEMS_TIMEOUT_S, self.timeout_s))
+        return [bool(d) for d in done]
 
     def _cached(self, version: str, ids: Sequence[str]) -> list[bytes | None]:
         return self.cache.get_many(version, ids)

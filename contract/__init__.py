@@ -1,8 +1,9 @@
 """The model contract between the training side and the service.
 
-What an exported model folder holds and how it is checked (contract/manifest.py), and the
-ONNX graph's names and padding rules (contract/graph.py). Both ``training/`` and ``app/``
-import it, so the exporter writes what the service reads. It needs numpy and the standard
+What an exported model folder holds and how it is checked (contract/manifest.py), the ONNX
+graph's names and padding rules (contract/graph.py), and the item tower of new items with the
+reading of their raw attributes (contract/items.py). Both ``training/`` and ``app/`` import it,
+so the exporter writes what the service reads. It needs numpy and the standard
 library only: never PyTorch, never the web or Redis stack.
 """
 
@@ -29,6 +30,18 @@ from contract.graph import (
     missing_inputs,
     right_align,
 )
+from contract.items import (
+    ATTRS,
+    ITEM_VEC,
+    TEXT_VEC,
+    TOWER_DYNAMIC_AXES,
+    TOWER_FILE,
+    TOWER_INPUTS,
+    TOWER_OUTPUTS,
+    BadAttribute,
+    ItemTowerSpec,
+    item_text,
+)
 from contract.manifest import (
     DEFAULT_FILE,
     DEMO_FILE,
@@ -54,6 +67,16 @@ from contract.manifest import (
 
 __all__ = [
     "ATTN",
+    "ATTRS",
+    "BadAttribute",
+    "ITEM_VEC",
+    "ItemTowerSpec",
+    "TEXT_VEC",
+    "TOWER_DYNAMIC_AXES",
+    "TOWER_FILE",
+    "TOWER_INPUTS",
+    "TOWER_OUTPUTS",
+    "item_text",
     "CAND",
     "CAND_FEATS",
     "CAND_MASK",

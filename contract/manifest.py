@@ -18,6 +18,9 @@ read it through ``read_manifest`` and ``verify_folder``, so both sides check the
     outputs        [str]   the graph's output names (optional)
     sha256         {file: hex digest} of model.onnx, item_vectors.npy and item_ids.txt
     model_config   {...}   the model's hyper-parameters (optional)
+    item_tower     {...}   the item tower of new items (optional; contract/items.py): its
+                           file, which must be in sha256, and how raw attributes become its
+                           inputs. A model without it cannot add items (POST /items).
     ...            any other key (dataset, training, offline_metrics) is kept as it is
 """
 
@@ -32,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from contract.graph import KNOWN_INPUTS, OUTPUTS, REQUIRED_INPUTS
+from contract.items import ItemTowerSpec
 
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -56,6 +60,7 @@ _FIELDS = (
     "outputs",
     "sha256",
     "model_config",
+    "item_tower",
 )
 _REQUIRED = ("version", "dim", "history_len", "vector_dtype", "n_items", "sha256")
 # What must agree between two copies of one version's manifest (a folder and Redis).
@@ -81,6 +86,7 @@ class Manifest:
     inputs: tuple[str, ...] | None = None
     outputs: tuple[str, ...] | None = None
     model_config: dict[str, Any] | None = None
+    item_tower: dict[str, Any] | None = None  # as read; ``tower`` is the checked form
     extra: dict[str, Any] = field(default_factory=dict)  # every other key, as read
 
     def __post_init__(self) -> None:
@@ -88,6 +94,13 @@ class Manifest:
         clash = [k for k in self.extra if k in _FIELDS]
         if clash:
             raise ManifestError(f"manifest: extra holds {clash}, which are fields of their own")
+
+    @property
+    def tower(self) -> ItemTowerSpec | None:
+        """The item tower of new items, or None for a model without one."""
+        if self.item_tower is None:
+            return None
+        return ItemTowerSpec.from_dict(self.item_tower)  # checked at construction
 
     @property
     def wire_dtype(self) -> np.dtype[Any]:
@@ -171,6 +184,15 @@ def _check(data: dict[str, Any], where: str) -> None:
     _check_names(data, "outputs", OUTPUTS, OUTPUTS, where)
     if data.get("model_config") is not None and not isinstance(data["model_config"], dict):
         raise fail("model_config", "must be an object")
+    if data.get("item_tower") is not None:
+        try:
+            tower = ItemTowerSpec.from_dict(data["item_tower"])
+        except ValueError as exc:
+            raise ManifestError(f"{where}: item_tower: {exc}") from None
+        if tower.file not in sha256:
+            raise ManifestError(f"{where}: item_tower: no sha256 for {tower.file}")
+        if tower.dim != data["dim"]:
+            raise ManifestError(f"{where}: item_tower: dim {tower.dim} differs from dim")
 
 
 def _check_names(

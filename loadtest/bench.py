@@ -14,7 +14,9 @@ What it does, in order, every server started and stopped by ``loadtest.harness``
    the due time, errors, degraded, shed, service CPU per request, the generator's own CPU
    and send lag, and the batch sizes the service formed (its /metrics). Then the cost per
    request against the number of candidates, and a closed-loop curve (1 to 256 callers that
-   send again as soon as they are answered): goodput and the p99 of the 200s per level.
+   send again as soon as they are answered): goodput and the p99 of the 200s per level; with
+   a model that has an item tower, /rerank's p99 at the half rung's rate alone and beside
+   ``--items-rate`` POST /items calls a second (``--items-only``: this comparison alone).
 4. The floors, on the same traffic, through the service's own code: (1) the model alone,
    its padding and batch run (``app.model.LoadedModel.run_batch``) at the batch sizes the
    service formed, (2) Redis alone, the service's reads (``app.store.Store``), (3) HTTP
@@ -92,6 +94,12 @@ FLOOR_BUDGET_S = 6.0  # seconds per floor measurement (model, Redis), paced and 
 REDIS_CONCURRENCY = 8
 MAX_CONNS = 512
 SPLIT_SUFFIX = "-b"  # --split: the model a second time under this suffix, 50/50 by user
+# /rerank beside a stream of POST /items (one new item each), against /rerank alone at the
+# same rate: the encoder's worker thread must not move /rerank's p99 (a model without an
+# item tower skips it). --items-only runs this comparison and nothing else.
+ITEMS_RATE = 20.0  # /items calls a second; 0 skips it
+ITEMS_RERANK_RATE = 100.0  # /rerank req/s of the comparison under --items-only
+ITEMS_DURATION_S = 15.0
 
 
 def log(*parts: object) -> None:
@@ -182,6 +190,78 @@ def drive(
         return result
 
     return uvloop.run(main())
+
+
+def items_bodies(port: int, n: int, tag: str) -> list[bytes]:
+    """``n`` POST /items calls, each one new item with a title, genres and a year."""
+    genres = ["Drama", "Comedy", "Sci-Fi", "Thriller", "Romance"]
+    return [
+        load.render(port, "POST", "/items", json.dumps({"items": [{
+            "item_id": f"bench-{tag}-{i}", "text": f"Bench film {i} ({1950 + i % 50})",
+            "attributes": {"genres": [genres[i % 5]], "year": 1950 + i % 50},
+        }]}).encode())
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def items_beside(
+    args: argparse.Namespace, port: int, traffic: dict[str, Any], rate: float
+) -> dict[str, Any]:
+    """/rerank at ``rate`` alone, then beside ``args.items_rate`` /items calls a second: the
+    p99 of each and their ratio."""
+    requests = payloads(traffic, port, args.candidates, args.k, args.n_requests)
+    seconds = args.items_duration
+    adds = items_bodies(port, max(1, round(args.items_rate * seconds)), f"{time.time_ns()}")
+
+    async def main() -> dict[str, Any]:
+        await load.open_loop(port, requests, rate, args.warmup)  # warm, and the encoder too
+        await load.open_loop(port, adds[:2], 2.0, 1.0)
+        alone = (await load.open_loop(port, requests, rate, seconds)).summary(rate)
+        beside, added = await asyncio.gather(
+            load.open_loop(port, requests, rate, seconds),
+            load.open_loop(port, adds, args.items_rate, seconds),
+        )
+        return {"alone": alone, "beside": beside.summary(rate),
+                "items": added.summary(args.items_rate)}  # fmt: skip
+
+    got = uvloop.run(main())
+    p99 = {k: got[k]["latency_ms"]["p99"] for k in ("alone", "beside")}
+    result = {
+        "rerank_rps": rate,
+        "items_rps": args.items_rate,
+        "seconds": seconds,
+        "rerank_p99_ms": p99,
+        "p99_ratio": p99["beside"] / max(p99["alone"], 1e-9),
+        "items": rung_summary(got["items"]),
+        "rerank_errors": {k: got[k]["errors"] for k in ("alone", "beside")},
+    }
+    log(
+        f"  /rerank p99 {p99['alone']:.2f} ms alone, {p99['beside']:.2f} ms beside "
+        f"{args.items_rate:g} /items a second ({result['p99_ratio']:.2f}x); /items p99 "
+        f"{got['items']['latency_ms']['p99']:.1f} ms, {got['items']['errors']} errors"
+    )
+    return result
+
+
+def run_items_only(args: argparse.Namespace) -> Path:
+    """``--items-only``: the /items comparison alone, at ``--items-rerank-rate``."""
+    folder = model_folder(args.model_dir)
+    manifest = verify_folder(folder)
+    if manifest.item_tower is None:
+        raise SystemExit(f"{folder.name} has no item tower: nothing to measure")
+    item_ids = (folder / "item_ids.txt").read_text().splitlines()
+    traffic = tf.read(build_traffic(args, manifest, item_ids))
+    with harness("rr", name="rerank-bench-items") as h:
+        load_measured(h, folder, "rr")
+        store_histories(h, "rr", traffic["users"])
+        with h.serving("service-items", h.env(folder.parent)) as svc:
+            result = items_beside(args, svc.port, traffic, args.items_rerank_rate)
+            result["worker_rss_mb"] = svc.rss_mb()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    out = args.out_dir / f"{datetime.now(UTC):%Y-%m-%d}-{args.machine}-items.json"
+    out.write_text(json.dumps({"model": folder.name, **result}, indent=2) + "\n")
+    log(f"wrote {relative(out)}")
+    return out
 
 
 def closed_curve(
@@ -862,6 +942,12 @@ def run(args: argparse.Namespace) -> Path:
             log("service: closed loop")
             store_histories(h, prefix, traffic["users"])
             closed = closed_curve(args, svc.port, traffic, pids)
+            items: dict[str, Any] | None = None
+            if args.items_rate > 0 and manifest.item_tower is not None:
+                half_rate = (service.get("half") or service["rungs"][0])["offered_rps"]
+                log(f"service: /rerank at {half_rate:g} req/s beside {args.items_rate:g} /items/s")
+                store_histories(h, prefix, traffic["users"])
+                items = items_beside(args, svc.port, traffic, half_rate)
         workers_results.append({"workers": 1, "ladder": ladder_summary(service),
                                 "worker_rss_mb": rss_w1})  # fmt: skip
 
@@ -949,7 +1035,7 @@ def run(args: argparse.Namespace) -> Path:
             for ld in [service, peer, http]
             for r in ld["rungs"] + ([ld["half"]] if ld.get("half") else [])
         ] + [r for w in workers_results for r in w["ladder"]["rungs"]]
-        results = {
+        results: dict[str, Any] = {
             "meta": {
                 "date": datetime.now(UTC).isoformat(timespec="seconds"),
                 "machine": args.machine,
@@ -975,6 +1061,7 @@ def run(args: argparse.Namespace) -> Path:
             },  # fmt: skip
             "service": ladder_summary(service),
             "closed_loop": closed,
+            "items_beside": items,
             "peer": ladder_summary(peer),
             "floors": {
                 "at_offered_rps": half_rate,
@@ -1020,6 +1107,11 @@ def run(args: argparse.Namespace) -> Path:
             ),
             "closed_loop": closed_check(closed, args.slo_ms),
         }  # fmt: skip
+        if items is not None:
+            results["standards"]["items_beside"] = check(
+                f"/rerank p99 beside {args.items_rate:g} /items a second / alone",
+                items["p99_ratio"], "<= 1.2", items["p99_ratio"] <= 1.2,
+            )  # fmt: skip
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now(UTC):%Y-%m-%d}-{args.machine}{'-split' if args.split else ''}"
@@ -1110,6 +1202,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a("--max-conns", type=int, default=MAX_CONNS)
     a("--split", action="store_true",
       help="the model twice under two names, 50/50 by user (results file *-split)")  # fmt: skip
+    a("--items-rate", type=float, default=ITEMS_RATE)
+    a("--items-rerank-rate", type=float, default=ITEMS_RERANK_RATE)
+    a("--items-duration", type=float, default=ITEMS_DURATION_S)
+    a("--items-only", action="store_true", help="only /rerank beside /items (a model with an "
+      "item tower), at --items-rerank-rate")  # fmt: skip
     a("--smoke", action="store_true", help="a tiny run in seconds (the test suite's)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -1122,6 +1219,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.catalogue_users, args.cache_fill, args.fill_rate = 50, 10, 20.0
         args.workers, args.floor_budget = [1], 0.2
         args.closed_connections, args.closed_duration = [1, 4], 1.0
+        args.items_duration = 1.0
         if args.traffic_source == "auto":
             args.traffic_source = "random"
     if args.candidates > args.max_candidates:
@@ -1132,7 +1230,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    run(parse(argv))
+    args = parse(argv)
+    if args.items_only:
+        run_items_only(args)
+        return 0
+    run(args)
     return 0
 
 

@@ -50,6 +50,9 @@ VARIANTS: dict[str, PipelineConfig] = {
     "minh18": replace(BASE, min_history=18),
     "minh10": replace(BASE, min_history=10),
     "heads4": replace(BASE, n_heads=4),
+    # Id dropout (BASE: 0.1): what the warm lists lose for the cold path's sake.
+    "iddrop0": replace(BASE, id_dropout=0.0),
+    "iddrop2": replace(BASE, id_dropout=0.2),
 }
 
 

@@ -1,4 +1,4 @@
-"""Offline verbs of the ``rerank`` command: data, train, eval, encoder, demo-sample.
+"""Offline verbs of the ``rerank`` command: data, train, eval, encoder, demo-sample, items.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
 for, so that the service never imports PyTorch. This module itself imports only the
@@ -81,6 +81,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--items", type=Path, help="default: the file named in the model's manifest")
     ev.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
 
+    items = sub.add_parser("items", help="add items after training (no retraining)")
+    items_sub = items.add_subparsers(dest="action", required=True)
+    add = items_sub.add_parser(
+        "add",
+        help="vectors of an items file's items under every live version, in Redis",
+        description="Read an items file of the training format (item_id, text, attributes; "
+        "docs/data.md) and write each item's vector, from the serving model's item tower, "
+        "under every live version in RERANK_REDIS_URL, as POST /items does; an existing "
+        "vector is never replaced. Exit 2 when the file or an item cannot be read (nothing "
+        "is written then).",
+    )
+    add.add_argument("file", type=Path, help="items file: .csv, .csv.gz or .parquet")
+    add.add_argument("--batch", type=_positive, default=100, help="items encoded per round")
+
     enc = sub.add_parser("encoder", help="the text encoder of new items (models/encoder/)")
     enc_sub = enc.add_subparsers(dest="action", required=True)
     enc_export = enc_sub.add_parser(
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             return _encoder(args)
         if args.verb == "demo-sample":
             return _demo_sample(args)
+        if args.verb == "items":
+            return _items(args)
         return _eval(args)
     except DataError as exc:  # DataProblems among them: one line per problem
         return _fail(getattr(exc, "lines", None) or str(exc))
@@ -207,6 +223,46 @@ def _demo_sample(args: argparse.Namespace) -> int:
     sample = json.loads(path.read_text())
     chosen = ", ".join(u["user_id"] for u in sample["users"])
     print(f"wrote {path} ({path.stat().st_size} bytes, users {chosen})")
+    return 0
+
+
+def _items(args: argparse.Namespace) -> int:
+    """``rerank items add FILE``: 0 done, 2 a bad file or item (nothing written), 1 else."""
+    import asyncio
+
+    import numpy as np
+
+    from app.config import Settings
+    from app.errors import BadItems, ModelError, NoItemTower, StoreUnavailable
+    from app.items import NewItem, add_in_batches
+    from contract import ManifestError
+    from training.files import read_items
+
+    settings = Settings()
+    if settings.redis_url is None:
+        return _fail("set RERANK_REDIS_URL to the Redis of the service (`rerank items add` "
+                     "writes the vectors there)")  # fmt: skip
+    catalogue = read_items(args.file)  # DataProblems: exit 2, one line per problem
+    items = []
+    for row, item_id in enumerate(catalogue.item_ids):
+        attributes: dict[str, Any] = {}
+        for a in catalogue.attributes:
+            value: Any = a.values[row]
+            if a.kind == "numeric":
+                value = float(value) if np.isfinite(value) else None
+            attributes[a.name] = value
+        items.append(NewItem(item_id, catalogue.texts[row], attributes))
+    try:
+        done = asyncio.run(add_in_batches(settings, items, args.batch, print))
+    except BadItems as exc:
+        return _fail([f"{args.file}: {e['msg']}" for e in exc.errors])
+    except (NoItemTower, StoreUnavailable, ModelError, ManifestError) as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(done.added)} added, {len(done.existing)} existing, under "
+          f"{', '.join(done.versions)}")  # fmt: skip
+    if done.ignored_attributes:
+        print(f"attributes no live version reads (ignored): {', '.join(done.ignored_attributes)}")
     return 0
 
 

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from contract.items import Categorical, Numeric
+
 if TYPE_CHECKING:
     from training.files import Catalogue, Interactions
 
@@ -64,6 +66,11 @@ class Dataset:
     categorical_names: list[str]
     numeric: np.ndarray  # (n_items, n_numeric) float32
     numeric_names: list[str]
+    # How raw attributes became those columns, for the item tower of new items
+    # (contract/items.py): every categorical attribute in order with its kept values, and
+    # each numeric attribute's median, mean and divisor.
+    categorical_specs: list[Categorical] = field(default_factory=list)
+    numeric_specs: list[Numeric] = field(default_factory=list)
     # Where the data came from (the files and their sha256), for the manifest and eval.
     source: dict[str, Any] = field(default_factory=dict)
 

@@ -1,4 +1,5 @@
-"""Export a trained reranker as ``models/<version>/``: model.onnx, vectors, ids, manifest.
+"""Export a trained reranker as ``models/<version>/``: model.onnx, vectors, ids, manifest,
+and for a model that can add items, item_tower.onnx with its manifest section.
 
 The folder is written under a temporary name and renamed into place, so a half-written
 model folder is never left behind for the service or the loader to pick up.
@@ -23,12 +24,19 @@ from contract import (
     INPUTS,
     ONNX_FILE,
     OUTPUTS,
+    TOWER_DYNAMIC_AXES,
+    TOWER_FILE,
+    TOWER_INPUTS,
+    TOWER_OUTPUTS,
     VECTORS_FILE,
+    ItemTowerSpec,
     Manifest,
     file_hashes,
+    sha256_file,
     write_manifest,
 )
-from training.model import ItemTower, ModelConfig, Reranker, ScoreGraph
+from training.data import Dataset
+from training.model import ColdTowerGraph, ItemTower, ModelConfig, Reranker, ScoreGraph
 
 OPSET = 17
 VECTOR_DTYPE = "float16"
@@ -65,17 +73,60 @@ def export_onnx(model: Reranker, path: Path) -> None:
         )
 
 
+def tower_spec(dataset: Dataset, cfg: ModelConfig, text_encoder_sha256: str) -> ItemTowerSpec:
+    """The manifest's ``item_tower`` section for a model trained on ``dataset``."""
+    width = sum(len(c.values) for c in dataset.categorical_specs)
+    if width != cfg.n_attrs or len(dataset.numeric_specs) != cfg.n_numeric:
+        raise ValueError(
+            f"the data set's attributes ({width} categorical columns, "
+            f"{len(dataset.numeric_specs)} numeric) are not the model's "
+            f"(n_attrs={cfg.n_attrs}, n_numeric={cfg.n_numeric})"
+        )
+    return ItemTowerSpec(
+        file=TOWER_FILE,
+        text_dim=cfg.text_dim,
+        dim=cfg.dim,
+        text_encoder_sha256=text_encoder_sha256,
+        categorical=tuple(dataset.categorical_specs),
+        numeric=tuple(dataset.numeric_specs),
+    )
+
+
+def export_item_tower(model: Reranker, path: Path) -> None:
+    """Trace the item tower's cold path to ONNX with a dynamic batch (contract/items.py)."""
+    cfg = model.cfg
+    graph = ColdTowerGraph(model.tower, cfg.n_attrs).eval()
+    example = (torch.randn(2, cfg.text_dim), torch.randn(2, cfg.n_attrs + cfg.n_numeric))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning, message=".*legacy TorchScript"
+        )
+        torch.onnx.export(
+            graph,
+            example,
+            str(path),
+            input_names=list(TOWER_INPUTS),
+            output_names=list(TOWER_OUTPUTS),
+            dynamic_axes=TOWER_DYNAMIC_AXES,
+            opset_version=OPSET,
+            dynamo=False,
+        )
+
+
 def export_model(
     model: Reranker,
     item_ids: list[str],
     models_dir: Path,
     version: str,
     extra: dict[str, Any] | None = None,
+    tower: ItemTowerSpec | None = None,
 ) -> Path:
     """Write ``models_dir/version/`` atomically and return its path.
 
     ``item_ids[i]`` is the external id of tower row ``i + 1`` (row 0 is padding).
     ``extra`` lands in the manifest (dataset, training settings, offline metrics).
+    ``tower``: also export the item tower's cold path (item_tower.onnx) and describe it in
+    the manifest, so that the model can add items after training (POST /items).
     """
     model = model.eval()
     vectors = model.tower.all_vectors().numpy().astype(VECTOR_DTYPE)  # (n_items, D)
@@ -90,6 +141,10 @@ def export_model(
         export_onnx(model, tmp / ONNX_FILE)
         np.save(tmp / VECTORS_FILE, vectors)
         (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in item_ids))
+        hashes = file_hashes(tmp)
+        if tower is not None:
+            export_item_tower(model, tmp / tower.file)
+            hashes[tower.file] = sha256_file(tmp / tower.file)
         manifest = Manifest(
             version=version,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -100,8 +155,9 @@ def export_model(
             opset=OPSET,
             inputs=INPUTS,
             outputs=OUTPUTS,
-            sha256=file_hashes(tmp),
+            sha256=hashes,
             model_config=model.cfg.to_dict(),
+            item_tower=tower.to_dict() if tower is not None else None,
             extra=dict(extra or {}),
         )
         write_manifest(manifest, tmp)

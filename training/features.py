@@ -43,7 +43,8 @@ def item_features(
     n_cf: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Collaborative factors (I+1, n_cf) and statistics (I+1, 3 + n_numeric); row 0
-    (padding) is zero. ``numeric`` (I, n_numeric) has no missing values."""
+    (padding) is zero. ``numeric`` (I, n_numeric) is the dataset's standardised numeric
+    attributes, without missing values."""
     k_co, k_tr = n_cf // 2, n_cf // 4
     co, _ = _svd_factors(knn.sim, k_co)
     t = np.log1p(transitions(train, n_items))
@@ -61,7 +62,9 @@ def item_features(
     all_times = np.concatenate(train_times)
     mean_time = np.where(counts > 0, time_sum[1:] / np.maximum(counts, 1), all_times.mean())
     usage = np.stack([np.log1p(counts), mean_pos, mean_time], axis=1)
-    stats = _standardise(np.concatenate([usage, numeric.astype(np.float64)], axis=1))
+    # The numeric attributes are standardised already, by the recipe a new item's are
+    # (contract/items.py): they stay as they are, the last columns of the statistics.
+    stats = np.concatenate([_standardise(usage), numeric.astype(np.float64)], axis=1)
 
     pad = np.zeros((1, cf.shape[1] + stats.shape[1]), dtype=np.float32)
     out = np.concatenate([pad, np.concatenate([cf, stats], axis=1).astype(np.float32)])

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from contract.items import Categorical, Numeric
+from contract.items import item_text as item_text  # shared with the service
 from training.data import DataError, Dataset
 
 MAX_ID_LENGTH = 128  # as the service's request schema (app/schemas.py)
@@ -380,21 +382,7 @@ def read_files(interactions: Path, items: Path) -> tuple[Interactions, Catalogue
     if cat is not None and _missing_columns(cat, ITEM_COLUMNS, report):
         cat = None
 
-    catalogue = None
-    if cat is not None:
-        ids = _ids(cat, "item_id", report)
-        if ids is not None:
-            _check_ids(cat, "item_id", ids, report)
-            _check_unique(cat, ids, report)
-            raw_text = cat.columns["text"]
-            if cat.parquet:
-                raw_text = [("" if v is None else str(v)) for v in raw_text.to_pylist()]
-            attributes = [
-                a for c in cat.columns if c not in ITEM_COLUMNS
-                if (a := _attribute(cat, c, report)) is not None
-            ]  # fmt: skip
-            texts = [str(t) for t in raw_text]
-            catalogue = Catalogue([str(i) for i in ids], texts, attributes)
+    catalogue = _catalogue(cat, report) if cat is not None else None
 
     log = None
     if inter is not None:
@@ -418,6 +406,40 @@ def read_files(interactions: Path, items: Path) -> tuple[Interactions, Catalogue
         raise DataProblems(report.lines)
     assert log is not None and catalogue is not None
     return log, catalogue, report.notes
+
+
+def _catalogue(cat: _Table, report: _Report) -> Catalogue | None:
+    ids = _ids(cat, "item_id", report)
+    if ids is None:
+        return None
+    _check_ids(cat, "item_id", ids, report)
+    _check_unique(cat, ids, report)
+    raw_text = cat.columns["text"]
+    if cat.parquet:
+        raw_text = [("" if v is None else str(v)) for v in raw_text.to_pylist()]
+    attributes = [
+        a for c in cat.columns if c not in ITEM_COLUMNS
+        if (a := _attribute(cat, c, report)) is not None
+    ]  # fmt: skip
+    texts = [str(t) for t in raw_text]
+    return Catalogue([str(i) for i in ids], texts, attributes)
+
+
+def read_items(items: Path) -> Catalogue:
+    """Read and check an items file alone (``rerank items add``); raise ``DataProblems``
+    naming every problem found, as ``read_files`` does."""
+    report = _Report()
+    cat = _read(items, report)
+    if cat is not None and cat.n_rows == 0:
+        report.add(f"{cat.name}: a header but no rows; add the items")
+        cat = None
+    if cat is not None and _missing_columns(cat, ITEM_COLUMNS, report):
+        cat = None
+    catalogue = _catalogue(cat, report) if cat is not None else None
+    if report.lines:
+        raise DataProblems(report.lines)
+    assert catalogue is not None
+    return catalogue
 
 
 def _check_unique(table: _Table, ids: np.ndarray, report: _Report) -> None:
@@ -455,19 +477,9 @@ def _check_known(
     )
 
 
-def item_text(text: str, categorical: list[tuple[str, list[str]]]) -> str:
-    """What the sentence encoder reads: the text, then each categorical attribute's values,
-    "Toy Story (1995). Genres: Animation, Children's, Comedy."."""
-    parts = [f"{name[:1].upper()}{name[1:]}: {', '.join(values)}"
-             for name, values in categorical if values]  # fmt: skip
-    if not parts:
-        return text
-    return ". ".join([text, *parts] if text else parts) + "."
-
-
 def _categorical_block(
     attrs: list[Attribute], n_items: int
-) -> tuple[np.ndarray, list[str], list[str]]:
+) -> tuple[np.ndarray, list[str], list[str], list[Categorical]]:
     """Multi-hot of the values on at least two items, the ``MAX_VALUES`` most common per
     attribute: a value on one item says no more than that item's id embedding."""
     from collections import Counter
@@ -475,6 +487,7 @@ def _categorical_block(
     columns: list[np.ndarray] = []
     names: list[str] = []
     notes: list[str] = []
+    specs: list[Categorical] = []
     for a in attrs:
         cells: list[list[str]] = a.values  # type: ignore[assignment]
         counts = Counter(v for cell in cells for v in set(cell))
@@ -488,26 +501,34 @@ def _categorical_block(
                     block[i, col_of[v]] = 1.0
         columns.append(block)
         names += [f"{a.name}={v}" for v in kept]
+        specs.append(Categorical(a.name, tuple(kept)))
         dropped = len(counts) - len(kept)
         notes.append(f"{a.name}: categorical, {len(kept)} values"
                      + (f" ({dropped} more on one item each or past the {MAX_VALUES} most "
                         "common: not used)" if dropped else ""))  # fmt: skip
     matrix = np.concatenate(columns, axis=1) if columns else np.zeros((n_items, 0), np.float32)
-    return matrix, names, notes
+    return matrix, names, notes, specs
 
 
-def _numeric_block(attrs: list[Attribute], n_items: int) -> tuple[np.ndarray, list[str], list[str]]:
-    columns, names, notes = [], [], []
+def _numeric_block(
+    attrs: list[Attribute], n_items: int
+) -> tuple[np.ndarray, list[str], list[str], list[Numeric]]:
+    columns, names, notes, specs = [], [], [], []
     for a in attrs:
         x = np.asarray(a.values, dtype=np.float64).copy()
         missing = ~np.isfinite(x)
-        x[missing] = np.median(x[~missing])
-        columns.append((x - x.mean()) / (x.std() + 1e-6))
+        median = float(np.median(x[~missing]))
+        x[missing] = median
+        # The exact float64 values used here go to the manifest (contract/items.py), so that
+        # a new item's column is computed with the same operations.
+        spec = Numeric(a.name, median, float(x.mean()), float(x.std() + 1e-6))
+        columns.append((x - spec.mean) / spec.std)
+        specs.append(spec)
         names.append(a.name)
         notes.append(f"{a.name}: numeric" + (f", {int(missing.sum())} missing (set to the median)"
                                              if missing.any() else ""))  # fmt: skip
     matrix = np.stack(columns, axis=1) if columns else np.zeros((n_items, 0))
-    return matrix.astype(np.float32), names, notes
+    return matrix.astype(np.float32), names, notes, specs
 
 
 def build_dataset(
@@ -542,8 +563,8 @@ def build_dataset(
         ])  # fmt: skip
     categorical_attrs = [a for a in catalogue.attributes if a.kind == "categorical"]
     numeric_attrs = [a for a in catalogue.attributes if a.kind == "numeric"]
-    cat, cat_names, cat_notes = _categorical_block(categorical_attrs, n_items)
-    num, num_names, num_notes = _numeric_block(numeric_attrs, n_items)
+    cat, cat_names, cat_notes, cat_specs = _categorical_block(categorical_attrs, n_items)
+    num, num_names, num_notes, num_specs = _numeric_block(numeric_attrs, n_items)
     texts = [
         item_text(t, [(a.name, a.values[i]) for a in categorical_attrs])  # type: ignore[misc]
         for i, t in enumerate(catalogue.texts)
@@ -559,6 +580,8 @@ def build_dataset(
         categorical_names=cat_names,
         numeric=num,
         numeric_names=num_names,
+        categorical_specs=cat_specs,
+        numeric_specs=num_specs,
         source=source or {},
     )
     if say is not None:

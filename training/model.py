@@ -33,6 +33,13 @@ class ModelConfig:
     n_attrs: int = 19  # categorical attribute values, multi-hot (MovieLens: 19 genres)
     n_cf: int = 32  # collaborative factors per item (co-occurrence and transition SVD)
     n_stats: int = 4  # numeric item statistics and attributes (see training/features.py)
+    # The last n_numeric of the n_stats columns are the item's numeric attributes, which a
+    # new item has; the others are usage statistics, which it has not.
+    n_numeric: int = 0
+    # Per item and training step, the probability that the item is seen "cold": its id
+    # embedding, collaborative factors and usage statistics replaced by a learned unknown
+    # vector, as for an item added after training (POST /items).
+    id_dropout: float = 0.0
     n_heads: int = 2
     n_layers: int = 2
     hidden: int = 64  # scorer MLP width
@@ -51,6 +58,10 @@ class ModelConfig:
             raise ValueError(f"n_items={self.n_items}: need padding plus at least one item")
         if self.history_len < 1:
             raise ValueError(f"history_len={self.history_len} must be >= 1")
+        if not 0 <= self.n_numeric <= self.n_stats:
+            raise ValueError(f"n_numeric={self.n_numeric} must be in 0..n_stats={self.n_stats}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout={self.id_dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -65,7 +76,22 @@ class ModelConfig:
 
 
 class ItemTower(nn.Module):
-    """Item index -> item vector of size D, from an id embedding and fixed item features."""
+    """Item index -> item vector of size D, from an id embedding and fixed item features.
+
+    Two paths share the projections. Warm (every catalogue item, as served from
+    item_vectors.npy): id embedding + text + attributes + collaborative factors + all
+    statistics. Cold (an item added after training, ``cold``; exported as
+    item_tower.onnx): a learned unknown vector in place of what only training interactions
+    give (the id embedding, the collaborative factors, the usage statistics) + text +
+    attributes + numeric attributes. In training, id dropout sends each item down the cold
+    path with probability ``cfg.id_dropout`` per step, so the cold path learns to place an
+    item from its content.
+    """
+
+    text: Tensor  # the buffers below
+    attrs: Tensor
+    cf: Tensor
+    stats: Tensor
 
     def __init__(
         self,
@@ -73,15 +99,18 @@ class ItemTower(nn.Module):
         text: Tensor,  # (n_items, text_dim) MiniLM embeddings, row 0 zeros
         attrs: Tensor,  # (n_items, n_attrs) multi-hot of categorical attribute values
         cf: Tensor,  # (n_items, n_cf) collaborative factors
-        stats: Tensor,  # (n_items, n_stats) standardised statistics
+        stats: Tensor,  # (n_items, n_stats) standardised statistics, numeric attributes last
     ) -> None:
         super().__init__()
         self.register_buffer("text", text.float())
         self.register_buffer("attrs", attrs.float())
         self.register_buffer("cf", cf.float())
         self.register_buffer("stats", stats.float())
+        self.id_dropout = cfg.id_dropout
+        self.n_usage = cfg.n_stats - cfg.n_numeric
         self.id_emb = nn.Embedding(cfg.n_items, cfg.dim, padding_idx=0)
         nn.init.normal_(self.id_emb.weight, std=0.02)
+        self.unknown = nn.Parameter(torch.zeros(cfg.dim))  # the cold path's id, cf and usage
         self.text_proj = nn.Linear(cfg.text_dim, cfg.dim)
         # A catalogue without categorical attributes has no attribute term at all.
         self.attr_proj = nn.Linear(cfg.n_attrs, cfg.dim) if cfg.n_attrs else None
@@ -89,6 +118,21 @@ class ItemTower(nn.Module):
         self.stats_proj = nn.Linear(cfg.n_stats, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
+        # Rows that take the cold path in eval mode too (the held-out measurement).
+        self.cold_rows: Tensor | None = None
+
+    def content(self, text: Tensor, attrs: Tensor, numeric: Tensor) -> Tensor:
+        """What both paths share, before the norm: (B, text_dim), (B, n_attrs) and
+        (B, n_numeric) -> (B, D). The statistics' bias belongs here."""
+        w, b = self.stats_proj.weight, self.stats_proj.bias
+        x = self.text_proj(text) + nn.functional.linear(numeric, w[:, self.n_usage :], b)
+        if self.attr_proj is not None:
+            x = x + self.attr_proj(attrs)
+        return x
+
+    def cold(self, text: Tensor, attrs: Tensor, numeric: Tensor) -> Tensor:
+        """The cold path, item_tower.onnx: content alone -> item vectors (B, D)."""
+        return self.norm(self.unknown + self.content(text, attrs, numeric))
 
     def table(self) -> Tensor:
         """Vectors of all rows, padding included. (n_items, D)
@@ -96,15 +140,17 @@ class ItemTower(nn.Module):
         Projecting the whole catalogue once per step is far cheaper than projecting the
         384-wide text of every (batch x list) position.
         """
-        x = (
-            self.id_emb.weight
-            + self.text_proj(self.text)
-            + self.cf_proj(self.cf)
-            + self.stats_proj(self.stats)
-        )
-        if self.attr_proj is not None:
-            x = x + self.attr_proj(self.attrs)
-        return self.norm(x)
+        shared = self.content(self.text, self.attrs, self.stats[:, self.n_usage :])
+        usage = nn.functional.linear(self.stats[:, : self.n_usage],
+                                     self.stats_proj.weight[:, : self.n_usage])  # fmt: skip
+        warm = self.id_emb.weight + self.cf_proj(self.cf) + usage
+        cold = self.cold_rows
+        if self.training and self.id_dropout > 0:
+            dropped = torch.rand(warm.shape[0], device=warm.device) < self.id_dropout
+            cold = dropped if cold is None else cold | dropped
+        if cold is not None:
+            warm = torch.where(cold[:, None], self.unknown, warm)
+        return self.norm(shared + warm)
 
     def forward(self, *idx: Tensor) -> tuple[Tensor, ...]:
         """Vectors for each index tensor, from one table: (..., D) each."""
@@ -115,6 +161,11 @@ class ItemTower(nn.Module):
     def all_vectors(self) -> Tensor:
         """Vectors of every real item (rows 1..n_items-1), as served. (n_items-1, D)"""
         return self.table()[1:]
+
+    @torch.no_grad()
+    def cold_vectors(self) -> Tensor:
+        """The cold path's vector of every real item. (n_items-1, D)"""
+        return self.cold(self.text, self.attrs, self.stats[:, self.n_usage :])[1:]
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
@@ -332,6 +383,20 @@ class Reranker(nn.Module):
         scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank)
         loss = nn.functional.cross_entropy(scores, target)
         return scores, loss
+
+
+class ColdTowerGraph(nn.Module):
+    """The item tower's cold path as ONNX export traces it: item_tower.onnx
+    (contract/items.py). ``attrs`` holds the categorical columns, then the numeric ones."""
+
+    def __init__(self, tower: ItemTower, n_attrs: int) -> None:
+        super().__init__()
+        self.tower = tower
+        self.n_attrs = n_attrs
+
+    def forward(self, text_vec: Tensor, attrs: Tensor) -> Tensor:
+        # text_vec (B, text_dim), attrs (B, n_attrs + n_numeric) -> (B, D)
+        return self.tower.cold(text_vec, attrs[:, : self.n_attrs], attrs[:, self.n_attrs :])
 
 
 class ScoreGraph(nn.Module):

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from contract import ItemTowerSpec
 from training.data import Dataset
-from training.export import export_model
+from training.export import export_model, tower_spec
 from training.features import item_features
 from training.lists import Lists, eval_lists, training_lists
 from training.model import ItemTower, ModelConfig, Reranker
@@ -42,6 +43,9 @@ class PipelineConfig:
     lists_per_user: int = 120  # training lists from each user's most recent positions
     min_history: int = 3  # the shortest history a training list is made from
     list_context: bool = True  # see ModelConfig
+    # See ModelConfig.id_dropout. With text vectors (use_text), the model is exported with
+    # its item tower, so that it can add items after training (POST /items).
+    id_dropout: float = 0.1
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -135,6 +139,8 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         n_attrs=prep.dataset.categorical.shape[1],
         n_cf=prep.cf.shape[1],
         n_stats=prep.stats.shape[1],
+        n_numeric=prep.dataset.numeric.shape[1],
+        id_dropout=cfg.id_dropout,
         n_heads=cfg.n_heads,
         n_layers=cfg.n_layers,
         hidden=cfg.hidden,
@@ -152,6 +158,16 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         torch.from_numpy(prep.stats),
     )
     return Reranker(mcfg, tower)
+
+
+def item_tower(model: Reranker, cfg: PipelineConfig, dataset: Dataset) -> ItemTowerSpec | None:
+    """The item tower section to export: only when the text vectors are the text encoder's
+    (a new item's are; synthetic stand-ins are not) and the tower learned a cold path."""
+    if not cfg.use_text or cfg.id_dropout <= 0:
+        return None
+    from training.text import encoder_sha256
+
+    return tower_spec(dataset, model.cfg, encoder_sha256())
 
 
 def fit(prep: Prepared, cfg: PipelineConfig) -> tuple[Reranker, list[dict[str, float]]]:
@@ -188,7 +204,9 @@ def run(
     }
     if dataset.source:  # the files it was trained on: `rerank eval` reads them again
         extra["data"] = dataset.source
-    folder = export_model(model, dataset.item_ids, models_dir, version, extra)
+    folder = export_model(
+        model, dataset.item_ids, models_dir, version, extra, item_tower(model, cfg, dataset)
+    )
     try:
         write_report(report, folder)
     except BaseException:

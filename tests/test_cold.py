@@ -1,0 +1,118 @@
+"""The cold path of the item tower (id dropout) and the held-out measurement (training/cold.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from training.cold import held_out, hold_out, insert_target, markdown, unscored_positions
+from training.data import synthetic
+from training.lists import Lists
+from training.model import ItemTower, ModelConfig
+from training.pipeline import PipelineConfig
+from training.train import TrainConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _denormals_back() -> Iterator[None]:
+    """Training flushes denormal floats process-wide (training/train.py); later tests in the
+    same process (hypothesis' float strategies) need them back."""
+    yield
+    torch.set_flush_denormal(False)
+
+
+def tower(id_dropout: float, n_items: int = 50) -> ItemTower:
+    cfg = ModelConfig(n_items=n_items, dim=8, text_dim=6, n_attrs=3, n_cf=4, n_stats=5,
+                      n_numeric=2, n_heads=2, id_dropout=id_dropout)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    t = ItemTower(*(cfg, *(torch.randn(n_items, w, generator=gen) for w in (6, 3, 4, 5))))
+    with torch.no_grad():
+        t.unknown.normal_(generator=gen)
+    return t
+
+
+def test_the_cold_path_reads_content_only() -> None:
+    t = tower(0.0).eval()
+    cold = t.cold_vectors()
+    # Neither the id embedding, nor the collaborative factors, nor the usage statistics.
+    with torch.no_grad():
+        t.id_emb.weight.mul_(3.0)
+        t.cf.mul_(-2.0)
+        t.stats[:, :3] += 5.0
+    torch.testing.assert_close(t.cold_vectors(), cold)
+    # The numeric attributes (the last n_numeric statistics) do count.
+    with torch.no_grad():
+        t.stats[:, 3:] += 1.0
+    assert not torch.allclose(t.cold_vectors(), cold)
+
+
+def test_id_dropout_sends_some_items_cold_in_training_only() -> None:
+    t = tower(0.5, n_items=400)
+    cold = t.cold(t.text, t.attrs, t.stats[:, 3:])
+    torch.manual_seed(0)
+    table = t.train().table()
+    is_cold = torch.isclose(table, cold, atol=1e-6).all(dim=1)
+    assert 0.35 < is_cold.float().mean().item() < 0.65
+    warm = t.eval().table()
+    assert not torch.isclose(warm, cold, atol=1e-6).all(dim=1).any()
+    t.cold_rows = torch.zeros(400, dtype=torch.bool)
+    t.cold_rows[7] = True  # the held-out measurement: chosen rows cold in eval mode
+    both = t.table()
+    torch.testing.assert_close(both[7], cold[7])
+    torch.testing.assert_close(both[8], warm[8])
+
+
+def test_without_id_dropout_training_sees_no_cold_item() -> None:
+    t = tower(0.0).train()
+    torch.testing.assert_close(t.table(), t.eval().table())
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="id_dropout"):
+        ModelConfig(n_items=5, id_dropout=1.0)
+    with pytest.raises(ValueError, match="n_numeric"):
+        ModelConfig(n_items=5, n_stats=2, n_numeric=3)
+
+
+def test_hold_out_keeps_held_items_only_as_last_items() -> None:
+    data = synthetic(n_users=80, n_items=60, length=12, seed=1)
+    reduced, held = hold_out(data, 0.1, seed=0)
+    assert held.sum() == 6 and not held[0]
+    for seq in reduced.sequences:
+        assert not held[seq[:-1]].any() and len(seq) >= 3
+    assert any(held[seq[-1]] for seq in reduced.sequences)
+    assert reduced.item_ids == data.item_ids  # the catalogue stays whole
+
+
+def test_targets_are_placed_and_unscored_ones_go_last() -> None:
+    hist = np.zeros((2, 3), dtype=np.int64)
+    lists = Lists(hist, np.array([[1, 2, 3, 4], [5, 6, 0, 0]]), np.array([-1, -1]), np.arange(2))
+    placed = insert_target(lists, np.array([9, 8]), seed=0)
+    for row, truth in ((0, 9), (1, 8)):
+        assert placed.cand[row, placed.target[row]] == truth
+    assert sorted(placed.cand[0]) == [1, 2, 3, 9]  # N stays: the last candidate went
+    assert placed.cand.shape == (2, 4) and sorted(placed.cand[1][placed.cand[1] > 0]) == [5, 6, 8]
+    # Unscored: candidates 2 and 9 (target) have no vector; the target ends after the scored.
+    lists = Lists(hist[:1], np.array([[1, 2, 9, 3]]), np.array([2]), np.arange(1))
+    scores = np.array([[0.1, 5.0, 9.0, 0.3]])
+    missing = np.array([[False, True, True, False]])
+    assert unscored_positions(scores, lists, missing).tolist() == [3]  # after 3, 1; 2 before it
+
+
+def test_held_out_measurement_runs_on_a_small_synthetic_set() -> None:
+    data = synthetic(n_users=80, n_items=60, length=12, seed=0)
+    cfg = PipelineConfig(
+        n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32, use_text=False,
+        als_factors=8, id_dropout=0.3,
+        train=TrainConfig(epochs=1, batch_size=64, average_last=0),
+    )  # fmt: skip
+    report = held_out(data, cfg, fraction=0.1, seed=0)
+    assert report["held_out_items"] == 6 and report["lists"] > 0
+    for rows in report["sources"].values():
+        for method in ("caller order", "unscored", "cold vectors"):
+            assert 0.0 <= rows[method]["ndcg@10"] <= 1.0
+        assert rows["cold / caller order"] >= 0.0
+    assert "cold vectors / caller order" in markdown(report)
