@@ -7,6 +7,7 @@ that stop or pause Redis start their own server.
 
 from __future__ import annotations
 
+import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -33,6 +34,16 @@ VERSION_B = "test-b"
 DEMO_VERSION = "test-demo"
 HISTORY_LEN = 8
 N_ITEMS = 200
+
+
+@pytest.fixture(autouse=True)
+def _denormals_back() -> Iterator[None]:
+    """Training flushes denormal floats process-wide (training/train.py), and hypothesis'
+    float strategies refuse to run without them: every test gives them back."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="session")

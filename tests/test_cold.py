@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -14,14 +12,6 @@ from training.lists import Lists
 from training.model import ItemTower, ModelConfig
 from training.pipeline import PipelineConfig
 from training.train import TrainConfig
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _denormals_back() -> Iterator[None]:
-    """Training flushes denormal floats process-wide (training/train.py); later tests in the
-    same process (hypothesis' float strategies) need them back."""
-    yield
-    torch.set_flush_denormal(False)
 
 
 def tower(id_dropout: float, n_items: int = 50) -> ItemTower:

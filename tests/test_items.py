@@ -37,16 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ITEMS_A, ITEMS_B = "items-a", "items-b"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _denormals_back() -> Iterator[None]:
-    """Training flushes denormal floats process-wide (training/train.py); later tests in the
-    same process (hypothesis' float strategies) need them back."""
-    yield
-    import torch
-
-    torch.set_flush_denormal(False)
-
-
 @dataclass
 class Towered:
     models: Path  # a models/ root: two versions with item towers, and the text encoder
