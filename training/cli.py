@@ -311,7 +311,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     """The exported artifact itself (ONNX Runtime on the float16 vectors), as served."""
-    from training.files import read_dataset, sha256_of
+    from contract import sha256_file
+    from training.files import read_dataset
 
     path = args.model_dir / "manifest.json"
     if not path.is_file():
@@ -325,7 +326,7 @@ def _eval(args: argparse.Namespace) -> int:
                      "--interactions and --items")  # fmt: skip
     for kind, file in (("interactions", interactions), ("items", items)):
         expected = source.get("sha256", {}).get(kind)
-        if expected and file.is_file() and sha256_of(file) != expected:
+        if expected and file.is_file() and sha256_file(file) != expected:
             print(f"warning: {file} differs from the file the model was trained on",
                   file=sys.stderr)  # fmt: skip
     dataset = read_dataset(interactions, items, name=manifest.get("dataset"))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import re
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from contract import sha256_file
 from contract.items import Categorical, Numeric
 from contract.items import item_text as item_text  # shared with the service
 from training.data import DataError, Dataset
@@ -606,14 +606,6 @@ def build_dataset(
     return ds
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dataset_name(path: Path) -> str:
     """A version-friendly name: the folder that holds the file."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.resolve().parent.name).strip("-.")
@@ -631,7 +623,7 @@ def read_dataset(
     source = {
         "interactions": str(interactions),
         "items": str(items),
-        "sha256": {"interactions": sha256_of(interactions), "items": sha256_of(items)},
+        "sha256": {"interactions": sha256_file(interactions), "items": sha256_file(items)},
     }
     return build_dataset(name or dataset_name(interactions), log, catalogue, notes, source, say)
 
