@@ -12,10 +12,12 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -24,13 +26,16 @@ from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_into_redis
+from contract import ENCODER_DIR
 from tests.reference import Reference
 
 if TYPE_CHECKING:
     from training.data import Dataset
 
+ROOT = Path(__file__).resolve().parent.parent
 VERSION_A = "test-a"
 VERSION_B = "test-b"
+ITEMS_A, ITEMS_B = "items-a", "items-b"  # the versions with item towers
 DEMO_VERSION = "test-demo"
 HISTORY_LEN = 8
 N_ITEMS = 200
@@ -94,6 +99,52 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory, demo_dataset: Dataset)
     (root / "DEFAULT").write_text(DEMO_VERSION + "\n")
     make_sample(demo_dataset, root / DEMO_VERSION)
     return root
+
+
+@dataclass
+class Towered:
+    models: Path  # a models/ root: two versions with item towers, and the text encoder
+    items_file: Path
+    dataset: Dataset  # of the files
+
+
+@pytest.fixture(scope="session")
+def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
+    """Two small models trained with id dropout on generated files (genres, year), each
+    exported with its item tower, beside a link to the repository's text encoder."""
+    from training.data import synthetic_tables
+    from training.export import export_model
+    from training.files import read_dataset, write_files
+    from training.pipeline import PipelineConfig, fit, item_tower, prepare
+    from training.train import TrainConfig
+
+    root = tmp_path_factory.mktemp("towered")
+    inter, items = write_files(root / "data", *synthetic_tables(60, 40, 10, seed=0))
+    dataset = read_dataset(inter, items, name="syn", say=None)
+    models = root / "models"
+    models.mkdir()
+    (models / ENCODER_DIR).symlink_to(ROOT / "models" / ENCODER_DIR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for version, seed in ((ITEMS_A, 0), (ITEMS_B, 1)):
+            cfg = PipelineConfig(
+                n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32,
+                als_factors=8, id_dropout=0.3, seed=seed,
+                train=TrainConfig(epochs=1, batch_size=64, average_last=0, seed=seed),
+            )  # fmt: skip
+            prep = prepare(dataset, cfg)
+            model, _ = fit(prep, cfg)
+            tower = item_tower(model, cfg, dataset)
+            assert tower is not None
+            folder = export_model(model, dataset.item_ids, models, version, {}, tower)
+            # The exported cold path is the tower's own, to float precision.
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(folder / tower.file))
+            attrs = np.concatenate([dataset.categorical, dataset.numeric], axis=1)
+            (onnx,) = session.run(None, {"text_vec": prep.text[1:], "attrs": attrs})
+            np.testing.assert_allclose(onnx, model.tower.cold_vectors().numpy(), atol=1e-4)
+    return Towered(models, items, dataset)
 
 
 @pytest.fixture(scope="session")

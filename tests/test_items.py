@@ -13,9 +13,7 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,55 +28,10 @@ from app.errors import ItemsBusy
 from app.factory import create_app
 from app.items import EncoderQueue
 from app.loader import load_into_redis
-from contract import ENCODER_DIR, Manifest, ManifestError, read_manifest
-from tests.conftest import VERSION_A, make_settings
+from contract import Manifest, ManifestError, read_manifest
+from tests.conftest import ITEMS_A, ITEMS_B, VERSION_A, Towered, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-ITEMS_A, ITEMS_B = "items-a", "items-b"
-
-
-@dataclass
-class Towered:
-    models: Path  # a models/ root: two versions with item towers, and the text encoder
-    items_file: Path
-    dataset: Any  # training.data.Dataset of the files
-
-
-@pytest.fixture(scope="module")
-def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
-    from training.data import synthetic_tables
-    from training.export import export_model
-    from training.files import read_dataset, write_files
-    from training.pipeline import PipelineConfig, fit, item_tower, prepare
-    from training.train import TrainConfig
-
-    root = tmp_path_factory.mktemp("towered")
-    inter, items = write_files(root / "data", *synthetic_tables(60, 40, 10, seed=0))
-    dataset = read_dataset(inter, items, name="syn", say=None)
-    models = root / "models"
-    models.mkdir()
-    (models / ENCODER_DIR).symlink_to(ROOT / "models" / ENCODER_DIR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for version, seed in ((ITEMS_A, 0), (ITEMS_B, 1)):
-            cfg = PipelineConfig(
-                n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32,
-                als_factors=8, id_dropout=0.3, seed=seed,
-                train=TrainConfig(epochs=1, batch_size=64, average_last=0, seed=seed),
-            )  # fmt: skip
-            prep = prepare(dataset, cfg)
-            model, _ = fit(prep, cfg)
-            tower = item_tower(model, cfg, dataset)
-            assert tower is not None
-            folder = export_model(model, dataset.item_ids, models, version, {}, tower)
-            # The exported cold path is the tower's own, to float precision.
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(folder / tower.file))
-            attrs = np.concatenate([dataset.categorical, dataset.numeric], axis=1)
-            (onnx,) = session.run(None, {"text_vec": prep.text[1:], "attrs": attrs})
-            np.testing.assert_allclose(onnx, model.tower.cold_vectors().numpy(), atol=1e-4)
-    return Towered(models, items, dataset)
 
 
 @pytest.fixture
