@@ -21,8 +21,8 @@ from app.config import Settings
 from app.embedded import find_redis_server, free_port
 from app.factory import create_app
 from app.loader import load_into_redis
-from tests.asgi import rerank_scope
 from tests.conftest import VERSION_A, make_settings
+from tests.serving import rerank_scope
 
 KEY = "k3y-0123456789abcdef-secret"
 OTHER = "0th3r-key-fedcba9876543210"

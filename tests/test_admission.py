@@ -6,19 +6,16 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import httpx
 import pytest
-import uvicorn
 
 from app.admission import Admission, Ticket
 from app.config import Settings
-from app.embedded import free_port
-from app.factory import create_app
 from app.metrics import Metrics
 from app.protocol import MAX_HEADER_BYTES, BoundedHttpTools
+from tests.serving import running
 
 
 class Clock:
@@ -148,31 +145,6 @@ def test_no_limit_admits_everything() -> None:
 BODY = {"user_id": "s", "candidates": ["1", "2", "3"], "k": 2}
 
 
-@contextmanager
-def running(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn (httptools, as `rerank serve`) in a thread; yields its URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        http=BoundedHttpTools,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
 def slow_body(port: int, stop: threading.Event, answers: list[bytes]) -> None:
     """Headers with Content-Length 100, then one byte at a time until told to stop."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -197,7 +169,7 @@ def test_slow_bodies_hold_no_slot_and_lock_nobody_out(
     """24 connections that send their body a byte at a time: a normal caller is answered
     all along, and a burst of 12 right after; the slow ones get 408 and are closed."""
     settings = settings_factory(body_timeout_s=1.5)
-    with running(settings) as url:
+    with running(settings, http=BoundedHttpTools) as url:
         port = int(url.rsplit(":", 1)[1])
         stop = threading.Event()
         answers: list[bytes] = []
@@ -232,7 +204,7 @@ def test_slow_bodies_hold_no_slot_and_lock_nobody_out(
 def test_the_body_deadline_answers_408_and_closes(
     loaded: str, settings_factory: Callable[..., Settings], path: str
 ) -> None:
-    with running(settings_factory(body_timeout_s=0.3)) as url:
+    with running(settings_factory(body_timeout_s=0.3), http=BoundedHttpTools) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
@@ -246,7 +218,7 @@ def test_the_body_deadline_answers_408_and_closes(
 def test_headers_past_the_limit_are_refused_before_the_app(
     loaded: str, settings_factory: Callable[..., Settings]
 ) -> None:
-    with running(settings_factory()) as url:
+    with running(settings_factory(), http=BoundedHttpTools) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             padding = b"x" * MAX_HEADER_BYTES

@@ -21,8 +21,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from app.config import Settings
 from app.factory import create_app
 from app.tracing import TraceRequests, Tracing, endpoint, from_settings
-from tests.asgi import rerank_scope
 from tests.conftest import serve
+from tests.serving import rerank_scope
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
