@@ -26,7 +26,6 @@ from fastapi.testclient import TestClient
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from app.config import Settings
 from app.factory import create_app, make_store, redis_client
 from app.loader import load_into_redis
 from app.metrics import Metrics
@@ -83,20 +82,8 @@ def prefix(redis_server: SeedNode) -> str:
 
 
 @pytest.fixture
-def settings_factory(
-    cluster: EmbeddedCluster, prefix: str, model_dir: Path
-) -> Callable[..., Settings]:
-    def build(**overrides: Any) -> Settings:
-        folder = overrides.pop("model_dir", model_dir)
-        return make_settings(cluster.url, prefix, folder, **overrides)
-
-    return build
-
-
-@pytest.fixture
-def loaded(cluster: EmbeddedCluster, prefix: str, model_dir: Path) -> str:
-    load_into_redis(cluster.url, model_dir / VERSION_A, prefix)
-    return VERSION_A
+def redis_url(cluster: EmbeddedCluster) -> str:
+    return cluster.url
 
 
 def cluster_client(c: EmbeddedCluster) -> redis.RedisCluster:
