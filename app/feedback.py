@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from app.background import stop_loop
 from app.errors import StoreUnavailable
 from app.metrics import Metrics
 from app.store import POSITION_BUCKETS, Hit, Remembered, Store, position_bucket
@@ -92,10 +93,7 @@ class Feedback:
 
     async def close(self) -> None:
         """Write what is queued (bounded by the write timeout), then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
         with contextlib.suppress(Exception):
             await self._flush()
 

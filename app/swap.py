@@ -14,13 +14,13 @@ current routing keeps serving, and the same target is tried again only every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.background import stop_loop
 from app.errors import ManifestMismatch, ModelError, StoreUnavailable, VersionRefused
 from app.metrics import Metrics
 from app.model import LoadedModel, open_model
@@ -157,10 +157,7 @@ class VersionWatcher:
         self._task = asyncio.create_task(self._loop(), name="version-watcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
 
     async def _loop(self) -> None:
         while True:
