@@ -33,6 +33,13 @@ def admission(
     return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock), clock
 
 
+async def admitted(adm: Admission) -> Ticket:
+    """A ticket that ``adm`` grants at once: a free slot is expected."""
+    ticket = await adm.enter()
+    assert ticket is not None
+    return ticket
+
+
 async def settle() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -41,8 +48,8 @@ async def settle() -> None:
 def test_slots_at_once_then_the_line_in_arrival_order() -> None:
     async def main() -> None:
         adm, clock = admission(limit=2)
-        first, second = await adm.enter(), await adm.enter()
-        assert first is not None and second is not None and adm.inflight == 2
+        first, second = await admitted(adm), await admitted(adm)
+        assert adm.inflight == 2
         waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         assert adm.waiting == 2 and not any(w.done() for w in waiters)
@@ -63,8 +70,7 @@ def test_slots_at_once_then_the_line_in_arrival_order() -> None:
 def test_a_waiter_without_a_slot_by_the_deadline_is_refused() -> None:
     async def main() -> None:
         adm, _ = admission(limit=1, timeout_s=0.05)
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         assert await adm.enter() is None  # waited out the deadline
         assert adm.waiting == 0 and adm.inflight == 1
         adm.leave(held)
@@ -76,7 +82,7 @@ def test_a_waiter_without_a_slot_by_the_deadline_is_refused() -> None:
 def test_a_full_line_refuses_at_once() -> None:
     async def main() -> None:
         adm, _ = admission(limit=1, waiting=2)
-        assert await adm.enter() is not None
+        await admitted(adm)
         line = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         assert adm.full()
@@ -92,8 +98,7 @@ def test_a_full_line_refuses_at_once() -> None:
 def test_once_the_oldest_cannot_make_the_target_the_newest_goes_first() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05)
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         old = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.06  # the oldest has waited past the target
@@ -115,8 +120,7 @@ def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05)
         adm.hold_s = 0.04  # slots are held 40 ms on average
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         old = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.02  # 20 ms waited + 40 ms in a slot: past the target
