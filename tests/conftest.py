@@ -7,6 +7,7 @@ that stop or pause Redis start their own server.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import uuid
 import warnings
@@ -152,6 +153,17 @@ def references(model_dir: Path) -> dict[str, Reference]:
     return {v: Reference(model_dir / v) for v in (VERSION_A, VERSION_B)}
 
 
+def broken_copy(model_dir: Path, tmp_path: Path, broken: str) -> Path:
+    """A models/ folder whose ``broken`` version has a corrupted model.onnx."""
+    root = tmp_path / "models"
+    for version in (VERSION_A, VERSION_B):
+        shutil.copytree(model_dir / version, root / version)
+    with (root / broken / "model.onnx").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    return root
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis() as server:
@@ -183,20 +195,24 @@ def make_settings(redis_url: str, prefix: str, model_dir: Path, **overrides: Any
 
 
 @pytest.fixture
-def settings_factory(
-    redis_server: EmbeddedRedis, prefix: str, model_dir: Path
-) -> Callable[..., Settings]:
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The URL the service under test and the loader use (test_cluster.py: its cluster's)."""
+    return redis_server.url
+
+
+@pytest.fixture
+def settings_factory(redis_url: str, prefix: str, model_dir: Path) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
         folder = overrides.pop("model_dir", model_dir)
-        return make_settings(redis_server.url, prefix, folder, **overrides)
+        return make_settings(redis_url, prefix, folder, **overrides)
 
     return build
 
 
 @pytest.fixture
-def loaded(redis_server: EmbeddedRedis, prefix: str, model_dir: Path) -> str:
+def loaded(redis_url: str, prefix: str, model_dir: Path) -> str:
     """Version A loaded into Redis under this test's prefix and active."""
-    load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
+    load_into_redis(redis_url, model_dir / VERSION_A, prefix)
     return VERSION_A
 
 

@@ -25,8 +25,9 @@ from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_into_redis
 from contract import DEMO_FILE, default_version, read_item_ids, read_manifest
-from tests.browser import INSTALL_HINT, chromium, find_browser, requested_urls, running
+from tests.browser import INSTALL_HINT, chromium, find_browser, requested_urls
 from tests.conftest import DEMO_VERSION, ITEMS_A, Towered
+from tests.serving import running
 from training.data import GENRES, Dataset
 from training.demo import build_sample, dumps, write_sample
 

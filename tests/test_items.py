@@ -246,15 +246,24 @@ def test_the_encoder_queue_is_bounded() -> None:
     asyncio.run(main())
 
 
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rerank items add` reads this test's Redis, key prefix and models from the environment."""
+    monkeypatch.setenv("RERANK_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("RERANK_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("RERANK_MODEL_DIR", str(settings.model_dir))
+
+
+@pytest.mark.usefixtures("cli_env")
 def test_rerank_items_add_writes_a_file_in_bulk(
-    settings: Settings, store: redis.Redis, prefix: str, towered: Towered, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    settings: Settings,
+    store: redis.Redis,
+    prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from training import cli
 
-    monkeypatch.setenv("RERANK_REDIS_URL", settings.redis_url or "")
-    monkeypatch.setenv("RERANK_KEY_PREFIX", prefix)
-    monkeypatch.setenv("RERANK_MODEL_DIR", str(towered.models))
     path = tmp_path / "new.csv"
     rows = [f"n{i},Film {i},Drama|Sci-Fi,{1990 + i}" for i in range(7)]
     path.write_text("item_id,text,genres,year,colour\n" + "\n".join(r + ",red" for r in rows))
@@ -274,15 +283,12 @@ def test_rerank_items_add_writes_a_file_in_bulk(
     )
 
 
+@pytest.mark.usefixtures("cli_env")
 def test_rerank_items_add_refuses_a_bad_file_with_exit_2(
-    settings: Settings, store: redis.Redis, prefix: str, towered: Towered, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    store: redis.Redis, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from training import cli
 
-    monkeypatch.setenv("RERANK_REDIS_URL", settings.redis_url or "")
-    monkeypatch.setenv("RERANK_KEY_PREFIX", prefix)
-    monkeypatch.setenv("RERANK_MODEL_DIR", str(towered.models))
     no_text = tmp_path / "no_text.csv"
     no_text.write_text("item_id,title\nb1,Film\n")
     assert cli.main(["items", "add", str(no_text)]) == 2
