@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from contract import (
     DYNAMIC_AXES,
     IDS_FILE,
     INPUTS,
+    INPUTS_WITH_FEATS,
     ONNX_FILE,
     OUTPUTS,
     VECTORS_FILE,
@@ -40,13 +42,22 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, n: int = 5) -> tuple[torch.
     cand = torch.randn(batch, n, cfg.dim)
     cand_mask = torch.ones(batch, n, dtype=torch.bool)
     cand_rank = torch.arange(n, dtype=torch.float32).expand(batch, n).contiguous()
-    return hist, hist_mask, cand, cand_mask, cand_rank
+    if not cfg.n_feats:
+        return hist, hist_mask, cand, cand_mask, cand_rank
+    cand_feats = torch.rand(batch, n, cfg.n_feats) * 100.0
+    return hist, hist_mask, cand, cand_mask, cand_rank, cand_feats
+
+
+def graph_inputs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The graph's input names: ``cand_feats`` last, when the model has features."""
+    return INPUTS_WITH_FEATS if cfg.n_feats else INPUTS
 
 
 def export_onnx(model: Reranker, path: Path) -> None:
     """Trace ``Reranker.score`` to ONNX with dynamic B, L and N."""
     graph = ScoreGraph(model).eval()
-    dynamic = {name: DYNAMIC_AXES[name] for name in (*INPUTS, *OUTPUTS)}
+    inputs = graph_inputs(model.cfg)
+    dynamic = {name: DYNAMIC_AXES[name] for name in (*inputs, *OUTPUTS)}
     # The TorchScript exporter traces this small static graph reliably and needs no extra
     # dependency (the torch.export one wants onnxscript); silence its deprecation notice.
     with torch.no_grad(), warnings.catch_warnings():
@@ -57,7 +68,7 @@ def export_onnx(model: Reranker, path: Path) -> None:
             graph,
             example_inputs(model.cfg),
             str(path),
-            input_names=list(INPUTS),
+            input_names=list(inputs),
             output_names=list(OUTPUTS),
             dynamic_axes=dynamic,
             opset_version=OPSET,
@@ -71,13 +82,26 @@ def export_model(
     models_dir: Path,
     version: str,
     extra: dict[str, Any] | None = None,
+    candidate_features: Sequence[dict[str, Any]] | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``models_dir/version/`` atomically and return its path.
 
     ``item_ids[i]`` is the external id of tower row ``i + 1`` (row 0 is padding).
     ``extra`` lands in the manifest (dataset, training settings, offline metrics).
+    ``candidate_features`` names the model's F feature columns with their defaults (the
+    manifest's field of that name); ``write_more(folder)`` adds files the service does not
+    read (the recall channels of ``rerank recall``) before the folder is renamed into place.
     """
     model = model.eval()
+    feats = [dict(f) for f in candidate_features or ()]
+    if len(feats) != model.cfg.n_feats or [f["default"] for f in feats] != list(
+        model.cfg.feat_defaults
+    ):
+        raise ValueError(
+            f"candidate_features {feats} do not match the model's {model.cfg.n_feats} "
+            f"features with defaults {list(model.cfg.feat_defaults)}"
+        )
     vectors = model.tower.all_vectors().numpy().astype(VECTOR_DTYPE)  # (n_items, D)
     if vectors.shape[0] != len(item_ids):
         raise ValueError(f"{len(item_ids)} item ids for {vectors.shape[0]} vectors")
@@ -90,6 +114,8 @@ def export_model(
         export_onnx(model, tmp / ONNX_FILE)
         np.save(tmp / VECTORS_FILE, vectors)
         (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in item_ids))
+        if write_more is not None:
+            write_more(tmp)
         manifest = Manifest(
             version=version,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -98,8 +124,9 @@ def export_model(
             vector_dtype=VECTOR_DTYPE,
             n_items=len(item_ids),
             opset=OPSET,
-            inputs=INPUTS,
+            inputs=graph_inputs(model.cfg),
             outputs=OUTPUTS,
+            candidate_features=tuple(feats) or None,
             sha256=file_hashes(tmp),
             model_config=model.cfg.to_dict(),
             extra=dict(extra or {}),
@@ -137,8 +164,11 @@ def export_random_model(
     history_len: int = 8,
     version: str = "test-random",
     seed: int = 0,
+    candidate_features: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
-    """Export an untrained model over items "1".."n_items" (for tests; no data needed)."""
+    """Export an untrained model over items "1".."n_items" (for tests; no data needed);
+    with ``candidate_features`` (``[{"name", "default"}, ...]``) it declares ``cand_feats``."""
+    feats = list(candidate_features or ())
     cfg = ModelConfig(
         n_items=n_items + 1,
         dim=dim,
@@ -148,7 +178,9 @@ def export_random_model(
         n_heads=2,
         n_layers=1,
         hidden=32,
+        n_feats=len(feats),
+        feat_defaults=tuple(float(f["default"]) for f in feats),
     )
     model = random_model(cfg, seed)
     ids = [str(i) for i in range(1, n_items + 1)]
-    return export_model(model, ids, models_dir, version, {"dataset": "random"})
+    return export_model(model, ids, models_dir, version, {"dataset": "random"}, feats)
