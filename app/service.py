@@ -36,6 +36,16 @@ def dedupe(ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def dedupe_features(
+    ids: Sequence[str], features: list[dict[str, float]]
+) -> tuple[list[str], list[dict[str, float]]]:
+    """``dedupe`` of candidates that carry features: each kept id keeps its own."""
+    first: dict[str, int] = {}
+    for i, item in enumerate(ids):
+        first.setdefault(item, i)
+    return list(first), [features[i] for i in first.values()]
+
+
 def unscored(item_id: str) -> RankedItemAnswer:
     return {"item_id": item_id, "score": None, "because": None}
 
@@ -105,7 +115,12 @@ class RerankService:
         self.default_history_len = default_history_len
 
     async def rerank(self, req: RerankRequest) -> RerankAnswer:
-        candidates = dedupe(req.candidates)
+        # Candidates given as {"id", "features"} objects carry their features alongside.
+        given: list[dict[str, float]] | None = getattr(req.candidates, "features", None)
+        if given is None:
+            candidates = dedupe(req.candidates)
+        else:
+            candidates, given = dedupe_features(req.candidates, given)
         model = self.holder.model  # pinned: vectors and scores come from this version
         if model is None:
             self.metrics.degraded.labels("no_model").inc()
@@ -118,7 +133,7 @@ class RerankService:
             return caller_order(req.user_id, candidates, req.k)
         self.metrics.missing_vectors.inc(len(fetched.missing_positions))
         try:
-            scored = await self._score(model, fetched)
+            scored = await self._score(model, fetched, given)
         except ModelError as exc:
             log.error("degraded answer for user %s: %s", req.user_id, exc)
             self.metrics.degraded.labels("model").inc()
@@ -134,13 +149,20 @@ class RerankService:
             "degraded": False,
         }
 
-    async def _score(self, model: LoadedModel, fetched: Fetched) -> Scored | None:
+    async def _score(
+        self, model: LoadedModel, fetched: Fetched, given: list[dict[str, float]] | None
+    ) -> Scored | None:
         if len(fetched.cand) == 0:  # nothing to score: every candidate is missing
             return None
+        feats = None
+        if given is not None:
+            feats, unknown = model.features(given, fetched.cand_positions)
+            if unknown:
+                self.metrics.unknown_features.inc(unknown)
         # cand_rank is the position in the caller's deduplicated list, gaps included, so a
         # missing vector does not shift the recall-order signal of the ones after it.
         positions = fetched.cand_positions.astype(np.float32)
-        return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions))
+        return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions, feats))
 
     async def events(self, req: EventsRequest) -> EventsResponse:
         model = self.holder.model

@@ -248,6 +248,8 @@ class UserEncoder(nn.Module):
 class Reranker(nn.Module):
     """Scores candidates for a user; ``score`` is the serving graph."""
 
+    feat_default: Tensor  # (F,) a buffer: the value of each feature when absent
+
     def __init__(self, cfg: ModelConfig, tower: ItemTower) -> None:
         super().__init__()
         self.cfg = cfg
