@@ -1,4 +1,4 @@
-"""Offline verbs of the ``rerank`` command: data, train, eval, encoder.
+"""Offline verbs of the ``rerank`` command: data, train, eval, recall, encoder.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
 for, so that the service never imports PyTorch. This module itself imports only the
@@ -81,6 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--items", type=Path, help="default: the file named in the model's manifest")
     ev.add_argument("--cache-dir", type=Path, default=Path("data/cache"))
 
+    rec = sub.add_parser(
+        "recall",
+        help="fused candidate lists per user, as /rerank bodies",
+        description="Fit the recall channels on --interactions (and nothing else) and write "
+        'one JSON line per user: {"user_id", "candidates": [{"id", "features"}, ...]}, best '
+        "first, the user's past items left out (docs/api.md). With --model, the channels, "
+        "their settings and fusion are the model's, and SASRec is the one trained with it.",
+    )
+    rec.add_argument("--interactions", type=Path, required=True,
+                     help="user_id, item_id, timestamp")  # fmt: skip
+    rec.add_argument("--items", type=Path,
+                     help="the catalogue (default: the items of --interactions, and the "
+                     "model's with --model)")  # fmt: skip
+    rec.add_argument("--model", type=Path, help="a model folder (models/<version>)")
+    rec.add_argument("--k", type=_positive, required=True, help="candidates per user")
+    rec.add_argument("--out", type=Path, required=True, help="the JSON-lines file to write")
+    rec.add_argument("--fit-sasrec", action="store_true",
+                     help="without --model: fit SASRec here (minutes) instead of leaving it "
+                     "out")  # fmt: skip
+
     enc = sub.add_parser("encoder", help="the text encoder of new items (models/encoder/)")
     enc_sub = enc.add_subparsers(dest="action", required=True)
     enc_export = enc_sub.add_parser(
@@ -108,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.verb == "encoder":
             return _encoder(args)
+        if args.verb == "recall":
+            return _recall(args)
         return _eval(args)
     except DataError as exc:  # DataProblems among them: one line per problem
         return _fail(getattr(exc, "lines", None) or str(exc))
@@ -143,6 +165,22 @@ def _encoder(args: argparse.Namespace) -> int:
     fetch_movielens(args.data_dir)
     parity = export_encoder(args.out, load_movielens(args.data_dir).texts)
     print(f"exported {args.out}: {json.dumps(parity, indent=2)}")
+    return 0
+
+
+def _recall(args: argparse.Namespace) -> int:
+    if args.model is not None and not (args.model / "manifest.json").is_file():
+        return _fail(f"--model {args.model}: no manifest.json; give a model folder "
+                     "(models/<version>)")  # fmt: skip
+    if args.model is not None and args.fit_sasrec:
+        return _fail("--fit-sasrec: with --model, SASRec is the model's")
+    from training.recall_lists import RecallError, write_recall
+
+    try:
+        write_recall(args.interactions, args.items, args.model, args.k, args.out,
+                     args.fit_sasrec, say=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    except RecallError as exc:
+        return _fail(str(exc))
     return 0
 
 
@@ -213,8 +251,7 @@ def _eval(args: argparse.Namespace) -> int:
     from training.onnx_scorer import OnnxScorer
     from training.pipeline import PipelineConfig, prepare
 
-    known = set(PipelineConfig.__dataclass_fields__) - {"train"}
-    cfg = PipelineConfig(**{k: v for k, v in manifest["training"].items() if k in known})
+    cfg = PipelineConfig.from_dict({k: v for k, v in manifest["training"].items() if k != "train"})
     prep = prepare(dataset, cfg, args.cache_dir)
     report = evaluate(prep, OnnxScorer(args.model_dir, dataset.item_ids), cfg)
     report["recall"] = prep.recall

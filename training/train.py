@@ -52,11 +52,15 @@ def set_seed(seed: int, threads: int) -> None:
     torch.set_flush_denormal(True)
 
 
-def _tensors(lists: Lists, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tensors(
+    lists: Lists, idx: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """History, candidates, target position and recall features (None: the defaults)."""
     return (
         torch.from_numpy(lists.hist[idx]),
         torch.from_numpy(lists.cand[idx]),
         torch.from_numpy(lists.target[idx]),
+        None if lists.feats is None else torch.from_numpy(lists.feats[idx]),
     )
 
 
@@ -67,8 +71,8 @@ def predict(model: Reranker, lists: Lists, batch_size: int = 512) -> np.ndarray:
     out = []
     for start in range(0, len(lists), batch_size):
         idx = np.arange(start, min(start + batch_size, len(lists)))
-        hist, cand, _ = _tensors(lists, idx)
-        scores, _ = model(hist, cand, torch.zeros(len(idx), dtype=torch.long))
+        hist, cand, _, feats = _tensors(lists, idx)
+        scores, _ = model(hist, cand, torch.zeros(len(idx), dtype=torch.long), feats)
         out.append(scores.numpy())
     return np.concatenate(out)
 
@@ -95,8 +99,9 @@ def train(
         total = 0.0
         starts = range(0, len(order), cfg.batch_size)
         for start in progress(starts, len(starts), f"epoch {epoch}"):
-            hist, cand, target = _tensors(train_lists, order[start : start + cfg.batch_size])
-            _, loss = model(hist, cand, target)
+            batch = order[start : start + cfg.batch_size]
+            hist, cand, target, feats = _tensors(train_lists, batch)
+            _, loss = model(hist, cand, target, feats)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
