@@ -15,6 +15,9 @@ What it does, in order, every server started and stopped by ``loadtest.harness``
    and send lag, and the batch sizes the service formed (its /metrics). Then the cost per
    request against the number of candidates, and a closed-loop curve (1 to 256 callers that
    send again as soon as they are answered): goodput and the p99 of the 200s per level.
+   Then the same requests with recall features (each candidate an ``{"id", "features"}``
+   object carrying every feature the model declares, or the fused pipeline's ten names for
+   a model without features), beside the plain ids at the same rate: CPU per request.
 4. The floors, on the same traffic, through the service's own code: (1) the model alone,
    its padding and batch run (``app.model.LoadedModel.run_batch``) at the batch sizes the
    service formed, (2) Redis alone, the service's reads (``app.store.Store``), (3) HTTP
@@ -91,6 +94,10 @@ WORKERS = (1, 2)
 FLOOR_BUDGET_S = 6.0  # seconds per floor measurement (model, Redis), paced and hot
 REDIS_CONCURRENCY = 8
 MAX_CONNS = 512
+# The recall features a fused model declares (training/fusion.py): rank and score for each of
+# its five channels. A model without features is sent these, ignored and counted.
+FEATURE_NAMES = [f"{c}_{k}" for c in ("ease", "markov", "sasrec", "item_knn", "als")
+                 for k in ("rank", "score")]  # fmt: skip
 
 
 def log(*parts: object) -> None:
@@ -101,11 +108,16 @@ def log(*parts: object) -> None:
 
 
 def payloads(
-    traffic: dict[str, Any], port: int, candidates: int, k: int, limit: int
+    traffic: dict[str, Any],
+    port: int,
+    candidates: int,
+    k: int,
+    limit: int,
+    features: list[str] | None = None,
 ) -> list[bytes]:
     return [
         load.render(port, "POST", path, body)
-        for path, body in tf.bodies(traffic, candidates, k, limit)
+        for path, body in tf.bodies(traffic, candidates, k, limit, features)
     ]
 
 
@@ -159,10 +171,13 @@ def drive(
     metrics: bool = True,
     refine: int | None = None,
     warmup: float | None = None,
+    features: list[str] | None = None,
 ) -> dict[str, Any]:
     """A warm-up, then the ladder (or the given ``rates``), then, with ``half``, one long
     rung at half the max throughput within the SLO."""
-    requests = payloads(traffic, port, candidates or args.candidates, args.k, args.n_requests)
+    requests = payloads(
+        traffic, port, candidates or args.candidates, args.k, args.n_requests, features
+    )
     seconds = duration or args.duration
 
     async def one(rate: float, length: float = seconds) -> dict[str, Any]:
@@ -675,6 +690,25 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(lat['p99'], 2)} | {lv['shed']} | {lv['errors']} | {fmt(server_cpu(lv), 3)} "
             f"| {fmt(lv['generator']['cpu_cores'], 2)} |"
         )
+    feat = res.get("features")
+    if feat:
+        lines += [
+            "",
+            "## Recall features in the requests",
+            "",
+            f"At {res['params']['sweep_rate']:g} req/s offered, {res['params']['candidates']} "
+            f"candidates, each an object carrying {len(feat['names'])} features "
+            f"({', '.join(feat['names'])}), beside the same requests as plain ids.",
+            "",
+            "| requests | server CPU ms/req | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for label in ("plain", "features"):
+            r = feat[label]
+            lines.append(
+                f"| {label} | {fmt(server_cpu(r), 3)} | {fmt(r['latency_ms']['p50'], 2)} | "
+                f"{fmt(r['latency_ms']['p99'], 2)} |"
+            )
     lines += [
         "",
         "## Cost per request against the number of candidates",
@@ -844,6 +878,17 @@ def run(args: argparse.Namespace) -> Path:
             log("service: closed loop")
             store_histories(h, prefix, traffic["users"])
             closed = closed_curve(args, svc.port, traffic, pids)
+            names = manifest.feature_names or FEATURE_NAMES
+            log(f"service: requests with {len(names)} recall features, beside plain ids")
+            featured: dict[str, Any] = {"names": names}
+            for label, feats in (("plain", None), ("features", names)):
+                store_histories(h, prefix, traffic["users"])
+                r = drive(args, svc.port, traffic, pids, rates=[args.sweep_rate],
+                          duration=args.sweep_duration, refine=0, warmup=1.0,
+                          features=feats)  # fmt: skip
+                featured[label] = rung_summary(r["rungs"][0])
+            plain_cpu, feat_cpu = server_cpu(featured["plain"]), server_cpu(featured["features"])
+            featured["cpu_ratio"] = feat_cpu / plain_cpu if plain_cpu and feat_cpu else None
         workers_results.append({"workers": 1, "ladder": ladder_summary(service),
                                 "worker_rss_mb": rss_w1})  # fmt: skip
 
@@ -954,6 +999,7 @@ def run(args: argparse.Namespace) -> Path:
             },  # fmt: skip
             "service": ladder_summary(service),
             "closed_loop": closed,
+            "features": featured,
             "peer": ladder_summary(peer),
             "floors": {
                 "at_offered_rps": half_rate,
@@ -998,6 +1044,14 @@ def run(args: argparse.Namespace) -> Path:
                 rss_check, "<= 400", rss_check <= 400,
             ),
             "closed_loop": closed_check(closed, args.slo_ms),
+            "features": check(
+                f"server CPU per request with {len(names)} recall features per candidate / "
+                f"plain ids ({args.sweep_rate:g} req/s, {args.candidates} candidates)",
+                featured["cpu_ratio"], "<= 1.1",
+                featured["cpu_ratio"] is not None and featured["cpu_ratio"] <= 1.1,
+                "the model declares them" if manifest.feature_names
+                else "the model declares none: ignored and counted",
+            ),
         }  # fmt: skip
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
