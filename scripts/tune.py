@@ -50,6 +50,14 @@ VARIANTS: dict[str, PipelineConfig] = {
     "minh18": replace(BASE, min_history=18),
     "minh10": replace(BASE, min_history=10),
     "heads4": replace(BASE, n_heads=4),
+    # The fused pipeline: item-kNN and ALS as features or not, how many lists of each kind,
+    # and how often a fused list trains without its features.
+    "nofeatch": replace(BASE, feature_channels=()),
+    "knn60": replace(BASE, lists_per_user=60),
+    "knn0": replace(BASE, lists_per_user=0),
+    "holdout30": replace(BASE, fused_holdout=30),
+    "fdrop15": replace(BASE, feat_dropout=0.15),
+    "fdrop5": replace(BASE, feat_dropout=0.5),
 }
 
 
@@ -67,10 +75,11 @@ def main() -> None:
     fetch_movielens(args.data_dir)
     dataset = load_movielens(args.data_dir)
     scores: dict[str, np.ndarray] = {}
-    preps: dict[tuple[int, int, int], Prepared] = {}
+    preps: dict[tuple[object, ...], Prepared] = {}
     for name in args.variants:
         cfg = VARIANTS[name]
-        key = (cfg.lists_per_user, cfg.history_len, cfg.min_history)
+        key = (cfg.lists_per_user, cfg.history_len, cfg.min_history, cfg.feature_channels,
+               cfg.fused_holdout)  # fmt: skip
         if key not in preps:
             preps[key] = prepare(dataset, cfg, args.data_dir / "cache")
         prep = preps[key]

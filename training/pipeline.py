@@ -67,7 +67,7 @@ class PipelineConfig:
     # by channels fitted without them (fusion.time_cut).
     fused_holdout: int = 20
     # Item-kNN training lists of plain ids (features at their defaults), from each user's
-    # most recent positions, so that requests without features still rank well.
+    # most recent positions, so that requests without features still rank well (0: none).
     lists_per_user: int = 30
     min_history: int = 3  # the shortest history a training list is made from
     feat_dropout: float = 0.3  # share of fused training lists trained without features
@@ -228,21 +228,25 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
             q_fused, queries.history, queries.target, queries.user, cfg.history_len
         )
         fused_train = fused_train.subset(fused_train.target >= 0)
-    with _timed("item-knn training lists", minutes):
-        knn_train = training_lists(
-            split.train,
-            knn,
-            n,
-            cfg.history_len,
-            min_history=cfg.min_history,
-            max_per_user=cfg.lists_per_user,
-        )
+    parts = [fused_train]
+    if cfg.lists_per_user > 0:
+        with _timed("item-knn training lists", minutes):
+            parts.append(
+                training_lists(
+                    split.train,
+                    knn,
+                    n,
+                    cfg.history_len,
+                    min_history=cfg.min_history,
+                    max_per_user=cfg.lists_per_user,
+                )
+            )
     defaults = np.array([f["default"] for f in features], np.float32)
-    train_lists = Lists.concat([fused_train, knn_train], defaults)
+    train_lists = Lists.concat(parts, defaults)
     recall["fused training lists"] = {
         f"recall@{n}": recall_at(q_fused.items, queries.target) if len(queries.target) else 0.0,
         "lists": len(fused_train),
-        "item-knn lists": len(knn_train),
+        "item-knn lists": len(train_lists) - len(fused_train),
     }
     with _timed("item features", minutes):
         cf, stats = item_features(split.train, split.train_times, dataset.numeric, knn, n_items)
