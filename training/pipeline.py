@@ -222,6 +222,8 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     fit_train, queries = time_cut(split.train, cfg.fused_holdout, min_fit=cfg.min_history)
     first = queries.first_held_out(n_users)
     cut = _fit_channels(cfg, fit_train, n_items, first, "time-cut fit", minutes)
+    if [c.name for c in cut] != names:  # the feature columns follow the channels' order
+        raise ValueError(f"the time-cut fit gave channels {[c.name for c in cut]}, not {names}")
     with _timed("fused training lists", minutes):
         q_fused = fusion.fuse(run_channels(cut, queries.history, cfg.channel_depth), n, n_items)
         fused_train = _fused_lists(
