@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MAX_MINUTES = 15.0  # TrainConfig.max_minutes, without importing torch for --help
+DEFAULT_MAX_MINUTES = 13.0  # TrainConfig.max_minutes, without importing torch for --help
 
 
 def _positive(text: str) -> int:
