@@ -8,9 +8,11 @@ import torch
 
 from training.cold import held_out, hold_out, insert_target, markdown, unscored_positions
 from training.data import synthetic
+from training.fusion import ChannelParams
 from training.lists import Lists
 from training.model import ItemTower, ModelConfig
 from training.pipeline import PipelineConfig
+from training.sasrec import SASRecConfig
 from training.train import TrainConfig
 
 
@@ -94,13 +96,16 @@ def test_targets_are_placed_and_unscored_ones_go_last() -> None:
 
 def test_held_out_measurement_runs_on_a_small_synthetic_set() -> None:
     data = synthetic(n_users=80, n_items=60, length=12, seed=0)
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
     cfg = PipelineConfig(
         n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32, use_text=False,
-        als_factors=8, id_dropout=0.3,
+        als_factors=8, id_dropout=0.3, channel_depth=40, fused_holdout=3, lists_per_user=5,
+        channel_params=ChannelParams(sasrec=sasrec),
         train=TrainConfig(epochs=1, batch_size=64, average_last=0),
     )  # fmt: skip
     report = held_out(data, cfg, fraction=0.1, seed=0)
     assert report["held_out_items"] == 6 and report["lists"] > 0
+    assert set(report["sources"]) == {"fused", "item-knn"}
     for rows in report["sources"].values():
         for method in ("caller order", "unscored", "cold vectors"):
             assert 0.0 <= rows[method]["ndcg@10"] <= 1.0
