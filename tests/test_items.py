@@ -136,6 +136,28 @@ def test_items_adds_a_vector_that_rerank_then_scores(
     assert "rerank_item_encoder_seconds_count 1.0" in metrics
 
 
+def test_one_model_reads_recall_features_and_adds_items(
+    client: TestClient, towered: Towered
+) -> None:
+    from contract import CAND_FEATS
+
+    manifest = read_manifest(towered.models / ITEMS_A)
+    assert manifest.tower is not None and manifest.feature_names
+    assert manifest.inputs is not None and CAND_FEATS in manifest.inputs
+    assert client.post("/items", json={"items": [SCI_FI]}).status_code == 200
+    # A new item has no recall features: it goes as a plain id beside candidates with them.
+    name = manifest.feature_names[0]
+    scores = []
+    for value in (1.0, 500.0):
+        body = {"user_id": "1", "candidates": [{"id": "1000", "features": {name: value}}, "new-1"]}
+        answer = client.post("/rerank", json=body)
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert got["missing"] == [] and got["degraded"] is False
+        scores.append({i["item_id"]: i["score"] for i in got["items"]})
+    assert scores[0]["1000"] != scores[1]["1000"], "the features reach the model"
+
+
 def test_an_existing_vector_is_never_replaced(
     client: TestClient, store: redis.Redis, prefix: str
 ) -> None:
