@@ -415,3 +415,34 @@ def test_the_manifest_section_is_checked(towered: Towered) -> None:
     for section, words in broken:
         with pytest.raises(ManifestError, match=words):
             Manifest.from_dict({**data, "item_tower": section}, "m")
+
+
+def test_the_pipeline_exports_recall_features_and_an_item_tower(
+    towered: Towered, tmp_path: Path
+) -> None:
+    """``rerank train``'s pipeline end to end: one folder with cand_feats, its
+    candidate_features, item_tower.onnx under sha256, and the recall channels beside them;
+    id dropout and feature dropout both in the model's config."""
+    from contract import CAND_FEATS, verify_folder
+    from training.fusion import ChannelParams
+    from training.pipeline import PipelineConfig, run
+    from training.sasrec import SASRecConfig
+    from training.train import TrainConfig
+
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
+    cfg = PipelineConfig(
+        n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32, als_factors=8,
+        channel_depth=40, fused_holdout=3, lists_per_user=5,
+        channel_params=ChannelParams(sasrec=sasrec),
+        train=TrainConfig(epochs=1, batch_size=64, average_last=0),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        folder = run(towered.dataset, tmp_path, cfg, version="both")
+    manifest = verify_folder(folder)
+    assert manifest.inputs is not None and CAND_FEATS in manifest.inputs
+    assert len(manifest.feature_names) == 10
+    assert manifest.tower is not None and manifest.tower.file in manifest.sha256
+    assert (folder / "recall" / "channels.json").is_file()
+    config = manifest.model_config or {}
+    assert config["id_dropout"] == cfg.id_dropout > 0 and config["feat_dropout"] == 0.3
