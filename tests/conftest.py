@@ -111,13 +111,18 @@ class Towered:
 
 @pytest.fixture(scope="session")
 def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
-    """Two small models trained with id dropout on generated files (genres, year), each
-    exported with its item tower, beside a link to the repository's text encoder."""
+    """Two small models of the fused pipeline (recall features, id dropout) trained on
+    generated files (genres, year), each exported with its item tower, beside a link to the
+    repository's text encoder."""
     from training.data import synthetic_tables
     from training.export import export_model
     from training.files import read_dataset, write_files
+    from training.fusion import ChannelParams
     from training.pipeline import PipelineConfig, fit, item_tower, prepare
+    from training.sasrec import SASRecConfig
     from training.train import TrainConfig
+
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
 
     root = tmp_path_factory.mktemp("towered")
     inter, items = write_files(root / "data", *synthetic_tables(60, 40, 10, seed=0))
@@ -128,16 +133,19 @@ def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         for version, seed in ((ITEMS_A, 0), (ITEMS_B, 1)):
+            # The fused pipeline's model: recall features (cand_feats) and an item tower.
             cfg = PipelineConfig(
                 n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32,
-                als_factors=8, id_dropout=0.3, seed=seed,
+                als_factors=8, id_dropout=0.3, seed=seed, channel_depth=40, fused_holdout=3,
+                lists_per_user=5, channel_params=ChannelParams(sasrec=sasrec),
                 train=TrainConfig(epochs=1, batch_size=64, average_last=0, seed=seed),
             )  # fmt: skip
             prep = prepare(dataset, cfg)
             model, _ = fit(prep, cfg)
             tower = item_tower(model, cfg, dataset)
-            assert tower is not None
-            folder = export_model(model, dataset.item_ids, models, version, {}, tower)
+            assert tower is not None and prep.candidate_features
+            folder = export_model(model, dataset.item_ids, models, version, {}, tower,
+                                  candidate_features=prep.candidate_features)  # fmt: skip
             # The exported cold path is the tower's own, to float precision.
             import onnxruntime as ort
 

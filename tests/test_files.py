@@ -298,12 +298,16 @@ def test_existing_version_is_refused_before_anything(
 
 
 def _small_config(args: Any) -> Any:
+    from training.fusion import ChannelParams
     from training.pipeline import PipelineConfig
+    from training.sasrec import SASRecConfig
     from training.train import TrainConfig
 
+    sasrec = SASRecConfig(history_len=6, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
     return PipelineConfig(
         n_candidates=10, history_len=6, dim=8, n_layers=1, n_heads=2, hidden=16,
-        use_text=False, als_factors=8, lists_per_user=10, seed=args.seed,
+        use_text=False, als_factors=8, lists_per_user=10, seed=args.seed, channel_depth=20,
+        fused_holdout=3, channel_params=ChannelParams(sasrec=sasrec),
         train=TrainConfig(epochs=1, batch_size=64, seed=args.seed, average_last=0),
     )  # fmt: skip
 
@@ -326,7 +330,8 @@ def test_data_synthetic_then_train_then_eval(
     assert manifest["dataset"] == "synthetic"
     assert manifest["data"]["items"] == str(data / "items.csv")
     assert manifest["model_config"]["n_attrs"] > 0 and manifest["model_config"]["n_stats"] == 4
-    assert manifest["inputs"] == ["hist", "hist_mask", "cand", "cand_mask", "cand_rank"]
+    inputs = ["hist", "hist_mask", "cand", "cand_mask", "cand_rank", "cand_feats"]
+    assert manifest["inputs"] == inputs and len(manifest["candidate_features"]) == 10
     assert (models / "v1" / "item_ids.txt").read_text().splitlines()[0] == "1000"
     # eval finds the files through the manifest
     assert cli.main(["eval", str(models / "v1")]) == 0

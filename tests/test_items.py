@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,28 @@ def test_items_adds_a_vector_that_rerank_then_scores(
     metrics = client.get("/metrics").text
     assert "rerank_items_added_total 1.0" in metrics
     assert "rerank_item_encoder_seconds_count 1.0" in metrics
+
+
+def test_one_model_reads_recall_features_and_adds_items(
+    client: TestClient, towered: Towered
+) -> None:
+    from contract import CAND_FEATS
+
+    manifest = read_manifest(towered.models / ITEMS_A)
+    assert manifest.tower is not None and manifest.feature_names
+    assert manifest.inputs is not None and CAND_FEATS in manifest.inputs
+    assert client.post("/items", json={"items": [SCI_FI]}).status_code == 200
+    # A new item has no recall features: it goes as a plain id beside candidates with them.
+    name = manifest.feature_names[0]
+    scores = []
+    for value in (1.0, 500.0):
+        body = {"user_id": "1", "candidates": [{"id": "1000", "features": {name: value}}, "new-1"]}
+        answer = client.post("/rerank", json=body)
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert got["missing"] == [] and got["degraded"] is False
+        scores.append({i["item_id"]: i["score"] for i in got["items"]})
+    assert scores[0]["1000"] != scores[1]["1000"], "the features reach the model"
 
 
 def test_an_existing_vector_is_never_replaced(
@@ -345,3 +368,34 @@ def test_the_manifest_section_is_checked(towered: Towered) -> None:
     for section, words in broken:
         with pytest.raises(ManifestError, match=words):
             Manifest.from_dict({**data, "item_tower": section}, "m")
+
+
+def test_the_pipeline_exports_recall_features_and_an_item_tower(
+    towered: Towered, tmp_path: Path
+) -> None:
+    """``rerank train``'s pipeline end to end: one folder with cand_feats, its
+    candidate_features, item_tower.onnx under sha256, and the recall channels beside them;
+    id dropout and feature dropout both in the model's config."""
+    from contract import CAND_FEATS, verify_folder
+    from training.fusion import ChannelParams
+    from training.pipeline import PipelineConfig, run
+    from training.sasrec import SASRecConfig
+    from training.train import TrainConfig
+
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
+    cfg = PipelineConfig(
+        n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32, als_factors=8,
+        channel_depth=40, fused_holdout=3, lists_per_user=5,
+        channel_params=ChannelParams(sasrec=sasrec),
+        train=TrainConfig(epochs=1, batch_size=64, average_last=0),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        folder = run(towered.dataset, tmp_path, cfg, version="both")
+    manifest = verify_folder(folder)
+    assert manifest.inputs is not None and CAND_FEATS in manifest.inputs
+    assert len(manifest.feature_names) == 10
+    assert manifest.tower is not None and manifest.tower.file in manifest.sha256
+    assert (folder / "recall" / "channels.json").is_file()
+    config = manifest.model_config or {}
+    assert config["id_dropout"] == cfg.id_dropout > 0 and config["feat_dropout"] == 0.3

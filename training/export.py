@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from contract import (
     DYNAMIC_AXES,
     IDS_FILE,
     INPUTS,
+    INPUTS_WITH_FEATS,
     ONNX_FILE,
     OUTPUTS,
     TOWER_DYNAMIC_AXES,
@@ -48,13 +50,22 @@ def example_inputs(cfg: ModelConfig, batch: int = 2, n: int = 5) -> tuple[torch.
     cand = torch.randn(batch, n, cfg.dim)
     cand_mask = torch.ones(batch, n, dtype=torch.bool)
     cand_rank = torch.arange(n, dtype=torch.float32).expand(batch, n).contiguous()
-    return hist, hist_mask, cand, cand_mask, cand_rank
+    if not cfg.n_feats:
+        return hist, hist_mask, cand, cand_mask, cand_rank
+    cand_feats = torch.rand(batch, n, cfg.n_feats) * 100.0
+    return hist, hist_mask, cand, cand_mask, cand_rank, cand_feats
+
+
+def graph_inputs(cfg: ModelConfig) -> tuple[str, ...]:
+    """The graph's input names: ``cand_feats`` last, when the model has features."""
+    return INPUTS_WITH_FEATS if cfg.n_feats else INPUTS
 
 
 def export_onnx(model: Reranker, path: Path) -> None:
     """Trace ``Reranker.score`` to ONNX with dynamic B, L and N."""
     graph = ScoreGraph(model).eval()
-    dynamic = {name: DYNAMIC_AXES[name] for name in (*INPUTS, *OUTPUTS)}
+    inputs = graph_inputs(model.cfg)
+    dynamic = {name: DYNAMIC_AXES[name] for name in (*inputs, *OUTPUTS)}
     # The TorchScript exporter traces this small static graph reliably and needs no extra
     # dependency (the torch.export one wants onnxscript); silence its deprecation notice.
     with torch.no_grad(), warnings.catch_warnings():
@@ -65,7 +76,7 @@ def export_onnx(model: Reranker, path: Path) -> None:
             graph,
             example_inputs(model.cfg),
             str(path),
-            input_names=list(INPUTS),
+            input_names=list(inputs),
             output_names=list(OUTPUTS),
             dynamic_axes=dynamic,
             opset_version=OPSET,
@@ -120,6 +131,8 @@ def export_model(
     version: str,
     extra: dict[str, Any] | None = None,
     tower: ItemTowerSpec | None = None,
+    candidate_features: Sequence[dict[str, Any]] | None = None,
+    write_more: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``models_dir/version/`` atomically and return its path.
 
@@ -127,8 +140,19 @@ def export_model(
     ``extra`` lands in the manifest (dataset, training settings, offline metrics).
     ``tower``: also export the item tower's cold path (item_tower.onnx) and describe it in
     the manifest, so that the model can add items after training (POST /items).
+    ``candidate_features`` names the model's F feature columns with their defaults (the
+    manifest's field of that name); ``write_more(folder)`` adds files the service does not
+    read (the recall channels of ``rerank recall``) before the folder is renamed into place.
     """
     model = model.eval()
+    feats = [dict(f) for f in candidate_features or ()]
+    if len(feats) != model.cfg.n_feats or [f["default"] for f in feats] != list(
+        model.cfg.feat_defaults
+    ):
+        raise ValueError(
+            f"candidate_features {feats} do not match the model's {model.cfg.n_feats} "
+            f"features with defaults {list(model.cfg.feat_defaults)}"
+        )
     vectors = model.tower.all_vectors().numpy().astype(VECTOR_DTYPE)  # (n_items, D)
     if vectors.shape[0] != len(item_ids):
         raise ValueError(f"{len(item_ids)} item ids for {vectors.shape[0]} vectors")
@@ -145,6 +169,8 @@ def export_model(
         if tower is not None:
             export_item_tower(model, tmp / tower.file)
             hashes[tower.file] = sha256_file(tmp / tower.file)
+        if write_more is not None:
+            write_more(tmp)
         manifest = Manifest(
             version=version,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -153,8 +179,9 @@ def export_model(
             vector_dtype=VECTOR_DTYPE,
             n_items=len(item_ids),
             opset=OPSET,
-            inputs=INPUTS,
+            inputs=graph_inputs(model.cfg),
             outputs=OUTPUTS,
+            candidate_features=tuple(feats) or None,
             sha256=hashes,
             model_config=model.cfg.to_dict(),
             item_tower=tower.to_dict() if tower is not None else None,
@@ -194,9 +221,12 @@ def export_random_model(
     version: str = "test-random",
     seed: int = 0,
     item_ids: list[str] | None = None,
+    candidate_features: Sequence[dict[str, Any]] | None = None,
 ) -> Path:
     """Export an untrained model over ``item_ids``, by default "1".."n_items" (for tests; no
-    data needed)."""
+    data needed); with ``candidate_features`` (``[{"name", "default"}, ...]``) it declares
+    ``cand_feats``."""
+    feats = list(candidate_features or ())
     cfg = ModelConfig(
         n_items=n_items + 1,
         dim=dim,
@@ -206,9 +236,13 @@ def export_random_model(
         n_heads=2,
         n_layers=1,
         hidden=32,
+        n_feats=len(feats),
+        feat_defaults=tuple(float(f["default"]) for f in feats),
     )
     model = random_model(cfg, seed)
     ids = [str(i) for i in range(1, n_items + 1)] if item_ids is None else list(item_ids)
     if len(ids) != n_items:
         raise ValueError(f"item_ids: {len(ids)} ids for n_items={n_items}")
-    return export_model(model, ids, models_dir, version, {"dataset": "random"})
+    return export_model(
+        model, ids, models_dir, version, {"dataset": "random"}, candidate_features=feats
+    )
