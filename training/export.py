@@ -10,7 +10,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,12 +62,16 @@ def graph_inputs(cfg: ModelConfig) -> tuple[str, ...]:
     return INPUTS_WITH_FEATS if cfg.n_feats else INPUTS
 
 
-def export_onnx(model: Reranker, path: Path) -> None:
-    """Trace ``Reranker.score`` to ONNX with dynamic B, L and N."""
-    graph = ScoreGraph(model).eval()
-    inputs = graph_inputs(model.cfg)
-    dynamic = {name: DYNAMIC_AXES[name] for name in (*inputs, *OUTPUTS)}
-    # The TorchScript exporter traces this small static graph reliably and needs no extra
+def trace(
+    graph: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic: Mapping[str, Mapping[int, str]],
+) -> None:
+    """Trace ``graph`` on ``example`` to ONNX at ``path``, the axes in ``dynamic`` dynamic."""
+    # The TorchScript exporter traces these small static graphs reliably and needs no extra
     # dependency (the torch.export one wants onnxscript); silence its deprecation notice.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings(
@@ -74,14 +79,36 @@ def export_onnx(model: Reranker, path: Path) -> None:
         )
         torch.onnx.export(
             graph,
-            example_inputs(model.cfg),
+            example,
             str(path),
             input_names=list(inputs),
-            output_names=list(OUTPUTS),
-            dynamic_axes=dynamic,
+            output_names=list(outputs),
+            dynamic_axes={k: dict(v) for k, v in dynamic.items()},
             opset_version=OPSET,
             dynamo=False,
         )
+
+
+@contextmanager
+def publish_folder(final: Path) -> Iterator[Path]:
+    """A private staging folder beside ``final``, renamed to it when the block ends well and
+    removed when it fails: a reader sees the whole folder or none of it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_onnx(model: Reranker, path: Path) -> None:
+    """Trace ``Reranker.score`` to ONNX with dynamic B, L and N."""
+    inputs = graph_inputs(model.cfg)
+    dynamic = {name: DYNAMIC_AXES[name] for name in (*inputs, *OUTPUTS)}
+    trace(ScoreGraph(model).eval(), example_inputs(model.cfg), path, inputs, OUTPUTS, dynamic)
 
 
 def tower_spec(dataset: Dataset, cfg: ModelConfig, text_encoder_sha256: str) -> ItemTowerSpec:
@@ -108,20 +135,7 @@ def export_item_tower(model: Reranker, path: Path) -> None:
     cfg = model.cfg
     graph = ColdTowerGraph(model.tower, cfg.n_attrs).eval()
     example = (torch.randn(2, cfg.text_dim), torch.randn(2, cfg.n_attrs + cfg.n_numeric))
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", category=DeprecationWarning, message=".*legacy TorchScript"
-        )
-        torch.onnx.export(
-            graph,
-            example,
-            str(path),
-            input_names=list(TOWER_INPUTS),
-            output_names=list(TOWER_OUTPUTS),
-            dynamic_axes=TOWER_DYNAMIC_AXES,
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    trace(graph, example, path, TOWER_INPUTS, TOWER_OUTPUTS, TOWER_DYNAMIC_AXES)
 
 
 def export_model(
@@ -159,9 +173,7 @@ def export_model(
     final = models_dir / version
     if final.exists():
         raise FileExistsError(f"{final} exists: pick a new version, versions are immutable")
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=models_dir))
-    try:
+    with publish_folder(final) as tmp:
         export_onnx(model, tmp / ONNX_FILE)
         np.save(tmp / VECTORS_FILE, vectors)
         (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in item_ids))
@@ -188,11 +200,6 @@ def export_model(
             extra=dict(extra or {}),
         )
         write_manifest(manifest, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
