@@ -13,11 +13,11 @@ every record, rather than each call site escaping its own arguments:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
 import sys
+import time
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import TextIO
@@ -53,10 +53,26 @@ class RequestIdFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """``time level logger [request id] message``, one line per record but for tracebacks."""
+    """``time level logger [request id] message``, one line per record but for tracebacks.
+
+    The access log writes one record per request, so the line is put together directly
+    rather than through a copy of the record and a %-format, and the time's text is made
+    once per second (logging's own ``formatTime`` runs ``strftime`` for every record).
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        self._second: int | None = None
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._second_text},{int(record.msecs):03d}"  # logging's default_msec_format
 
     def format(self, record: logging.LogRecord) -> str:
         # logging.Formatter.format, less its cache of the traceback on the record
@@ -73,11 +89,12 @@ class TextFormatter(logging.Formatter):
         return text
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        # Escaped on a copy: other handlers may read the same record after this one.
-        safe = copy.copy(record)
-        safe.message = escape(record.message)
-        safe.request_id = escape(str(getattr(record, "request_id", "-")))
-        return super().formatMessage(safe)
+        # The record itself is left as it is: other handlers may read it after this one.
+        request_id = escape(str(getattr(record, "request_id", "-")))
+        return (
+            f"{record.asctime} {record.levelname} {record.name} [{request_id}] "
+            f"{escape(record.message)}"
+        )
 
 
 def _indented(text: str) -> str:
@@ -116,7 +133,16 @@ def make_handler(log_format: str = "text", stream: TextIO | None = None) -> logg
 
 
 def configure_logging(level: str, log_format: str = "text", stream: TextIO | None = None) -> None:
-    """Root logging to stderr, one record a line, in ``text`` or ``json``."""
+    """Root logging to stderr, one record a line, in ``text`` or ``json``.
+
+    Neither format shows where a call was made from, nor its thread or process, so records
+    do not gather them: the Logging HOWTO's "Optimization" settings. Each is a stack walk or
+    a lookup paid by every record, one per request with the access log.
+    """
+    logging._srcfile = None  # type: ignore[attr-defined]  # no caller's file and line
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers = [make_handler(log_format, stream)]
     root.setLevel(level)
