@@ -5,9 +5,9 @@ time, and the request body types are local to ``build_router``.
 """
 
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Annotated, Any
 
 import orjson
@@ -245,4 +245,4 @@ def _request_id(scope: Scope) -> str:
             if REQUEST_ID_PATTERN.fullmatch(text):
                 return text
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # a fresh id: 128 random bits as 32 hex digits
