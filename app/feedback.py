@@ -8,10 +8,14 @@ position found there is a hit for the version that showed it. The remembered ans
 consumed, so an answer counts at most one hit, at the position of the first item taken.
 
 Writes stay off the request path: ``remember`` and ``found`` only queue, and one task sends
-what queued up meanwhile as one pipeline, hits first (they refer to answers already stored),
-then answers. A write that fails is counted (``rerank_online_write_failures_total{op}``) and
-logged at most once per ``LOG_EVERY_S``; it never changes an answer. The queue is bounded:
-past ``MAX_PENDING`` an entry is dropped and counted (``op="full"``).
+what queued up as one pipeline, hits first (they refer to answers already stored), then
+answers. The task waits ``FLUSH_AFTER_S`` after the first entry of a batch, so that a
+pipeline carries the answers of that whole time, not one each: a round trip per answer is a
+large share of a /rerank's CPU (docs/benchmark.md, "Profile"). A user's click comes seconds
+after the answer, far past that wait. A write that fails is counted
+(``rerank_online_write_failures_total{op}``) and logged at most once per ``LOG_EVERY_S``; it
+never changes an answer. The queue is bounded: past ``MAX_PENDING`` an entry is dropped and
+counted (``op="full"``).
 
 Counts go to Prometheus (``rerank_online_impressions_total{version}``,
 ``rerank_online_hits_total{version,position}``) and to Redis, ``rr:ab:<version>``
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PENDING = 10_000  # answers (and hits) waiting to be written; past it they are dropped
+FLUSH_AFTER_S = 0.05  # from the first entry queued to the write of what queued up meanwhile
 BATCH = 500  # entries per pipeline
 WRITE_TIMEOUT_S = 1.0  # a background write is no request: it may take longer than one
 LOG_EVERY_S = 10.0
@@ -73,6 +78,7 @@ class Feedback:
     ttl_s: int
     max_pending: int = MAX_PENDING
     timeout_s: float = WRITE_TIMEOUT_S
+    flush_after_s: float = FLUSH_AFTER_S
     _answers: deque[Remembered] = field(default_factory=deque, init=False)
     _hits: deque[Hit] = field(default_factory=deque, init=False)
     _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
@@ -117,6 +123,7 @@ class Feedback:
     async def _loop(self) -> None:
         while True:
             await self._wake.wait()
+            await asyncio.sleep(self.flush_after_s)  # what queues meanwhile joins the pipeline
             self._wake.clear()
             try:
                 await self._flush()

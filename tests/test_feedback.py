@@ -1,12 +1,26 @@
-"""Online feedback's arithmetic: hits from remembered entries, intervals and tests."""
+"""Online feedback's arithmetic: hits from remembered entries, intervals and tests; the
+writer's batching."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
-from app.feedback import ArmStats, best_hit, compare, hit_rate_z, mrr_z, p_value, report
+from app.feedback import (
+    ArmStats,
+    Feedback,
+    best_hit,
+    compare,
+    hit_rate_z,
+    mrr_z,
+    p_value,
+    report,
+)
+from app.metrics import Metrics
 from app.store import Hit, Remembered, position_bucket
 
 
@@ -64,3 +78,31 @@ def test_report_says_whether_the_difference_is_significant() -> None:
     assert "hit rate@10" in text
     few = report([control, ArmStats("d", impressions=5, hits=1)], 10)
     assert "too few impressions" in few
+
+
+class _RecordingStore:
+    """Keeps each remember_answers call's answers instead of writing them."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[Remembered]] = []
+
+    async def remember_answers(self, answers: Sequence[Remembered], *_: Any) -> None:
+        self.calls.append(list(answers))
+
+
+def test_answers_queued_while_the_writer_waits_share_one_pipeline() -> None:
+    async def main() -> list[list[Remembered]]:
+        store = _RecordingStore()
+        feedback = Feedback(store, Metrics(), top_k=3, ttl_s=60, flush_after_s=0.5)  # type: ignore[arg-type]
+        feedback.start()
+        feedback.remember("u1", "v1", ["a", "b"])
+        for _ in range(5):  # the writer wakes for the first answer and waits
+            await asyncio.sleep(0)
+        feedback.remember("u2", "v1", ["c"])
+        while not store.calls:
+            await asyncio.sleep(0.01)
+        await feedback.close()
+        return store.calls
+
+    calls = asyncio.run(main())
+    assert [[a.user_id for a in call] for call in calls] == [["u1", "u2"]]
