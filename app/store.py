@@ -267,6 +267,8 @@ class Store:
         # Registering only computes the script's hash (no Redis call); ClusterStore, whose
         # keys span slots, never runs it.
         self._fetch_script = client.register_script(FETCH_SCRIPT)
+        # Histogram children bound once per operation: ``labels()`` is a locked lookup.
+        self._seconds: dict[str, Any] = {}
 
     async def _call(self, op: str, awaitable: Any, timeout_s: float | None = None) -> Any:
         """Run one Redis call under the deadline; every failure becomes StoreUnavailable."""
@@ -286,7 +288,10 @@ class Store:
             raise StoreUnavailable(f"redis {op}: {detail[:ERROR_CHARS]}") from exc
         finally:
             took = time.perf_counter() - start
-            self.metrics.redis_seconds.labels(op).observe(took)
+            seconds = self._seconds.get(op)
+            if seconds is None:
+                seconds = self._seconds[op] = self.metrics.redis_seconds.labels(op)
+            seconds.observe(took)
             if self.tracing is not None:  # a span under the request's, if it is traced
                 self.tracing.child(
                     f"redis {op}",
