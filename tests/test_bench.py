@@ -108,3 +108,15 @@ def test_the_split_option_serves_the_model_twice_50_50(
         assert split == {"shares": [[VERSION_A, 50], [f"{VERSION_A}-b", 50]]}
     finally:
         client.close()
+
+
+def test_the_efficiency_standard_reads_the_hot_floors_with_the_paced_ratio_beside() -> None:
+    from loadtest.bench import EFFICIENCY_STANDARD, efficiency_check
+
+    floors = {"service_over_hot_floors": 1.7, "service_over_floors": 1.2}
+    check = efficiency_check(floors)
+    assert check["value"] == 1.7
+    assert check["standard"] == "<= 1.75" and EFFICIENCY_STANDARD == 1.75
+    assert check["met"] is True
+    assert "hot floors" in check["what"] and "1.20" in check["note"]
+    assert efficiency_check({**floors, "service_over_hot_floors": 1.8})["met"] is False
