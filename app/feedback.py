@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_PENDING = 10_000  # answers (and hits) waiting to be written; past it they are dropped
-FLUSH_AFTER_S = 0.05  # from the first entry queued to the write of what queued up meanwhile
+FLUSH_AFTER_S = 0.1  # from the first entry queued to the write of what queued up meanwhile
 BATCH = 500  # entries per pipeline
 WRITE_TIMEOUT_S = 1.0  # a background write is no request: it may take longer than one
 LOG_EVERY_S = 10.0

@@ -260,11 +260,17 @@ def test_online_feedback_round_trips(
         length, found = await store.append_events("u", ["9", "2"], keep=8, lookup=True)
         assert ops == ["remember", "events"] and length == 2
         assert found == [None, b"3 test-a"]
+        # The script writes what Remembered.entries names: a repeated id keeps its first.
+        again = Remembered("w", "test-a", ("5", "6", "5", "7"))
+        await store.remember_answers([again], ttl_s=60, timeout_s=1.0)
+        stored = await store.client.hgetall(f"{prefix}:imp:w")
+        assert {k.decode(): v.decode() for k, v in stored.items()} == again.entries()
+        assert 0 < await store.client.ttl(f"{prefix}:imp:w") <= 60
         hit = Hit("u", "test-a", 3)
         both = await asyncio.gather(store.count_hits([hit], 1.0), store.count_hits([hit], 1.0))
         assert sorted(len(c) for c in both) == [0, 1]  # one DEL removed it: counted once
         ab = await store.client.hgetall(f"{prefix}:ab:test-a")
-        assert ab[b"impressions"] == b"1" and ab[b"hits"] == b"1" and ab[b"hits:2-3"] == b"1"
+        assert ab[b"impressions"] == b"2" and ab[b"hits"] == b"1" and ab[b"hits:2-3"] == b"1"
         assert float(ab[b"rr"]) == pytest.approx(1 / 3)
         assert await store.client.exists(f"{prefix}:imp:u") == 0
         ops.clear()
