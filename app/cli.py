@@ -76,6 +76,9 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
             http="app.protocol:BoundedHttpTools",
             log_level=settings.log_level.lower(),
             access_log=False,  # app.access logs each request with its X-Request-ID
+            # Nothing reads the client's address, so no layer per request rewrites it from
+            # X-Forwarded-For.
+            proxy_headers=False,
             # uvicorn's own loggers go to the root handler (app/logs.py): one format, escaped.
             log_config=None,
             # After the shutdown delay (app/drain.py), the longest wait for in-flight requests.

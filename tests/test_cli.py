@@ -257,3 +257,4 @@ def test_serve_uses_the_embedded_port_setting_and_logs_the_url(
     assert os.environ["RERANK_REDIS_URL"] == url
     assert f"RERANK_REDIS_URL={url} rerank load" in caplog.text
     assert seen["log_config"] is None  # uvicorn's own lines go through app/logs.py
+    assert seen["proxy_headers"] is False  # no per-request layer for an address nobody reads
