@@ -82,6 +82,14 @@ eval: install-train
 bench: install-dev
 	$(BIN)/python -m loadtest.bench
 
+# Where the request path's CPU goes: the service at PROFILE_RATE req/s, its CPU per request
+# (event loop and ONNX thread apart), then py-spy's flame graph and top frames of its Python
+# work (loadtest/results/profile.svg, profile-top.md). See docs/benchmark.md, "Profile".
+PROFILE_RATE ?= 60
+.PHONY: profile
+profile: install-dev
+	$(BIN)/python -m loadtest.profile --rate $(PROFILE_RATE)
+
 # Fault injection under load; writes loadtest/results/chaos-<date>.json.
 chaos: install-dev
 	$(BIN)/python -m loadtest.chaos
