@@ -168,7 +168,15 @@ class Settings(BaseSettings):
     queue_timeout_ms: float = Field(
         default=200.0,
         description="Longest a request waits in line for a slot; then it gets 503 with "
-        "Retry-After. A caller that retries at once is slowed by this, not bounced.",
+        "Retry-After. A request set aside from a standing line gets its 503 then too: a "
+        "caller that retries at once is slowed by this, not bounced.",
+    )
+    queue_interval_ms: float = Field(
+        default=100.0,
+        description="A line that has not been empty for this long stands: it is served "
+        "newest first, and a waiter that cannot be answered within latency_target_ms is "
+        "set aside, never served late. A line that emptied within it is a burst: served in "
+        "arrival order (docs/reliability.md, Overload and admission).",
     )
     max_waiting: int = Field(
         default=256,
@@ -257,6 +265,7 @@ class Settings(BaseSettings):
         "version_poll_s",
         "latency_target_ms",
         "queue_timeout_ms",
+        "queue_interval_ms",
         "body_timeout_s",
     )
     @classmethod

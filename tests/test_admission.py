@@ -30,10 +30,14 @@ class Clock:
 
 
 def admission(
-    limit: int = 2, waiting: int = 4, target_s: float = 0.05, timeout_s: float = 5.0
+    limit: int = 2,
+    waiting: int = 4,
+    target_s: float = 0.05,
+    timeout_s: float = 5.0,
+    interval_s: float = 0.1,
 ) -> tuple[Admission, Clock]:
     clock = Clock()
-    return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock), clock
+    return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock, interval_s), clock
 
 
 async def settle() -> None:
@@ -92,44 +96,147 @@ def test_a_full_line_refuses_at_once() -> None:
     asyncio.run(main())
 
 
-def test_once_the_oldest_cannot_make_the_target_the_newest_goes_first() -> None:
+def test_a_burst_drains_in_arrival_order_even_past_the_target() -> None:
+    """A line that emptied within the interval is a burst: every waiter is served, oldest
+    first, however long it has waited."""
+
     async def main() -> None:
-        adm, clock = admission(limit=1, target_s=0.05)
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
         held = await adm.enter()
         assert held is not None
         old = asyncio.create_task(adm.enter())
         await settle()
-        clock.now = 0.06  # the oldest has waited past the target
+        clock.now = 0.06  # the oldest is past the target, the line younger than the interval
         new = asyncio.create_task(adm.enter())
         await settle()
+        assert not adm.standing(clock.now)
+        adm.leave(held)
+        await settle()
+        assert old.done() and not new.done()
+        ticket = old.result()
+        assert ticket is not None
+        adm.leave(ticket)
+        await settle()
+        assert new.done() and new.result() is not None
+
+    asyncio.run(main())
+
+
+def test_a_standing_line_serves_the_newest_and_sets_the_stale_aside() -> None:
+    """A line not empty for the interval stands: the newest goes first, and a waiter that
+    cannot make the target is never served, even once nothing fresher waits."""
+
+    async def main() -> None:
+        adm, clock = admission(limit=1, waiting=4, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.12  # the line has stood for the interval; old waited 120 ms
+        new = asyncio.create_task(adm.enter())
+        await settle()
+        assert adm.standing(clock.now)
         adm.leave(held)
         await settle()
         assert new.done() and not old.done()
+        assert adm.waiting == 0 and adm.aside == 1  # old: set aside, not in line
+        assert not adm.full()  # 1 set aside + 0 waiting < 4
         ticket = new.result()
         assert ticket is not None
-        adm.leave(ticket)  # nothing fresher waits: the old one is served after all
+        adm.leave(ticket)  # nothing fresher waits, yet old is not served late
         await settle()
-        assert old.done() and old.result() is not None
+        assert not old.done() and adm.inflight == 0
+        old.cancel()
+        await asyncio.gather(old, return_exceptions=True)
+        assert adm.aside == 0
+
+    asyncio.run(main())
+
+
+def test_a_set_aside_waiter_is_refused_at_its_deadline() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05, timeout_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.12
+        adm.leave(held)  # the line stands: old is set aside, the slot is free
+        assert adm.aside == 1 and adm.inflight == 0
+        assert await old is None  # the 503, at the deadline
+        assert adm.aside == 0
+
+    asyncio.run(main())
+
+
+def test_set_aside_requests_count_toward_a_full_line() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, waiting=2, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        stale = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        clock.now = 0.12
+        fresh = await adm.enter()  # a slot free after the leave below? no: line is full
+        assert fresh is None and adm.full()
+        adm.leave(held)  # both stale waiters are set aside; the slot is free
+        assert adm.waiting == 0 and adm.aside == 2 and adm.inflight == 0
+        assert not adm.full()  # a free slot: a request is admitted at once
+        for task in stale:
+            task.cancel()
+        await asyncio.gather(*stale, return_exceptions=True)
+        assert adm.aside == 0
 
     asyncio.run(main())
 
 
 def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
     async def main() -> None:
-        adm, clock = admission(limit=1, target_s=0.05)
-        adm.hold_s = 0.04  # slots are held 40 ms on average
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
         held = await adm.enter()
         assert held is not None
+        early = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.10
         old = asyncio.create_task(adm.enter())
         await settle()
-        clock.now = 0.02  # 20 ms waited + 40 ms in a slot: past the target
-        new = asyncio.create_task(adm.enter())
-        await settle()
+        clock.now = 0.12  # standing; old waited 20 ms, early 120 ms
+        adm.hold_s = 0.04  # slots are held 40 ms on average: 20 + 40 is past the target
         held.started = clock.now - 0.04
         adm.leave(held)
         await settle()
-        assert new.done() and not old.done()
-        old.cancel()
+        assert adm.aside == 2 and not old.done() and not early.done()
+        for task in (early, old):
+            task.cancel()
+        await asyncio.gather(early, old, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_once_the_line_has_emptied_it_is_a_burst_again() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        stale = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.12
+        adm.leave(held)  # standing: the stale waiter is set aside, the line is empty
+        running = await adm.enter()  # a free slot at once
+        assert running is not None
+        clock.now = 0.13
+        first = asyncio.create_task(adm.enter())
+        await settle()
+        second = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.20  # both past the target, but the line is only 70 ms old
+        assert not adm.standing(clock.now)
+        adm.leave(running)
+        await settle()
+        assert first.done() and not second.done()
+        for task in (stale, second):
+            task.cancel()
+        await asyncio.gather(stale, second, return_exceptions=True)
 
     asyncio.run(main())
 
