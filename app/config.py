@@ -161,9 +161,9 @@ class Settings(BaseSettings):
     )
     latency_target_ms: float = Field(
         default=50.0,
-        description="The answer time admission aims at: while the oldest request in line can "
-        "still be answered within it, free slots go in arrival order; once it cannot, to the "
-        "newest in line (docs/reliability.md, Admission).",
+        description="The answer time admission aims at: once the waiting line stands, a "
+        "request in it whose wait plus the mean time a slot is held passes this is set aside "
+        "and refused, never served late (docs/reliability.md, Overload and admission).",
     )
     queue_timeout_ms: float = Field(
         default=200.0,
