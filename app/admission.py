@@ -10,9 +10,11 @@ One mechanism decides, with three rules:
 - **A waiting line that tells a burst from a standing queue** (CoDel, as Facebook's "Fail at
   Scale" applies it to requests). A line that has been empty within the last ``interval_s``
   is a burst that drains: it is served in arrival order, every waiter in turn. A line that
-  has not been empty for ``interval_s`` stands: it is served newest first, and a waiter that
-  can no longer be answered within the latency target (its wait so far plus the time a slot
-  is held, on average) is set aside and never served late.
+  has not been empty for ``interval_s`` stands: a free slot goes to the newest waiter, and
+  the waiters that can no longer be answered within the latency target (their wait so far
+  plus the time a slot is held, on average) are set aside and never served late. It stands
+  until a slot comes free with nobody in line: a line emptied by setting waiters aside is
+  still the same overload.
 - **A refusal costs the refused caller its deadline.** A waiter that is set aside, or that
   gets no slot in time, gets the 503 with Retry-After ``timeout_s`` after it arrived, not
   at once: a caller that retries at once, ignoring Retry-After, is slowed down instead of
@@ -75,6 +77,7 @@ class Admission:
         self.aside = 0  # requests set aside, waiting for their deadline
         self._line: deque[Ticket] = deque()
         self._empty_at = clock()  # when the line was last empty
+        self._standing = False  # the line stood, and no slot has come free since
         metrics.admission_limit.set(max_inflight)
 
     @property
@@ -90,8 +93,9 @@ class Admission:
         )
 
     def standing(self, now: float) -> bool:
-        """Whether the line stands: it has not been empty for ``interval_s``."""
-        return bool(self._line) and now - self._empty_at >= self.interval_s
+        """Whether the line stands: it has not been empty for ``interval_s``, or it stood
+        and no slot has come free since."""
+        return self._standing or (bool(self._line) and now - self._empty_at >= self.interval_s)
 
     async def enter(self) -> Ticket | None:
         """A slot for one request: at once, after a wait in line, or None (refused)."""
@@ -106,7 +110,7 @@ class Admission:
             return None
         loop = asyncio.get_running_loop()
         granted = ticket.granted = loop.create_future()
-        if not self._line:
+        if not self._line and not self._standing:
             self._empty_at = now
         self._line.append(ticket)
         expiry = loop.call_later(self.timeout_s, self._expire, ticket)
@@ -136,16 +140,21 @@ class Admission:
                 waiter.granted.set_result(True)  # the slot passes on: inflight unchanged
                 return
         self.inflight -= 1
+        self._standing = False  # a free slot and nobody in line: the overload is over
 
     def _next(self, now: float) -> Ticket | None:
-        """The waiter a free slot goes to: the oldest while the line drains, else the newest
-        that can still make the target; None when nobody in line can be served."""
+        """The waiter a free slot goes to: the oldest while the line drains; once it stands,
+        the newest, the others past the target set aside. None: nobody in line."""
+        if not self._line:
+            return None
         if not self.standing(now):
-            return self._line.popleft() if self._line else None
+            return self._line.popleft()
+        self._standing = True
+        newest = self._line.pop()  # served even past the target: nobody fresher waits
         budget = self.target_s - self.hold_s
         while self._line and now - self._line[0].asked > budget:
             self._set_aside(self._line.popleft())
-        return self._line.pop() if self._line else None
+        return newest
 
     def _set_aside(self, ticket: Ticket) -> None:
         assert ticket.granted is not None

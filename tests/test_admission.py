@@ -161,10 +161,16 @@ def test_a_set_aside_waiter_is_refused_at_its_deadline() -> None:
         old = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.12
-        adm.leave(held)  # the line stands: old is set aside, the slot is free
-        assert adm.aside == 1 and adm.inflight == 0
+        new = asyncio.create_task(adm.enter())
+        await settle()
+        adm.leave(held)  # the line stands: new gets the slot, old is set aside
+        assert adm.aside == 1 and adm.waiting == 0
         assert await old is None  # the 503, at the deadline
         assert adm.aside == 0
+        ticket = await new
+        assert ticket is not None
+        adm.leave(ticket)
+        assert adm.inflight == 0
 
     asyncio.run(main())
 
@@ -177,15 +183,17 @@ def test_set_aside_requests_count_toward_a_full_line() -> None:
         stale = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         clock.now = 0.12
-        fresh = await adm.enter()  # a slot free after the leave below? no: line is full
-        assert fresh is None and adm.full()
-        adm.leave(held)  # both stale waiters are set aside; the slot is free
-        assert adm.waiting == 0 and adm.aside == 2 and adm.inflight == 0
-        assert not adm.full()  # a free slot: a request is admitted at once
-        for task in stale:
+        assert await adm.enter() is None and adm.full()  # slot and line taken: at once
+        adm.leave(held)  # the newest stale waiter is served, the other set aside
+        await settle()
+        assert adm.waiting == 0 and adm.aside == 1 and adm.inflight == 1
+        waiter = asyncio.create_task(adm.enter())  # room for one more: 1 aside + 1 waiting
+        await settle()
+        assert adm.full()
+        for task in (*stale, waiter):
             task.cancel()
-        await asyncio.gather(*stale, return_exceptions=True)
-        assert adm.aside == 0
+        await asyncio.gather(*stale, waiter, return_exceptions=True)
+        assert adm.aside == 0 and adm.waiting == 0
 
     asyncio.run(main())
 
@@ -198,30 +206,70 @@ def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
         early = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.10
-        old = asyncio.create_task(adm.enter())
+        middle = asyncio.create_task(adm.enter())
         await settle()
-        clock.now = 0.12  # standing; old waited 20 ms, early 120 ms
+        clock.now = 0.12  # standing; middle has waited 20 ms
+        newest = asyncio.create_task(adm.enter())
+        await settle()
         adm.hold_s = 0.04  # slots are held 40 ms on average: 20 + 40 is past the target
         held.started = clock.now - 0.04
         adm.leave(held)
         await settle()
-        assert adm.aside == 2 and not old.done() and not early.done()
-        for task in (early, old):
+        assert newest.done() and adm.aside == 2 and adm.waiting == 0
+        assert not middle.done() and not early.done()
+        for task in (early, middle):
             task.cancel()
-        await asyncio.gather(early, old, return_exceptions=True)
+        await asyncio.gather(early, middle, return_exceptions=True)
 
     asyncio.run(main())
 
 
-def test_once_the_line_has_emptied_it_is_a_burst_again() -> None:
+def test_a_line_emptied_by_setting_waiters_aside_still_stands() -> None:
+    """The overload is not over because its stale waiters were set aside: the next ones are
+    still served newest first."""
+
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
         held = await adm.enter()
         assert held is not None
-        stale = asyncio.create_task(adm.enter())
+        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         clock.now = 0.12
-        adm.leave(held)  # standing: the stale waiter is set aside, the line is empty
+        adm.leave(held)  # standing: the newer one is served, the older set aside
+        await settle()
+        running = waiters[1].result()
+        assert running is not None and adm.waiting == 0 and adm.aside == 1
+        clock.now = 0.13
+        first = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.14
+        second = asyncio.create_task(adm.enter())
+        await settle()
+        adm.leave(running)
+        await settle()
+        assert adm.standing(clock.now)
+        assert second.done() and not first.done()  # newest first: still standing
+        for task in (waiters[0], first):
+            task.cancel()
+        await asyncio.gather(waiters[0], first, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_once_a_slot_comes_free_with_nobody_in_line_it_is_a_burst_again() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        clock.now = 0.12
+        adm.leave(held)  # standing: the newer one is served, the older set aside
+        await settle()
+        served = waiters[1].result()
+        assert served is not None
+        adm.leave(served)  # nobody in line: the slot is free, the line no longer stands
+        assert adm.inflight == 0 and not adm.standing(clock.now)
         running = await adm.enter()  # a free slot at once
         assert running is not None
         clock.now = 0.13
@@ -234,9 +282,9 @@ def test_once_the_line_has_emptied_it_is_a_burst_again() -> None:
         adm.leave(running)
         await settle()
         assert first.done() and not second.done()
-        for task in (stale, second):
+        for task in (waiters[0], second):
             task.cancel()
-        await asyncio.gather(stale, second, return_exceptions=True)
+        await asyncio.gather(waiters[0], second, return_exceptions=True)
 
     asyncio.run(main())
 
