@@ -173,10 +173,11 @@ class Settings(BaseSettings):
     )
     queue_interval_ms: float = Field(
         default=100.0,
-        description="A line that has not been empty for this long stands: it is served "
-        "newest first, and a waiter that cannot be answered within latency_target_ms is "
-        "set aside, never served late. A line that emptied within it is a burst: served in "
-        "arrival order (docs/reliability.md, Overload and admission).",
+        description="A waiting line that has not been empty for this long stands: it is "
+        "served newest first, and a waiter that cannot be answered within latency_target_ms "
+        "is set aside, never served late, until a slot comes free with nobody in line. A "
+        "younger line is a burst: served in arrival order (docs/reliability.md, Overload and "
+        "admission).",
     )
     max_waiting: int = Field(
         default=256,
