@@ -4,24 +4,28 @@ One mechanism decides, with three rules:
 
 - **A fixed number of slots** (``max_inflight``). A request holds one from the moment its
   body has been read until its answer is sent, so the batch queue in front of the model is
-  never longer than the slots. The number is enough to fill the model's batches and few
-  enough that a request in a slot is answered well within the latency target.
-- **A bounded waiting line with a deadline.** A request that finds every slot taken waits
-  for one, at most ``queue_timeout_ms``, then gets the 503 with Retry-After. Waiting costs
-  the process a timer and no CPU, and it makes a refusal cost the refused caller that time:
-  a caller that retries at once, ignoring Retry-After, is slowed down instead of bounced
-  back, so refusals cannot multiply until their own handling takes the CPU from the
-  requests being served. The line holds at most ``max_waiting`` requests; past that a
-  request is refused at once.
-- **Fresh requests first under overload.** While the oldest waiter can still be answered
-  within the latency target (its wait so far plus the time a slot is held, on average),
-  slots go in arrival order. Once it cannot, they go to the newest waiter (adaptive LIFO):
-  the requests that are served are answered within the target, and the ones that waited too
-  long wait out their deadline instead of being served late.
+  never longer than the slots. A request in a slot is answered in about slots / throughput,
+  so the number is enough to fill the model's batches and few enough that this stays well
+  within the latency target.
+- **A waiting line that tells a burst from a standing queue** (CoDel, as Facebook's "Fail at
+  Scale" applies it to requests). A line that has been empty within the last ``interval_s``
+  is a burst that drains: it is served in arrival order, every waiter in turn. A line that
+  has not been empty for ``interval_s`` stands: a free slot goes to the newest waiter, and
+  the waiters that can no longer be answered within the latency target (their wait so far
+  plus the time a slot is held, on average) are set aside and never served late. It stands
+  until a slot comes free with nobody in line: a line emptied by setting waiters aside is
+  still the same overload.
+- **A refusal costs the refused caller its deadline.** A waiter that is set aside, or that
+  gets no slot in time, gets the 503 with Retry-After ``timeout_s`` after it arrived, not
+  at once: a caller that retries at once, ignoring Retry-After, is slowed down instead of
+  bounced back, so refusals cannot multiply until their own handling takes the CPU from the
+  requests being served. Waiting costs the process a timer and no CPU. The line and the
+  set-aside requests together hold at most ``max_waiting``; past that a request is refused
+  at once.
 
 The limit is fixed on purpose: a controller that moves it with the time spent in a slot
 reads the CPU taken by refusals, or by another process, as a reason to cut, and cut down to
-a single slot it throws the throughput away (docs/reliability.md, Admission).
+a single slot it throws the throughput away (docs/reliability.md, Overload and admission).
 
 A limit of 0 turns admission off: every request is worked on at once.
 """
@@ -48,6 +52,7 @@ class Ticket:
     asked: float
     started: float = 0.0
     granted: asyncio.Future[bool] | None = None  # set while it waits in line
+    aside: bool = False  # set aside: refused at its deadline, never served
 
 
 class Admission:
@@ -59,15 +64,20 @@ class Admission:
         timeout_s: float,
         metrics: Metrics,
         clock: Callable[[], float] = time.perf_counter,
+        interval_s: float = 0.1,
     ) -> None:
         self.limit = max_inflight  # 0: no limit
         self.max_waiting = max_waiting
         self.target_s = target_s
         self.timeout_s = timeout_s
+        self.interval_s = interval_s
         self.clock = clock
         self.inflight = 0
         self.hold_s = 0.0  # running mean of the time one request holds its slot
+        self.aside = 0  # requests set aside, waiting for their deadline
         self._line: deque[Ticket] = deque()
+        self._empty_at = clock()  # when the line was last empty
+        self._standing = False  # the line stood, and no slot has come free since
         metrics.admission_limit.set(max_inflight)
 
     @property
@@ -76,7 +86,16 @@ class Admission:
 
     def full(self) -> bool:
         """Whether a request arriving now would be refused at once: slots and line taken."""
-        return self.limit > 0 and self.inflight >= self.limit and self.waiting >= self.max_waiting
+        return (
+            self.limit > 0
+            and self.inflight >= self.limit
+            and self.waiting + self.aside >= self.max_waiting
+        )
+
+    def standing(self, now: float) -> bool:
+        """Whether the line stands: it has not been empty for ``interval_s``, or it stood
+        and no slot has come free since."""
+        return self._standing or (bool(self._line) and now - self._empty_at >= self.interval_s)
 
     async def enter(self) -> Ticket | None:
         """A slot for one request: at once, after a wait in line, or None (refused)."""
@@ -87,10 +106,12 @@ class Admission:
         if self.inflight < self.limit and not self._line:
             self.inflight += 1
             return ticket
-        if len(self._line) >= self.max_waiting:
+        if len(self._line) + self.aside >= self.max_waiting:
             return None
         loop = asyncio.get_running_loop()
         granted = ticket.granted = loop.create_future()
+        if not self._line and not self._standing:
+            self._empty_at = now
         self._line.append(ticket)
         expiry = loop.call_later(self.timeout_s, self._expire, ticket)
         try:
@@ -99,8 +120,8 @@ class Admission:
         except asyncio.CancelledError:  # the request's task is cancelled (shutdown)
             if not granted.cancelled() and granted.done() and granted.result():
                 self.leave(ticket)  # handed a slot in the same turn: pass it on
-            elif ticket in self._line:
-                self._line.remove(ticket)
+            else:
+                self._forget(ticket)
             raise
         finally:
             expiry.cancel()
@@ -113,22 +134,44 @@ class Admission:
             return
         now = self.clock()
         self.hold_s += HOLD_WEIGHT * (now - ticket.started - self.hold_s)
-        while self._line:
-            waiter = self._next(now)
+        while (waiter := self._next(now)) is not None:
             assert waiter.granted is not None
             if not waiter.granted.done():  # done: cancelled while it waited
                 waiter.granted.set_result(True)  # the slot passes on: inflight unchanged
                 return
         self.inflight -= 1
+        self._standing = False  # a free slot and nobody in line: the overload is over
 
-    def _next(self, now: float) -> Ticket:
-        """The waiter a free slot goes to: the oldest while it can still make the target."""
-        if now - self._line[0].asked + self.hold_s <= self.target_s:
+    def _next(self, now: float) -> Ticket | None:
+        """The waiter a free slot goes to: the oldest while the line drains; once it stands,
+        the newest, the others past the target set aside. None: nobody in line."""
+        if not self._line:
+            return None
+        if not self.standing(now):
             return self._line.popleft()
-        return self._line.pop()
+        self._standing = True
+        newest = self._line.pop()  # served even past the target: nobody fresher waits
+        budget = self.target_s - self.hold_s
+        while self._line and now - self._line[0].asked > budget:
+            self._set_aside(self._line.popleft())
+        return newest
+
+    def _set_aside(self, ticket: Ticket) -> None:
+        assert ticket.granted is not None
+        if not ticket.granted.done():
+            ticket.aside = True
+            self.aside += 1
+
+    def _forget(self, ticket: Ticket) -> None:
+        """A waiter leaves without a slot: out of the line, or out of the set-aside count."""
+        if ticket.aside:
+            ticket.aside = False
+            self.aside -= 1
+        elif ticket in self._line:
+            self._line.remove(ticket)
 
     def _expire(self, ticket: Ticket) -> None:
         assert ticket.granted is not None
         if not ticket.granted.done():
-            self._line.remove(ticket)
+            self._forget(ticket)
             ticket.granted.set_result(False)

@@ -161,14 +161,23 @@ class Settings(BaseSettings):
     )
     latency_target_ms: float = Field(
         default=50.0,
-        description="The answer time admission aims at: while the oldest request in line can "
-        "still be answered within it, free slots go in arrival order; once it cannot, to the "
-        "newest in line (docs/reliability.md, Admission).",
+        description="The answer time admission aims at: once the waiting line stands, a "
+        "request in it whose wait plus the mean time a slot is held passes this is set aside "
+        "and refused, never served late (docs/reliability.md, Overload and admission).",
     )
     queue_timeout_ms: float = Field(
         default=200.0,
         description="Longest a request waits in line for a slot; then it gets 503 with "
-        "Retry-After. A caller that retries at once is slowed by this, not bounced.",
+        "Retry-After. A request set aside from a standing line gets its 503 then too: a "
+        "caller that retries at once is slowed by this, not bounced.",
+    )
+    queue_interval_ms: float = Field(
+        default=100.0,
+        description="A waiting line that has not been empty for this long stands: it is "
+        "served newest first, and a waiter that cannot be answered within latency_target_ms "
+        "is set aside, never served late, until a slot comes free with nobody in line. A "
+        "younger line is a burst: served in arrival order (docs/reliability.md, Overload and "
+        "admission).",
     )
     max_waiting: int = Field(
         default=256,
@@ -258,6 +267,7 @@ class Settings(BaseSettings):
         "version_poll_s",
         "latency_target_ms",
         "queue_timeout_ms",
+        "queue_interval_ms",
         "body_timeout_s",
     )
     @classmethod

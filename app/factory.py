@@ -181,6 +181,7 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
         settings.latency_target_ms / 1000,
         settings.queue_timeout_ms / 1000,
         metrics,
+        interval_s=settings.queue_interval_ms / 1000,
     )
 
     @asynccontextmanager

@@ -27,10 +27,14 @@ class Clock:
 
 
 def admission(
-    limit: int = 2, waiting: int = 4, target_s: float = 0.05, timeout_s: float = 5.0
+    limit: int = 2,
+    waiting: int = 4,
+    target_s: float = 0.05,
+    timeout_s: float = 5.0,
+    interval_s: float = 0.1,
 ) -> tuple[Admission, Clock]:
     clock = Clock()
-    return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock), clock
+    return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock, interval_s), clock
 
 
 async def admitted(adm: Admission) -> Ticket:
@@ -95,42 +99,195 @@ def test_a_full_line_refuses_at_once() -> None:
     asyncio.run(main())
 
 
-def test_once_the_oldest_cannot_make_the_target_the_newest_goes_first() -> None:
+def test_a_burst_drains_in_arrival_order_even_past_the_target() -> None:
+    """A line that emptied within the interval is a burst: every waiter is served, oldest
+    first, however long it has waited."""
+
     async def main() -> None:
-        adm, clock = admission(limit=1, target_s=0.05)
-        held = await admitted(adm)
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
         old = asyncio.create_task(adm.enter())
         await settle()
-        clock.now = 0.06  # the oldest has waited past the target
+        clock.now = 0.06  # the oldest is past the target, the line younger than the interval
         new = asyncio.create_task(adm.enter())
         await settle()
+        assert not adm.standing(clock.now)
+        adm.leave(held)
+        await settle()
+        assert old.done() and not new.done()
+        ticket = old.result()
+        assert ticket is not None
+        adm.leave(ticket)
+        await settle()
+        assert new.done() and new.result() is not None
+
+    asyncio.run(main())
+
+
+def test_a_standing_line_serves_the_newest_and_sets_the_stale_aside() -> None:
+    """A line not empty for the interval stands: the newest goes first, and a waiter that
+    cannot make the target is never served, even once nothing fresher waits."""
+
+    async def main() -> None:
+        adm, clock = admission(limit=1, waiting=4, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.12  # the line has stood for the interval; old waited 120 ms
+        new = asyncio.create_task(adm.enter())
+        await settle()
+        assert adm.standing(clock.now)
         adm.leave(held)
         await settle()
         assert new.done() and not old.done()
+        assert adm.waiting == 0 and adm.aside == 1  # old: set aside, not in line
+        assert not adm.full()  # 1 set aside + 0 waiting < 4
         ticket = new.result()
         assert ticket is not None
-        adm.leave(ticket)  # nothing fresher waits: the old one is served after all
+        adm.leave(ticket)  # nothing fresher waits, yet old is not served late
         await settle()
-        assert old.done() and old.result() is not None
+        assert not old.done() and adm.inflight == 0
+        old.cancel()
+        await asyncio.gather(old, return_exceptions=True)
+        assert adm.aside == 0
+
+    asyncio.run(main())
+
+
+def test_a_set_aside_waiter_is_refused_at_its_deadline() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05, timeout_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.12
+        new = asyncio.create_task(adm.enter())
+        await settle()
+        adm.leave(held)  # the line stands: new gets the slot, old is set aside
+        assert adm.aside == 1 and adm.waiting == 0
+        assert await old is None  # the 503, at the deadline
+        assert adm.aside == 0
+        ticket = await new
+        assert ticket is not None
+        adm.leave(ticket)
+        assert adm.inflight == 0
+
+    asyncio.run(main())
+
+
+def test_set_aside_requests_count_toward_a_full_line() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, waiting=2, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        stale = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        clock.now = 0.12
+        assert await adm.enter() is None and adm.full()  # slot and line taken: at once
+        adm.leave(held)  # the newest stale waiter is served, the other set aside
+        await settle()
+        assert adm.waiting == 0 and adm.aside == 1 and adm.inflight == 1
+        waiter = asyncio.create_task(adm.enter())  # room for one more: 1 aside + 1 waiting
+        await settle()
+        assert adm.full()
+        for task in (*stale, waiter):
+            task.cancel()
+        await asyncio.gather(*stale, waiter, return_exceptions=True)
+        assert adm.aside == 0 and adm.waiting == 0
 
     asyncio.run(main())
 
 
 def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
     async def main() -> None:
-        adm, clock = admission(limit=1, target_s=0.05)
-        adm.hold_s = 0.04  # slots are held 40 ms on average
-        held = await admitted(adm)
-        old = asyncio.create_task(adm.enter())
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        early = asyncio.create_task(adm.enter())
         await settle()
-        clock.now = 0.02  # 20 ms waited + 40 ms in a slot: past the target
-        new = asyncio.create_task(adm.enter())
+        clock.now = 0.10
+        middle = asyncio.create_task(adm.enter())
         await settle()
+        clock.now = 0.12  # standing; middle has waited 20 ms
+        newest = asyncio.create_task(adm.enter())
+        await settle()
+        adm.hold_s = 0.04  # slots are held 40 ms on average: 20 + 40 is past the target
         held.started = clock.now - 0.04
         adm.leave(held)
         await settle()
-        assert new.done() and not old.done()
-        old.cancel()
+        assert newest.done() and adm.aside == 2 and adm.waiting == 0
+        assert not middle.done() and not early.done()
+        for task in (early, middle):
+            task.cancel()
+        await asyncio.gather(early, middle, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_line_emptied_by_setting_waiters_aside_still_stands() -> None:
+    """The overload is not over because its stale waiters were set aside: the next ones are
+    still served newest first."""
+
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        clock.now = 0.12
+        adm.leave(held)  # standing: the newer one is served, the older set aside
+        await settle()
+        running = waiters[1].result()
+        assert running is not None and adm.waiting == 0 and adm.aside == 1
+        clock.now = 0.13
+        first = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.14
+        second = asyncio.create_task(adm.enter())
+        await settle()
+        adm.leave(running)
+        await settle()
+        assert adm.standing(clock.now)
+        assert second.done() and not first.done()  # newest first: still standing
+        for task in (waiters[0], first):
+            task.cancel()
+        await asyncio.gather(waiters[0], first, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_once_a_slot_comes_free_with_nobody_in_line_it_is_a_burst_again() -> None:
+    async def main() -> None:
+        adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
+        held = await adm.enter()
+        assert held is not None
+        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
+        await settle()
+        clock.now = 0.12
+        adm.leave(held)  # standing: the newer one is served, the older set aside
+        await settle()
+        served = waiters[1].result()
+        assert served is not None
+        adm.leave(served)  # nobody in line: the slot is free, the line no longer stands
+        assert adm.inflight == 0 and not adm.standing(clock.now)
+        running = await adm.enter()  # a free slot at once
+        assert running is not None
+        clock.now = 0.13
+        first = asyncio.create_task(adm.enter())
+        await settle()
+        second = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.20  # both past the target, but the line is only 70 ms old
+        assert not adm.standing(clock.now)
+        adm.leave(running)
+        await settle()
+        assert first.done() and not second.done()
+        for task in (waiters[0], second):
+            task.cancel()
+        await asyncio.gather(waiters[0], second, return_exceptions=True)
 
     asyncio.run(main())
 

@@ -43,6 +43,7 @@ def test_read_from_prefixed_environment(monkeypatch: pytest.MonkeyPatch) -> None
         ("max_waiting", -1),
         ("latency_target_ms", 0),
         ("queue_timeout_ms", 0),
+        ("queue_interval_ms", 0),
         ("body_timeout_s", 0),
         ("max_candidates", 0),
         ("max_k", -1),

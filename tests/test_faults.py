@@ -113,8 +113,10 @@ def slow(model: LoadedModel, seconds: float) -> None:
 def test_past_the_slots_a_request_waits_in_line_and_is_served(
     loaded: str, settings_factory: Callable[..., Settings]
 ) -> None:
-    """One slot, a slow model: the others wait for the slot instead of being refused."""
-    app = create_app(settings_factory(max_inflight=1, queue_timeout_ms=10_000))
+    """One slot, a slow model, a target it can meet: the others wait for the slot instead
+    of being refused."""
+    settings = settings_factory(max_inflight=1, queue_timeout_ms=10_000, latency_target_ms=10_000)
+    app = create_app(settings)
 
     async def main() -> list[Any]:
         async with serve(app) as client:
