@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from training.channels import weighted_matrix
 from training.data import synthetic
 from training.recall import ItemKNN, PairLookup, sparse_top_n, top_n, user_item_matrix
 from training.split import leave_last_out
@@ -180,3 +181,45 @@ def test_sparse_svd_factors_equal_the_dense_ones_up_to_sign(knns, monkeypatch):
     sign = np.sign((got_u * want_u).sum(axis=0))
     np.testing.assert_allclose(got_u * sign, want_u, atol=2e-4)
     np.testing.assert_allclose(got_v * sign, want_v, atol=2e-4)
+
+
+def test_markov_lists_equal_the_dense_scores(data):
+    from training.channels import Markov
+
+    ds, split, test_hist = data
+    markov = Markov(split.train, ds.n_items, window=4, alpha=0.5, last=3)
+    q = weighted_matrix(test_hist, ds.n_items, markov.query_decay, last=markov.last)
+    dense = (q @ markov.t).toarray() + markov.prior[None, :]
+    for n in (10, 200):
+        want = top_n(dense, _seen(test_hist, ds.n_items), n)
+        got = markov.recall(test_hist, n, chunk=50)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_ease_under_its_limit_equals_the_dense_recipe(data):
+    from training.channels import EASE
+
+    ds, split, test_hist = data
+    ease = EASE(split.train, ds.n_items, lam=50.0, decay=0.9)
+    x = weighted_matrix(split.train, ds.n_items, 0.9)[:, 1:]
+    g = (x.T @ x).toarray().astype(np.float64)
+    g[np.diag_indices_from(g)] += 50.0
+    p = np.linalg.inv(g)
+    b = -p / np.diag(p)[None, :]
+    np.fill_diagonal(b, 0.0)
+    full = np.zeros((ds.n_items + 1, ds.n_items + 1), dtype=np.float32)
+    full[1:, 1:] = b
+    np.testing.assert_array_equal(ease.b, full)
+    q = weighted_matrix(test_hist, ds.n_items, 0.9)
+    want = top_n(np.asarray(q @ full, dtype=np.float64), _seen(test_hist, ds.n_items), 20)
+    got = ease.recall(test_hist, 20)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def _seen(histories: list[np.ndarray], n_items: int) -> np.ndarray:
+    seen = np.zeros((len(histories), n_items + 1), dtype=bool)
+    for b, h in enumerate(histories):
+        seen[b, h] = True
+    return seen
