@@ -223,3 +223,72 @@ def _seen(histories: list[np.ndarray], n_items: int) -> np.ndarray:
     for b, h in enumerate(histories):
         seen[b, h] = True
     return seen
+
+
+def _dense_fuse(rrf, lists, n, n_items):
+    """RRF over a dense (B, I+1) score matrix and features from dense lookups: the
+    reference the sparse fusion must match."""
+    from training.fusion import RANK_DEFAULT, SCORE_DEFAULT
+
+    b = len(next(iter(lists.values()))[0])
+    r = np.arange(b)[:, None]
+    fused = np.zeros((b, n_items + 1))
+    for name, (items, scores) in lists.items():
+        w = rrf.weights.get(name, 0.0)
+        if w > 0:
+            rank = np.arange(1, items.shape[1] + 1)[None, :]
+            fused[r, items] += np.where(np.isfinite(scores), w / (rrf.k + rank), 0.0)
+    items, score = top_n(fused, fused <= 0, n)
+    absent = ~np.isfinite(score) | (score <= 0)
+    items, score = np.where(absent, 0, items), np.where(absent, 0.0, score)
+    out = []
+    for it, sc in lists.values():
+        rank = np.full((b, n_items + 1), RANK_DEFAULT)
+        value = np.full((b, n_items + 1), SCORE_DEFAULT)
+        ranks = np.broadcast_to(np.arange(1, it.shape[1] + 1, dtype=np.float64), it.shape)
+        rank[r, it] = np.where(np.isfinite(sc), ranks, RANK_DEFAULT)
+        value[r, it] = np.where(np.isfinite(sc), sc, SCORE_DEFAULT)
+        rank[:, 0], value[:, 0] = RANK_DEFAULT, SCORE_DEFAULT
+        out += [np.take_along_axis(rank, items, 1), np.take_along_axis(value, items, 1)]
+    return items, score, np.stack(out, axis=-1).astype(np.float32)
+
+
+def test_sparse_fusion_equals_the_dense_fusion():
+    from training.fusion import RRF
+
+    rng = np.random.default_rng(5)
+    n_items, b, depth = 60, 70, 15
+    lists = {}
+    for name in ("ease", "markov", "sasrec", "als"):
+        items = np.stack([rng.choice(np.arange(1, n_items + 1), depth, replace=False)
+                          for _ in range(b)])  # fmt: skip
+        scores = np.sort(rng.random((b, depth)), axis=1)[:, ::-1].copy()
+        scores[rng.random((b, depth)) < 0.1] = -np.inf  # seen fill-ins: no vote
+        lists[name] = (items, scores)
+    rrf = RRF({"ease": 2.0, "markov": 1.0, "sasrec": 1.0}, k=10.0)  # als: features only
+    for n in (5, 30, 59):  # 59: past the items any list recalls, padded with 0
+        want = _dense_fuse(rrf, lists, n, n_items)
+        got = rrf.fuse(lists, n, n_items, chunk=16)
+        np.testing.assert_array_equal(got.items, want[0])
+        np.testing.assert_array_equal(got.score, want[1])
+        np.testing.assert_array_equal(got.features, want[2])
+
+
+def test_rrf_tuning_past_max_rows_scores_a_fixed_subset():
+    from training.fusion import tune_rrf
+
+    rng = np.random.default_rng(6)
+    scores = np.tile(np.linspace(1.0, 0.1, 10), (300, 1))
+    lists = {
+        c: (np.stack([rng.permutation(np.arange(1, 40))[:10] for _ in range(300)]), scores)
+        for c in ("ease", "markov")
+    }
+    truth = lists["ease"][0][:, 0].copy()
+    truth[::2] = 40  # half the rows: a truth no list holds
+    small = tune_rrf(lists, truth, 10, 40, max_rows=100, passes=1)
+    assert small.trials == tune_rrf(lists, truth, 10, 40, max_rows=100, passes=1).trials
+    keep = np.sort(np.random.default_rng(0).choice(300, 100, replace=False))
+    subset = {c: (items[keep], scores[keep]) for c, (items, scores) in lists.items()}
+    assert small.trials == tune_rrf(subset, truth[keep], 10, 40, passes=1).trials
+    full = tune_rrf(lists, truth, 10, 40, passes=1)
+    assert small.trials[0]["recall@10"] != full.trials[0]["recall@10"]
