@@ -72,40 +72,34 @@ class RRF:
         """(b, n) item rows and fused scores for the histories in ``rows``: the items with a
         positive fused score, best first, ties by row, then item row 0 and score 0.
 
-        Works on the (history, item) pairs the channels return, as one sorted key
-        ``history * (I+1) + item``, never on a (b, I+1) matrix; each pair's votes add up
-        channel by channel, in the order a dense (b, I+1) sum adds them: the same floats.
+        Votes are added channel by channel into a zeroed (b, I+1) buffer at the items the
+        channels return (the same floats as a dense sum), and read back only there: the
+        top ``n`` come from the (b, channels x depth) returned items, never from a full
+        (b, I+1) ranking.
         """
         b = rows.stop - rows.start
-        size = n_items + 1
         r = np.arange(b)[:, None]
-        keys, votes = [], []
-        for name, (items, scores) in lists.items():
-            w = self.weights.get(name, 0.0)
-            if w <= 0:
-                continue
-            it, sc = items[rows], scores[rows]
-            rank = np.arange(1, it.shape[1] + 1)[None, :]
-            keys.append((r * size + it).ravel())
-            # top_n fills a short list with -inf-scored seen items: those are not recalled.
-            votes.append(np.where(np.isfinite(sc), w / (self.k + rank), 0.0).ravel())
         items_out, score_out = np.zeros((b, n), dtype=np.int64), np.zeros((b, n))
-        if not keys or not sum(len(k) for k in keys):
+        voting = [(w, items[rows], scores[rows]) for name, (items, scores) in lists.items()
+                  if (w := self.weights.get(name, 0.0)) > 0]  # fmt: skip
+        if not voting or not voting[0][1].shape[1]:
             return items_out, score_out
-        pairs = np.unique(np.concatenate(keys))  # sorted
-        total = np.zeros(len(pairs))
-        for key, vote in zip(keys, votes, strict=True):
-            total[np.searchsorted(pairs, key)] += vote
-        hist, item = np.divmod(pairs, size)
-        keep = (total > 0) & (item > 0)
-        hist, item, total = hist[keep], item[keep], total[keep]
-        order = np.lexsort((item, -total, hist))  # per history: score desc, then row asc
-        hist, item, total = hist[order], item[order], total[order]
-        starts = np.concatenate([[0], np.cumsum(np.bincount(hist, minlength=b))[:-1]])
-        place = np.arange(len(hist)) - starts[hist]
-        top = place < n
-        items_out[hist[top], place[top]] = item[top]
-        score_out[hist[top], place[top]] = total[top]
+        total = np.zeros((b, n_items + 1))  # calloc: only the pages written are touched
+        for w, it, sc in voting:
+            rank = np.arange(1, it.shape[1] + 1)[None, :]
+            # top_n fills a short list with -inf-scored seen items: those are not recalled.
+            total[r, it] += np.where(np.isfinite(sc), w / (self.k + rank), 0.0)
+        cand = np.sort(np.concatenate([it for _, it, _ in voting], axis=1), axis=1)  # (b, M)
+        score = total[r, cand]
+        repeat = np.zeros(cand.shape, dtype=bool)
+        repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        score = np.where(repeat | (cand == 0) | ~(score > 0), -np.inf, score)
+        order = np.argsort(-score, axis=1, kind="stable")[:, :n]  # score desc, then row asc
+        best, best_score = np.take_along_axis(cand, order, 1), np.take_along_axis(score, order, 1)
+        found = np.isfinite(best_score)
+        m = best.shape[1]
+        items_out[:, :m] = np.where(found, best, 0)
+        score_out[:, :m] = np.where(found, best_score, 0.0)
         return items_out, score_out
 
     def order(self, lists: ChannelLists, n: int, n_items: int, chunk: int = 512) -> np.ndarray:
