@@ -200,3 +200,11 @@ def test_time_cut_keeps_each_query_target_out_of_the_fit(data):
     knn = ItemKNN(fit, ds.n_items)  # any channel can answer the queries
     items, _ = knn.recall(q.history, 10)
     assert items.shape == (len(q.target), 10)
+
+
+def test_sasrec_time_cap_stops_within_an_epoch(data):
+    ds, split, _ = data
+    cfg = replace(SMALL_SASREC, max_minutes=0.0, batch_size=16)
+    model = SASRecRecall(split.train, ds.n_items, split.val, cfg)
+    assert len(model.log) == 1
+    assert model.log[0]["windows"] == 16  # one batch, then the cap
