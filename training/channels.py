@@ -136,7 +136,7 @@ class Markov:
     reaches come in popularity order.
 
     Everything is a scipy.sparse matrix (nonzeros <= window x interactions); the top-N
-    lists are taken over the columns a chunk of queries reaches (``sparse_top_n``).
+    lists are taken over the items each query reaches (``sparse_top_n``).
     """
 
     name = "markov"
@@ -175,7 +175,7 @@ class Markov:
         self.prior = 1e-6 * pop / max(pop.sum(), 1.0)  # (I+1,)
 
     def recall(
-        self, histories: list[np.ndarray], n: int, chunk: int = 256
+        self, histories: list[np.ndarray], n: int, chunk: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
         q = weighted_matrix(histories, self.n_items, self.query_decay, last=self.last)
         return sparse_top_n(sp.csr_matrix(q @ self.t), histories, n, self.prior, chunk)

@@ -63,17 +63,17 @@ def sparse_top_n(
     histories: list[np.ndarray],
     n: int,
     prior: np.ndarray | None = None,
-    chunk: int = 256,
+    chunk: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``top_n(scores.toarray() + prior, seen, n)`` without the dense (B, n_items + 1)
     matrix: the same items and scores, for ``scores`` >= 0 (B, n_items + 1), the seen items
     of ``histories`` and an optional ``prior`` (n_items + 1,) added to every row.
 
-    Per ``chunk`` of rows, only the columns that hold an entry of one of its rows, its
-    histories' items, and the first ``n + longest history`` items in the prior's order
-    (by row without one) are made dense. A column outside that set scores exactly its
-    prior; at least ``n`` unseen items of the set score at least as much and come first
-    on ties, so it is never in the top ``n``.
+    Each row's candidates are its stored entries and the first ``n + longest history``
+    items in the prior's order (by row without one), its seen items out. An item outside
+    them scores exactly its prior; at least ``n`` unseen candidates score at least as much
+    and come first on ties, so it is never in the top ``n``. The candidates are ranked
+    by one sort of (row, score desc, item row asc).
     """
     scores = sp.csr_matrix(scores)
     n_cols = scores.shape[1]
@@ -81,20 +81,45 @@ def sparse_top_n(
     for s in range(0, max(scores.shape[0], 1), chunk):
         part = scores[s : s + chunk]
         hist = histories[s : s + chunk]
+        b = part.shape[0]
         longest = max((len(h) for h in hist), default=0)
-        cols = np.union1d(
-            np.concatenate([[0], part.indices, *hist]).astype(np.int64),
-            _fillers(n_cols, n + longest, prior),
-        )  # sorted: ties by position are ties by item row
-        dense = part[:, cols].toarray()
+        seen = [np.asarray(h, dtype=np.int64) for h in hist]
+        if n + longest + 1 >= n_cols:  # a small catalogue: the dense form is small too
+            dense = part.toarray() if prior is None else part.toarray() + prior[None, :]
+            mask = np.zeros(dense.shape, dtype=bool)
+            for r, h in enumerate(seen):
+                mask[r, h] = True
+            idx, sc = top_n(dense, mask, n)
+            items_out.append(idx)
+            scores_out.append(sc)
+            continue
+        fill = _fillers(n_cols, n + longest, prior)
+        rows = np.concatenate([np.repeat(np.arange(b), np.diff(part.indptr)),
+                               np.repeat(np.arange(b), len(fill))])  # fmt: skip
+        cols = np.concatenate([part.indices, np.tile(fill, b)]).astype(np.int64)
+        vals = np.concatenate([part.data, np.zeros(b * len(fill), dtype=part.dtype)])
+        filler = np.arange(len(rows)) >= part.nnz
+        keys = rows * n_cols + cols
+        order = np.lexsort((filler, keys))  # per item: a stored entry before its filler
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = keys[order[1:]] != keys[order[:-1]]
+        pick = order[first]
+        seen_keys = np.concatenate([r * n_cols + h for r, h in enumerate(seen)] or [[]])
+        pick = pick[(cols[pick] > 0) & ~np.isin(keys[pick], seen_keys)]
+        rows, cols, vals = rows[pick], cols[pick], vals[pick]
         if prior is not None:
-            dense = dense + prior[cols][None, :]
-        seen = np.zeros(dense.shape, dtype=bool)
-        for b, h in enumerate(hist):
-            seen[b, np.searchsorted(cols, h)] = True
-        idx, sc = top_n(dense, seen, n)
-        items_out.append(cols[idx])
-        scores_out.append(sc)
+            vals = vals + prior[cols]
+        order = np.lexsort((cols, -vals, rows))  # per row: score desc, then item row asc
+        rows, cols, vals = rows[order], cols[order], vals[order]
+        starts = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=b))[:-1]])
+        place = np.arange(len(rows)) - starts[rows]
+        top = place < n
+        items = np.zeros((b, n), dtype=np.int64)
+        best = np.zeros((b, n), dtype=vals.dtype)
+        items[rows[top], place[top]] = cols[top]
+        best[rows[top], place[top]] = vals[top]
+        items_out.append(items)
+        scores_out.append(best)
     return np.concatenate(items_out), np.concatenate(scores_out)
 
 
@@ -192,7 +217,7 @@ class ItemKNN:
         self.n_items = n_items
 
     def recall(
-        self, histories: list[np.ndarray], n: int, chunk: int = 256
+        self, histories: list[np.ndarray], n: int, chunk: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-n unseen items per history: (B, n) item rows and their summed similarity."""
         h = user_item_matrix(histories, self.n_items)
