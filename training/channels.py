@@ -177,5 +177,11 @@ class Markov:
     def recall(
         self, histories: list[np.ndarray], n: int, chunk: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
-        q = weighted_matrix(histories, self.n_items, self.query_decay, last=self.last)
-        return sparse_top_n(sp.csr_matrix(q @ self.t), histories, n, self.prior, chunk)
+        items, scores = [], []
+        for s in range(0, max(len(histories), 1), chunk):  # (chunk, I+1) products at a time
+            part = histories[s : s + chunk]
+            q = weighted_matrix(part, self.n_items, self.query_decay, last=self.last)
+            i, sc = sparse_top_n(sp.csr_matrix(q @ self.t), part, n, self.prior, chunk)
+            items.append(i)
+            scores.append(sc)
+        return np.concatenate(items), np.concatenate(scores)

@@ -220,8 +220,14 @@ class ItemKNN:
         self, histories: list[np.ndarray], n: int, chunk: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-n unseen items per history: (B, n) item rows and their summed similarity."""
-        h = user_item_matrix(histories, self.n_items)
-        return sparse_top_n(sp.csr_matrix(h @ self.sim), histories, n, chunk=chunk)
+        items, scores = [], []
+        for s in range(0, max(len(histories), 1), chunk):  # (chunk, I+1) products at a time
+            part = histories[s : s + chunk]
+            h = user_item_matrix(part, self.n_items)
+            i, sc = sparse_top_n(sp.csr_matrix(h @ self.sim), part, n, chunk=chunk)
+            items.append(i)
+            scores.append(sc)
+        return np.concatenate(items), np.concatenate(scores)
 
     def sim_without_user(self, rows: np.ndarray, own: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Similarity of items ``rows`` (of the user) to items ``cols``, with the user's own
