@@ -84,7 +84,9 @@ def sparse_top_n(
         b = part.shape[0]
         longest = max((len(h) for h in hist), default=0)
         seen = [np.asarray(h, dtype=np.int64) for h in hist]
-        if n + longest + 1 >= n_cols:  # a small catalogue: the dense form is small too
+        # A small catalogue, or rows that reach an eighth of it: the dense form is small,
+        # or a partition of it is faster than sorting that many entries.
+        if n + longest + 1 >= n_cols or part.nnz * 8 > b * n_cols:
             dense = part.toarray() if prior is None else part.toarray() + prior[None, :]
             mask = np.zeros(dense.shape, dtype=bool)
             for r, h in enumerate(seen):
