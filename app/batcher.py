@@ -18,7 +18,6 @@ read.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from app.background import stop_loop
 from app.errors import ModelError
 from app.metrics import Metrics
 from app.model import Job, LoadedModel, Scored
@@ -63,10 +63,7 @@ class Batcher:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():

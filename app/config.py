@@ -213,7 +213,8 @@ class Settings(BaseSettings):
         default=True,
         description="Serve the demo page at /demo (app/demo.py): a sample user of the model's "
         "models/<version>/demo.json reranked in the browser, its history sent with each "
-        "request, nothing written to Redis. Production sets false: /demo is then 404.",
+        "request; only a film added with its form (POST /items) is written to Redis. "
+        "Production sets false: /demo is then 404.",
     )
 
     @field_validator(

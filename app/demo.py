@@ -12,8 +12,9 @@ or baked into an image (it holds the data's titles and histories); without it,
 ``/demo/sample.json`` is a 404 whose detail names the command, and the page shows that.
 
 The page sends the history in each ``/rerank`` request's ``history`` field and keeps the
-films a visitor clicks in the browser. So the demo writes nothing to Redis, reads no stored
-history, and visitors never see each other's clicks; a reload starts over.
+films a visitor clicks in the browser. So the demo reads no stored history, and visitors
+never see each other's clicks; a reload starts over. Its form for a new film calls
+``POST /items``, the one thing the page writes: the film's vector, under a fresh id.
 
 ``RERANK_DEMO=false`` leaves all of this out: ``/demo`` is then 404 like any unknown path.
 """

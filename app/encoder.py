@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from app.errors import ManifestMismatch, ModelError
 from app.model import load_session
-from contract import ENCODER_DIR, sha256_file
+from contract import ENCODER_DIR, first_bad_file
 
 MANIFEST_KIND = "text-encoder"
 ENCODER_FILES = ("model.onnx", "tokenizer.json")
@@ -141,15 +141,16 @@ def read_encoder_manifest(folder: Path) -> dict[str, Any]:
 
 def verify_encoder(folder: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists exists and has its sha256."""
-    for name, expected in manifest["sha256"].items():
-        path = folder / name
-        if not path.is_file():
-            raise ManifestMismatch(f"{path}: listed in the encoder manifest but missing")
-        if sha256_file(path) != expected:
-            raise ManifestMismatch(
-                f"{path}: sha256 differs from the encoder manifest (corrupt or replaced file); "
-                "restore models/encoder/ from the repository"
-            )
+    bad = first_bad_file(folder, manifest["sha256"])
+    if bad is None:
+        return
+    path, present = bad
+    if not present:
+        raise ManifestMismatch(f"{path}: listed in the encoder manifest but missing")
+    raise ManifestMismatch(
+        f"{path}: sha256 differs from the encoder manifest (corrupt or replaced file); "
+        "restore models/encoder/ from the repository"
+    )
 
 
 def encoder_dir(models_dir: Path) -> Path:

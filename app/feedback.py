@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from app.background import stop_loop
 from app.errors import StoreUnavailable
 from app.metrics import Metrics
 from app.store import POSITION_BUCKETS, Hit, Remembered, Store, position_bucket
@@ -62,40 +63,29 @@ def best_hit(user_id: str, remembered: Sequence[bytes | None]) -> Hit | None:
     return best
 
 
+@dataclass(eq=False)
 class Feedback:
     """Queues remembered answers and hits; one task writes them to Redis in batches."""
 
-    def __init__(
-        self,
-        store: Store,
-        metrics: Metrics,
-        top_k: int,
-        ttl_s: int,
-        max_pending: int = MAX_PENDING,
-        timeout_s: float = WRITE_TIMEOUT_S,
-    ) -> None:
-        self.store = store
-        self.metrics = metrics
-        self.top_k = top_k
-        self.ttl_s = ttl_s
-        self.max_pending = max_pending
-        self.timeout_s = timeout_s
-        self._answers: deque[Remembered] = deque()
-        self._hits: deque[Hit] = deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._logged_at = -math.inf
-        self._unlogged = 0
+    store: Store
+    metrics: Metrics
+    top_k: int
+    ttl_s: int
+    max_pending: int = MAX_PENDING
+    timeout_s: float = WRITE_TIMEOUT_S
+    _answers: deque[Remembered] = field(default_factory=deque, init=False)
+    _hits: deque[Hit] = field(default_factory=deque, init=False)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
+    _logged_at: float = field(default=-math.inf, init=False)
+    _unlogged: int = field(default=0, init=False)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="feedback-writer")
 
     async def close(self) -> None:
         """Write what is queued (bounded by the write timeout), then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
         with contextlib.suppress(Exception):
             await self._flush()
 

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Lock
 from typing import TYPE_CHECKING, Any
@@ -209,23 +209,17 @@ class EncoderQueue:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass(eq=False)
 class ItemsService:
     """Validate, encode off the loop, write with SET NX under every live version."""
 
-    def __init__(
-        self,
-        store: Store,
-        encoder: ItemEncoder,
-        queue: EncoderQueue,
-        metrics: Metrics,
-        holder: ModelHolder | None = None,
-    ) -> None:
-        self.store = store
-        self.encoder = encoder
-        self.queue = queue
-        self.metrics = metrics
-        self.holder = holder
-        self._manifests: dict[str, Manifest] = {}  # versions are immutable: never stale
+    store: Store
+    encoder: ItemEncoder
+    queue: EncoderQueue
+    metrics: Metrics
+    holder: ModelHolder | None = None
+    # Versions are immutable: a manifest read once is never stale.
+    _manifests: dict[str, Manifest] = field(default_factory=dict, init=False)
 
     async def manifest(self, version: str) -> Manifest:
         model = self.holder.model if self.holder is not None else None

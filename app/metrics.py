@@ -123,6 +123,11 @@ class Metrics:
         self.missing_vectors = Counter(
             "rerank_missing_vectors", "Candidates without a vector (ranked last)", registry=r
         )
+        self.unknown_features = Counter(
+            "rerank_unknown_features",
+            "Candidate features the serving model does not declare (ignored)",
+            registry=r,
+        )
         self.degraded = Counter(
             "rerank_degraded", "Answers in the caller's order, by reason", ["reason"], registry=r
         )

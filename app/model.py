@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +20,11 @@ from app.errors import ModelError
 from contract import (
     ATTN,
     CAND,
+    CAND_FEATS,
     CAND_RANK,
     FLOAT,
     HIST,
-    INPUTS,
+    INPUTS_WITH_FEATS,
     ONNX_FILE,
     SCORES,
     Manifest,
@@ -76,6 +77,7 @@ class Job:
     hist: np.ndarray  # (Lh, D) float32, Lh <= history_len
     cand: np.ndarray  # (Nc, D) float32
     cand_rank: np.ndarray  # (Nc,) float32 position in the caller's list
+    cand_feats: np.ndarray | None = None  # (Nc, F) float32 recall features; None: defaults
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,55 @@ class LoadedModel:
         absent = missing_inputs(self.declared)
         if absent:
             raise ModelError(f"{self.version}: the graph lacks inputs {absent}")
-        # The service feeds what the exporter writes (INPUTS); a graph that wants more, such
-        # as cand_feats, is refused here rather than failing every batch.
-        unfed = sorted(self.declared - set(INPUTS))
+        # The service feeds what the exporter writes; a graph that wants more is refused
+        # here rather than failing every batch.
+        unfed = sorted(self.declared - set(INPUTS_WITH_FEATS))
         if unfed:
             raise ModelError(f"{self.version}: the graph wants inputs the service lacks {unfed}")
         # Older graphs have no cand_rank; the feed leaves out what a graph does not declare.
         self.has_cand_rank = CAND_RANK in self.declared
+        self._init_features(session)
         self.l_buckets = ladder(manifest.history_len)
         self.n_buckets = ladder(max(max_candidates, MIN_N_BUCKET), MIN_N_BUCKET)
         self._check_dim(session)
+
+    def _init_features(self, session: ort.InferenceSession) -> None:
+        """cand_feats: fed only to a graph that declares it, in the manifest's column order,
+        a column a candidate lacks (and every padded row) at its default."""
+        names = self.manifest.feature_names
+        self.has_cand_feats = CAND_FEATS in self.declared
+        if self.has_cand_feats != bool(names):
+            raise ModelError(
+                f"{self.version}: the graph {'declares' if self.has_cand_feats else 'lacks'} "
+                f"{CAND_FEATS} and the manifest names {len(names)} candidate_features"
+            )
+        self.feature_index = {name: i for i, name in enumerate(names)}
+        self.feature_defaults = np.array(self.manifest.feature_defaults, FLOAT)  # (F,)
+        for i in session.get_inputs():
+            if i.name == CAND_FEATS and isinstance(i.shape[-1], int) and i.shape[-1] != len(names):
+                raise ModelError(
+                    f"{self.version}: graph input {CAND_FEATS} has F={i.shape[-1]}, the "
+                    f"manifest names {len(names)} candidate_features"
+                )
+
+    def features(
+        self, given: Sequence[Mapping[str, float]], positions: np.ndarray
+    ) -> tuple[np.ndarray | None, int]:
+        """The ``cand_feats`` rows (Nc, F) of the candidates at ``positions`` (those with a
+        vector) of a request whose candidates carried ``given``, and how many of the given
+        names, over all candidates, this model does not declare (they are ignored). No rows
+        where the graph takes no features."""
+        index = self.feature_index
+        unknown = sum(1 for d in given for name in d if name not in index)
+        if not self.has_cand_feats:
+            return None, unknown
+        rows = np.tile(self.feature_defaults, (len(positions), 1))
+        for row, p in enumerate(positions.tolist()):
+            for name, value in given[p].items():
+                col = index.get(name)
+                if col is not None:
+                    rows[row, col] = value
+        return rows, unknown
 
     def _check_dim(self, session: ort.InferenceSession) -> None:
         for i in session.get_inputs():
@@ -129,7 +170,13 @@ class LoadedModel:
         hist, hist_mask = right_align([j.hist for j in jobs], l_pad, FLOAT)
         cand, cand_mask = left_align([j.cand for j in jobs], n_pad, FLOAT)
         cand_rank, _ = left_align([j.cand_rank for j in jobs], n_pad, FLOAT)
-        scores, attn = self.run(hist, hist_mask, cand, cand_mask, cand_rank)
+        cand_feats = None
+        if self.has_cand_feats:
+            cand_feats = np.tile(self.feature_defaults, (len(jobs), n_pad, 1))  # (B, N, F)
+            for row, job in enumerate(jobs):
+                if job.cand_feats is not None:
+                    cand_feats[row, : len(job.cand_feats)] = job.cand_feats
+        scores, attn = self.run(hist, hist_mask, cand, cand_mask, cand_rank, cand_feats)
         out = []
         for row, job in enumerate(jobs):
             lh, nc = len(job.hist), len(job.cand)
@@ -143,8 +190,9 @@ class LoadedModel:
         cand: np.ndarray,  # (B, N, D)
         cand_mask: np.ndarray,  # (B, N)
         cand_rank: np.ndarray,  # (B, N)
+        cand_feats: np.ndarray | None = None,  # (B, N, F), where the graph declares it
     ) -> tuple[np.ndarray, np.ndarray]:
-        inputs = feed(self.declared, hist, hist_mask, cand, cand_mask, cand_rank)
+        inputs = feed(self.declared, hist, hist_mask, cand, cand_mask, cand_rank, cand_feats)
         try:
             scores, attn = self.session.run([SCORES, ATTN], inputs)
         except Exception as exc:  # ONNX Runtime raises its own untyped errors

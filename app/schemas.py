@@ -7,6 +7,7 @@ ordinary 422 whose ``loc`` names the field.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, TypedDict
 
 from pydantic import (
@@ -19,8 +20,11 @@ from pydantic import (
     StrictInt,
     StrictStr,
     StringConstraints,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
 )
 from pydantic.json_schema import WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from app.config import Settings
 
@@ -61,6 +65,104 @@ Id = Annotated[_IdStr, BeforeValidator(_int_to_str), _ID_JSON_SCHEMA]
 IdList = Annotated[list[Annotated[_IdStr, _ID_JSON_SCHEMA]], BeforeValidator(_ints_to_str)]
 
 
+# A feature value must stay finite as the float32 the model reads.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class Candidates(list[str]):
+    """Candidate ids in the caller's order, with what recall said about each:
+    ``features[i]`` is candidate i's ``{name: value}`` (empty for a plain id). A plain list
+    of ids, without the attribute, is what a request of ids only gives."""
+
+    features: list[dict[str, float]]
+
+
+_NO_FEATURES: dict[str, float] = {}
+
+
+def _candidate_error(i: int, ident: Any, rule: str) -> PydanticCustomError:
+    shown = repr(ident) if len(repr(ident)) <= 40 else repr(ident)[:37] + "..."
+    return PydanticCustomError(
+        "candidate", "candidate {index} (id {id}): {rule}", {"index": i, "id": shown, "rule": rule}
+    )
+
+
+def _features(i: int, ident: Any, features: Any) -> dict[str, float]:
+    if not isinstance(features, dict):
+        raise _candidate_error(i, ident, "features must be an object of name: number")
+    for name, value in features.items():
+        if type(value) is int:
+            if abs(value) > FLOAT32_MAX:
+                raise _candidate_error(i, ident, f"feature {name!r} is not a finite number")
+        elif type(value) is float:
+            if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                raise _candidate_error(i, ident, f"feature {name!r} is not a finite number")
+        else:
+            raise _candidate_error(
+                i, ident, f"feature {name!r} is not a number, got {type(value).__name__}"
+            )
+    return features
+
+
+def _candidates(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Ids and ``{"id", "features"}`` objects, mixed: the objects' ids are validated with
+    the plain ones (an error's ``loc`` is the candidate's index), their features here."""
+    if not isinstance(value, list) or not any(type(v) is dict for v in value):
+        return handler(value)  # ids only: the plain list, as fast as before
+    ids: list[Any] = []
+    features: list[dict[str, float]] = []
+    for i, v in enumerate(value):
+        if type(v) is dict:
+            if "id" not in v or not v.keys() <= {"id", "features"}:
+                raise _candidate_error(
+                    i, v.get("id"), f'an object holds "id" and "features", got keys {list(v)}'
+                )
+            ids.append(v["id"])
+            features.append(_features(i, v["id"], v.get("features", _NO_FEATURES)))
+        else:
+            ids.append(v)
+            features.append(_NO_FEATURES)
+    out = Candidates(handler(ids))
+    out.features = features
+    return out
+
+
+_CANDIDATE_JSON_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+            {"type": "integer"},
+            {
+                "type": "object",
+                "properties": {
+                    "id": {
+                        "anyOf": [
+                            {"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH},
+                            {"type": "integer"},
+                        ]
+                    },
+                    "features": {
+                        "type": "object",
+                        "additionalProperties": {
+                            "type": "number",
+                            "minimum": -FLOAT32_MAX,
+                            "maximum": FLOAT32_MAX,
+                        },
+                    },
+                },
+                "required": ["id"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+)
+CandidateList = Annotated[
+    list[Annotated[_IdStr, _CANDIDATE_JSON_SCHEMA]],
+    BeforeValidator(_ints_to_str),
+    WrapValidator(_candidates),
+]
+
+
 def _json_integer(value: Any) -> Any:
     # What JSON Schema calls an integer: 3 and 3.0, but not true or "3", which pydantic's
     # lax mode would take.
@@ -97,10 +199,12 @@ class RerankRequest(_Strict):
     )
 
     user_id: Id = Field(description=_USER_ID)
-    candidates: IdList = Field(
+    candidates: CandidateList = Field(
         min_length=1,
-        description="Recall's candidate item ids, best first (strings, or integers for their "
-        "decimal strings); duplicates are dropped, the first kept.",
+        description="Recall's candidates, best first: item ids (strings, or integers for "
+        'their decimal strings), or objects {"id": ..., "features": {"name": number}} '
+        "with what recall knows of the candidate (the two forms mix); duplicates are "
+        "dropped, the first kept.",
     )
     k: JsonInt = Field(default=10, ge=1, description="How many items to return.")
     history: IdList | None = Field(
@@ -131,7 +235,7 @@ def request_models(settings: Settings) -> tuple[type[RerankRequest], type[Events
     rerank, events = RerankRequest.model_fields, EventsRequest.model_fields
 
     class Rerank(RerankRequest):
-        candidates: IdList = Field(
+        candidates: CandidateList = Field(
             min_length=1,
             max_length=settings.max_candidates,
             description=rerank["candidates"].description,

@@ -39,6 +39,16 @@ def dedupe(ids: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def dedupe_features(
+    ids: Sequence[str], features: list[dict[str, float]]
+) -> tuple[list[str], list[dict[str, float]]]:
+    """``dedupe`` of candidates that carry features: each kept id keeps its own."""
+    first: dict[str, int] = {}
+    for i, item in enumerate(ids):
+        first.setdefault(item, i)
+    return list(first), [features[i] for i in first.values()]
+
+
 def unscored(item_id: str) -> RankedItemAnswer:
     return {"item_id": item_id, "score": None, "because": None}
 
@@ -112,7 +122,12 @@ class RerankService:
         self._answers: dict[str, Any] = {}
 
     async def rerank(self, req: RerankRequest) -> RerankAnswer:
-        candidates = dedupe(req.candidates)
+        # Candidates given as {"id", "features"} objects carry their features alongside.
+        given: list[dict[str, float]] | None = getattr(req.candidates, "features", None)
+        if given is None:
+            candidates = dedupe(req.candidates)
+        else:
+            candidates, given = dedupe_features(req.candidates, given)
         # Pinned: the user's arm of the split (else the active version); its vectors and its
         # scores come from this version.
         model = self.holder.pick(req.user_id)
@@ -127,7 +142,7 @@ class RerankService:
             return caller_order(req.user_id, candidates, req.k)
         self.metrics.missing_vectors.inc(len(fetched.missing_positions))
         try:
-            scored = await self._score(model, fetched)
+            scored = await self._score(model, fetched, given)
         except ModelError as exc:
             log.error("degraded answer for user %s (%s): %s", req.user_id, model.version, exc)
             self.metrics.degraded.labels("model").inc()
@@ -152,13 +167,20 @@ class RerankService:
             "degraded": False,
         }
 
-    async def _score(self, model: LoadedModel, fetched: Fetched) -> Scored | None:
+    async def _score(
+        self, model: LoadedModel, fetched: Fetched, given: list[dict[str, float]] | None
+    ) -> Scored | None:
         if len(fetched.cand) == 0:  # nothing to score: every candidate is missing
             return None
+        feats = None
+        if given is not None:
+            feats, unknown = model.features(given, fetched.cand_positions)
+            if unknown:
+                self.metrics.unknown_features.inc(unknown)
         # cand_rank is the position in the caller's deduplicated list, gaps included, so a
         # missing vector does not shift the recall-order signal of the ones after it.
         positions = fetched.cand_positions.astype(np.float32)
-        return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions))
+        return await self.batcher.submit(model, Job(fetched.hist, fetched.cand, positions, feats))
 
     async def events(self, req: EventsRequest) -> EventsResponse:
         # The longest history any live version reads: each arm of a split sees its own.

@@ -14,13 +14,13 @@ current routing keeps serving, and the same target is tried again only every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.background import stop_loop
 from app.errors import ManifestMismatch, ModelError, StoreUnavailable, VersionRefused
 from app.metrics import Metrics
 from app.model import LoadedModel, open_model
@@ -132,35 +132,26 @@ def load_version(spec: ModelSpec, remote: Manifest) -> Serving:
     return Serving(model, (ids[0], ids[len(ids) // 2], ids[-1]))
 
 
+@dataclass(eq=False)
 class VersionWatcher:
     """Polls ``rr:active`` and ``rr:split`` every ``poll_s`` and swaps in what they name."""
 
-    def __init__(
-        self,
-        store: Store,
-        holder: ModelHolder,
-        spec: ModelSpec,
-        poll_s: float,
-        metrics: Metrics,
-    ) -> None:
-        self.store = store
-        self.holder = holder
-        self.spec = spec
-        self.poll_s = poll_s
-        self.metrics = metrics
-        self.failed_target: tuple[str | None, bytes | None] | None = None
-        self._failed_at = 0.0
-        self._target: tuple[str | None, bytes | None] | None = None  # what serves now
-        self._task: asyncio.Task[None] | None = None
+    store: Store
+    holder: ModelHolder
+    spec: ModelSpec
+    poll_s: float
+    metrics: Metrics
+    failed_target: tuple[str | None, bytes | None] | None = field(default=None, init=False)
+    _failed_at: float = field(default=0.0, init=False)
+    # What serves now.
+    _target: tuple[str | None, bytes | None] | None = field(default=None, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="version-watcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_loop(self._task)
 
     async def _loop(self) -> None:
         while True:

@@ -9,7 +9,9 @@ candidates, histories of L items, item vectors of D floats::
     cand        (B, N, D) float32  candidate vectors in the caller's order, padding after
     cand_mask   (B, N)    bool     True at a real candidate
     cand_rank   (B, N)    float32  each candidate's position in the caller's list (optional)
-    cand_feats  (B, N, F) float32  per-candidate features (optional; reserved, no graph has it)
+    cand_feats  (B, N, F) float32  per-candidate features, raw values in the manifest's
+                                   ``candidate_features`` order (optional; padded rows
+                                   hold the defaults)
 
     scores      (B, N)    float32  higher first; a padded position's score means nothing
     attn        (B, N, L) float32  each candidate's attention over the history positions
@@ -42,6 +44,7 @@ REQUIRED_INPUTS = (HIST, HIST_MASK, CAND, CAND_MASK)
 OPTIONAL_INPUTS = (CAND_RANK, CAND_FEATS)
 KNOWN_INPUTS = REQUIRED_INPUTS + OPTIONAL_INPUTS
 INPUTS = (HIST, HIST_MASK, CAND, CAND_MASK, CAND_RANK)
+INPUTS_WITH_FEATS = (*INPUTS, CAND_FEATS)  # a model that declares candidate features
 OUTPUTS = (SCORES, ATTN)
 
 # The axes that vary from one run to the next, by name; D (and F) are fixed by the model.

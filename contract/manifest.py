@@ -16,6 +16,9 @@ read it through ``read_manifest`` and ``verify_folder``, so both sides check the
     opset          int     the ONNX opset of model.onnx (optional)
     inputs         [str]   the graph's input names (optional; see contract/graph.py)
     outputs        [str]   the graph's output names (optional)
+    candidate_features [{"name": str, "default": number}]  the columns of ``cand_feats``,
+                   in order, and the value each takes when a candidate does not carry it
+                   (optional; present exactly when ``inputs`` holds ``cand_feats``)
     sha256         {file: hex digest} of model.onnx, item_vectors.npy and item_ids.txt
     model_config   {...}   the model's hyper-parameters (optional)
     item_tower     {...}   the item tower of new items (optional; contract/items.py): its
@@ -28,13 +31,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from contract.graph import KNOWN_INPUTS, OUTPUTS, REQUIRED_INPUTS
+from contract.graph import CAND_FEATS, KNOWN_INPUTS, OUTPUTS, REQUIRED_INPUTS
 from contract.items import ItemTowerSpec
 
 MANIFEST_FILE = "manifest.json"
@@ -58,6 +63,7 @@ _FIELDS = (
     "opset",
     "inputs",
     "outputs",
+    "candidate_features",
     "sha256",
     "model_config",
     "item_tower",
@@ -85,6 +91,7 @@ class Manifest:
     opset: int | None = None
     inputs: tuple[str, ...] | None = None
     outputs: tuple[str, ...] | None = None
+    candidate_features: tuple[dict[str, Any], ...] | None = None
     model_config: dict[str, Any] | None = None
     item_tower: dict[str, Any] | None = None  # as read; ``tower`` is the checked form
     extra: dict[str, Any] = field(default_factory=dict)  # every other key, as read
@@ -101,6 +108,16 @@ class Manifest:
         if self.item_tower is None:
             return None
         return ItemTowerSpec.from_dict(self.item_tower)  # checked at construction
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The names of the ``cand_feats`` columns, in order; empty without features."""
+        return [str(f["name"]) for f in self.candidate_features or ()]
+
+    @property
+    def feature_defaults(self) -> list[float]:
+        """The value of each ``cand_feats`` column for a candidate that lacks it."""
+        return [float(f["default"]) for f in self.candidate_features or ()]
 
     @property
     def wire_dtype(self) -> np.dtype[Any]:
@@ -121,8 +138,8 @@ class Manifest:
             raise ManifestError(f"{where}: missing field {', '.join(missing)}")
         _check(data, where)
         known = {k: data[k] for k in _FIELDS if k in data}
-        for key in ("inputs", "outputs"):
-            if key in known:
+        for key in ("inputs", "outputs", "candidate_features"):
+            if key in known and known[key] is not None:
                 known[key] = tuple(known[key])
         extra = {k: v for k, v in data.items() if k not in _FIELDS}
         return cls(**known, extra=extra)
@@ -182,6 +199,7 @@ def _check(data: dict[str, Any], where: str) -> None:
         raise fail("opset", "must be a positive integer")
     _check_names(data, "inputs", REQUIRED_INPUTS, KNOWN_INPUTS, where)
     _check_names(data, "outputs", OUTPUTS, OUTPUTS, where)
+    _check_features(data, where)
     if data.get("model_config") is not None and not isinstance(data["model_config"], dict):
         raise fail("model_config", "must be an object")
     if data.get("item_tower") is not None:
@@ -216,6 +234,46 @@ def _check_names(
         )
 
 
+def _check_features(data: dict[str, Any], where: str) -> None:
+    """``candidate_features``: objects of a name and a finite default, names unique; present
+    exactly when the declared inputs hold ``cand_feats`` (a manifest without ``inputs`` is
+    not cross-checked)."""
+    feats = data.get("candidate_features")
+    inputs = data.get("inputs")
+    if feats is not None:
+        if not isinstance(feats, list | tuple) or not feats:
+            raise ManifestError(
+                f"{where}: candidate_features must be a non-empty list of "
+                f'{{"name", "default"}} objects, got {feats!r}'
+            )
+        seen: set[str] = set()
+        for i, f in enumerate(feats):
+            ok = isinstance(f, dict) and set(f) == {"name", "default"}
+            name = f.get("name") if ok else None
+            default = f.get("default") if ok else None
+            if not (isinstance(name, str) and name) or not (
+                isinstance(default, int | float)
+                and not isinstance(default, bool)
+                and math.isfinite(default)
+            ):
+                raise ManifestError(
+                    f"{where}: candidate_features[{i}] must be "
+                    f'{{"name": non-empty string, "default": finite number}}, got {f!r}'
+                )
+            if name in seen:
+                raise ManifestError(f"{where}: candidate_features: {name!r} appears twice")
+            seen.add(name)
+    if inputs is not None and isinstance(inputs, list | tuple):
+        if CAND_FEATS in inputs and feats is None:
+            raise ManifestError(
+                f"{where}: inputs hold {CAND_FEATS} but candidate_features is absent"
+            )
+        if feats is not None and CAND_FEATS not in inputs:
+            raise ManifestError(
+                f"{where}: candidate_features is given but inputs lack {CAND_FEATS}"
+            )
+
+
 def read_manifest(folder: Path) -> Manifest:
     """``folder/manifest.json``, checked field by field (not against the files: see
     ``verify_folder``)."""
@@ -242,6 +300,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def first_bad_file(folder: Path, expected: Mapping[str, str]) -> tuple[Path, bool] | None:
+    """The first of ``expected``'s files (name -> sha256) under ``folder`` that is missing
+    (``(path, False)``) or whose sha256 differs (``(path, True)``); None when all match."""
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return path, False
+        if sha256_file(path) != digest:
+            return path, True
+    return None
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     """The ``sha256`` field of a folder's files, as the exporter writes it."""
     return {name: sha256_file(folder / name) for name in HASHED_FILES}
@@ -257,12 +327,13 @@ def verify_folder(folder: Path) -> Manifest:
     m = read_manifest(folder)
     if folder.name != m.version:
         raise ManifestError(f"{folder}: folder name differs from version {m.version!r}")
-    for name, expected in m.sha256.items():
-        path = folder / name
-        if not path.is_file():
-            raise ManifestError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != expected:
-            raise ManifestError(f"{path}: sha256 differs from the manifest")
+    bad = first_bad_file(folder, m.sha256)
+    if bad is not None:
+        path, present = bad
+        what = (
+            "sha256 differs from the manifest" if present else "listed in the manifest but missing"
+        )
+        raise ManifestError(f"{path}: {what}")
     vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
     if vectors.shape != (m.n_items, m.dim):
         raise ManifestError(

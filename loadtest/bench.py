@@ -17,6 +17,9 @@ What it does, in order, every server started and stopped by ``loadtest.harness``
    send again as soon as they are answered): goodput and the p99 of the 200s per level; with
    a model that has an item tower, /rerank's p99 at the half rung's rate alone and beside
    ``--items-rate`` POST /items calls a second (``--items-only``: this comparison alone).
+   Then the same requests with recall features (each candidate an ``{"id", "features"}``
+   object carrying every feature the model declares, or the fused pipeline's ten names for
+   a model without features), beside the plain ids at the same rate: CPU per request.
 4. The floors, on the same traffic, through the service's own code: (1) the model alone,
    its padding and batch run (``app.model.LoadedModel.run_batch``) at the batch sizes the
    service formed, (2) Redis alone, the service's reads (``app.store.Store``), (3) HTTP
@@ -100,6 +103,10 @@ SPLIT_SUFFIX = "-b"  # --split: the model a second time under this suffix, 50/50
 ITEMS_RATE = 20.0  # /items calls a second; 0 skips it
 ITEMS_RERANK_RATE = 100.0  # /rerank req/s of the comparison under --items-only
 ITEMS_DURATION_S = 15.0
+# The recall features a fused model declares (training/fusion.py): rank and score for each of
+# its five channels. A model without features is sent these, ignored and counted.
+FEATURE_NAMES = [f"{c}_{k}" for c in ("ease", "markov", "sasrec", "item_knn", "als")
+                 for k in ("rank", "score")]  # fmt: skip
 
 
 def log(*parts: object) -> None:
@@ -110,11 +117,16 @@ def log(*parts: object) -> None:
 
 
 def payloads(
-    traffic: dict[str, Any], port: int, candidates: int, k: int, limit: int
+    traffic: dict[str, Any],
+    port: int,
+    candidates: int,
+    k: int,
+    limit: int,
+    features: list[str] | None = None,
 ) -> list[bytes]:
     return [
         load.render(port, "POST", path, body)
-        for path, body in tf.bodies(traffic, candidates, k, limit)
+        for path, body in tf.bodies(traffic, candidates, k, limit, features)
     ]
 
 
@@ -168,10 +180,13 @@ def drive(
     metrics: bool = True,
     refine: int | None = None,
     warmup: float | None = None,
+    features: list[str] | None = None,
 ) -> dict[str, Any]:
     """A warm-up, then the ladder (or the given ``rates``), then, with ``half``, one long
     rung at half the max throughput within the SLO."""
-    requests = payloads(traffic, port, candidates or args.candidates, args.k, args.n_requests)
+    requests = payloads(
+        traffic, port, candidates or args.candidates, args.k, args.n_requests, features
+    )
     seconds = duration or args.duration
 
     async def one(rate: float, length: float = seconds) -> dict[str, Any]:
@@ -771,6 +786,25 @@ def markdown(res: dict[str, Any]) -> str:
             f"{fmt(lat['p99'], 2)} | {lv['shed']} | {lv['errors']} | {fmt(server_cpu(lv), 3)} "
             f"| {fmt(lv['generator']['cpu_cores'], 2)} |"
         )
+    feat = res.get("features")
+    if feat:
+        lines += [
+            "",
+            "## Recall features in the requests",
+            "",
+            f"At {res['params']['sweep_rate']:g} req/s offered, {res['params']['candidates']} "
+            f"candidates, each an object carrying {len(feat['names'])} features "
+            f"({', '.join(feat['names'])}), beside the same requests as plain ids.",
+            "",
+            "| requests | server CPU ms/req | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for label in ("plain", "features"):
+            r = feat[label]
+            lines.append(
+                f"| {label} | {fmt(server_cpu(r), 3)} | {fmt(r['latency_ms']['p50'], 2)} | "
+                f"{fmt(r['latency_ms']['p99'], 2)} |"
+            )
     lines += [
         "",
         "## Cost per request against the number of candidates",
@@ -948,6 +982,17 @@ def run(args: argparse.Namespace) -> Path:
                 log(f"service: /rerank at {half_rate:g} req/s beside {args.items_rate:g} /items/s")
                 store_histories(h, prefix, traffic["users"])
                 items = items_beside(args, svc.port, traffic, half_rate)
+            names = manifest.feature_names or FEATURE_NAMES
+            log(f"service: requests with {len(names)} recall features, beside plain ids")
+            featured: dict[str, Any] = {"names": names}
+            for label, feats in (("plain", None), ("features", names)):
+                store_histories(h, prefix, traffic["users"])
+                r = drive(args, svc.port, traffic, pids, rates=[args.sweep_rate],
+                          duration=args.sweep_duration, refine=0, warmup=1.0,
+                          features=feats)  # fmt: skip
+                featured[label] = rung_summary(r["rungs"][0])
+            plain_cpu, feat_cpu = server_cpu(featured["plain"]), server_cpu(featured["features"])
+            featured["cpu_ratio"] = feat_cpu / plain_cpu if plain_cpu and feat_cpu else None
         workers_results.append({"workers": 1, "ladder": ladder_summary(service),
                                 "worker_rss_mb": rss_w1})  # fmt: skip
 
@@ -1062,6 +1107,7 @@ def run(args: argparse.Namespace) -> Path:
             "service": ladder_summary(service),
             "closed_loop": closed,
             "items_beside": items,
+            "features": featured,
             "peer": ladder_summary(peer),
             "floors": {
                 "at_offered_rps": half_rate,
@@ -1106,6 +1152,14 @@ def run(args: argparse.Namespace) -> Path:
                 rss_check, "<= 400", rss_check <= 400,
             ),
             "closed_loop": closed_check(closed, args.slo_ms),
+            "features": check(
+                f"server CPU per request with {len(names)} recall features per candidate / "
+                f"plain ids ({args.sweep_rate:g} req/s, {args.candidates} candidates)",
+                featured["cpu_ratio"], "<= 1.1",
+                featured["cpu_ratio"] is not None and featured["cpu_ratio"] <= 1.1,
+                "the model declares them" if manifest.feature_names
+                else "the model declares none: ignored and counted",
+            ),
         }  # fmt: skip
         if items is not None:
             results["standards"]["items_beside"] = check(

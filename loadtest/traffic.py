@@ -167,21 +167,47 @@ def read(path: Path) -> dict[str, Any]:
     return traffic
 
 
-def rerank_body(traffic: dict[str, Any], user: str, n_candidates: int, k: int) -> bytes:
-    body = {"user_id": user, "candidates": traffic["recall"][user][:n_candidates], "k": k}
-    return orjson.dumps(body)
+def with_features(ids: list[str], names: list[str]) -> list[dict[str, Any]]:
+    """Candidates as ``{"id", "features"}`` objects, every name given a value, in the shape
+    ``rerank recall`` writes: a ``*_rank`` feature near the list position (each channel a
+    little apart), any other (a score) falling with it."""
+    out = []
+    for pos, item in enumerate(ids):
+        feats: dict[str, float] = {}
+        for j, name in enumerate(names):
+            feats[name] = pos + 1 + j if name.endswith("_rank") else round(1.0 / (pos + 1 + j), 6)
+        out.append({"id": item, "features": feats})
+    return out
+
+
+def rerank_body(
+    traffic: dict[str, Any],
+    user: str,
+    n_candidates: int,
+    k: int,
+    features: list[str] | None = None,
+) -> bytes:
+    cands: list[Any] = traffic["recall"][user][:n_candidates]
+    if features:
+        cands = with_features(cands, features)
+    return orjson.dumps({"user_id": user, "candidates": cands, "k": k})
 
 
 def bodies(
-    traffic: dict[str, Any], n_candidates: int, k: int, limit: int | None = None
+    traffic: dict[str, Any],
+    n_candidates: int,
+    k: int,
+    limit: int | None = None,
+    features: list[str] | None = None,
 ) -> list[tuple[str, bytes]]:
-    """(path, JSON body) of each request, in file order; ``limit`` caps how many."""
+    """(path, JSON body) of each request, in file order; ``limit`` caps how many; with
+    ``features``, each candidate an ``{"id", "features"}`` object carrying those names."""
     out: list[tuple[str, bytes]] = []
     for req in traffic["requests"][:limit]:
         if req[0] == "e":
             out.append(("/events", orjson.dumps({"user_id": req[1], "item_ids": req[2]})))
         else:
-            out.append(("/rerank", rerank_body(traffic, req[1], n_candidates, k)))
+            out.append(("/rerank", rerank_body(traffic, req[1], n_candidates, k, features)))
     return out
 
 

@@ -1,11 +1,12 @@
 """Items that arrive after training, on MovieLens-100K: the held-out measurement.
 
 10% of the items are held out of training entirely; a model is trained on the rest with the
-settings of ``make train`` (id dropout included); on the test lists whose target is a
-held-out item (placed at a random position of the item-kNN and ALS recall lists), NDCG@10 of
-the model with the items' cold vectors against the caller's order and against the service
-without their vectors (training/cold.py, docs/model.md). Writes the report as JSON and prints
-its table.
+settings of ``make train`` (id dropout and the fused recall lists included); on the test
+lists whose target is a held-out item (placed at a random position of the fused lists, the
+new item without recall features, and of the item-kNN lists of plain ids), NDCG@10 of the
+model with the items' cold vectors against the caller's order and against the service without
+their vectors (training/cold.py, docs/model.md). Writes the report as JSON and prints its
+table.
 
     python -m scripts.cold_eval [--data data] [--fraction 0.1] [--seed 0]
                                 [--out docs/results/cold-DATE.json]
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("data"), help="where MovieLens is kept")
     p.add_argument("--fraction", type=float, default=0.1, help="share of items held out")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=15.0, help="training time cap")
+    p.add_argument("--max-minutes", type=float, default=TrainConfig.max_minutes,
+                   help="the reranker's training time cap")  # fmt: skip
     p.add_argument("--out", type=Path, help="default: docs/results/cold-<date>.json")
     args = p.parse_args(argv)
     fetch_movielens(args.data)

@@ -53,6 +53,14 @@ VARIANTS: dict[str, PipelineConfig] = {
     # Id dropout (BASE: 0.1): what the warm lists lose for the cold path's sake.
     "iddrop0": replace(BASE, id_dropout=0.0),
     "iddrop2": replace(BASE, id_dropout=0.2),
+    # The fused pipeline: item-kNN and ALS as features or not, how many lists of each kind,
+    # and how often a fused list trains without its features.
+    "nofeatch": replace(BASE, feature_channels=()),
+    "knn60": replace(BASE, lists_per_user=60),
+    "knn0": replace(BASE, lists_per_user=0),
+    "holdout30": replace(BASE, fused_holdout=30),
+    "fdrop15": replace(BASE, feat_dropout=0.15),
+    "fdrop5": replace(BASE, feat_dropout=0.5),
 }
 
 
@@ -70,10 +78,11 @@ def main() -> None:
     fetch_movielens(args.data_dir)
     dataset = load_movielens(args.data_dir)
     scores: dict[str, np.ndarray] = {}
-    preps: dict[tuple[int, int, int], Prepared] = {}
+    preps: dict[tuple[object, ...], Prepared] = {}
     for name in args.variants:
         cfg = VARIANTS[name]
-        key = (cfg.lists_per_user, cfg.history_len, cfg.min_history)
+        key = (cfg.lists_per_user, cfg.history_len, cfg.min_history, cfg.feature_channels,
+               cfg.fused_holdout)  # fmt: skip
         if key not in preps:
             preps[key] = prepare(dataset, cfg, args.data_dir / "cache")
         prep = preps[key]

@@ -1,4 +1,4 @@
-"""A headless Chromium driven by selenium, and the service under uvicorn in a thread.
+"""A headless Chromium driven by selenium; tests/serving.py runs the service it looks at.
 
 The browser is the system's (Debian: ``apt-get install chromium chromium-driver``), never a
 downloaded one: selenium is pointed at both binaries, so its driver manager never runs.
@@ -10,18 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import uvicorn
-
-from app.config import Settings
-from app.factory import create_app
 
 INSTALL_HINT = "apt-get install chromium chromium-driver"
 # Debian and Ubuntu name them so; CHROMIUM and CHROMEDRIVER override the search.
@@ -82,31 +74,3 @@ def requested_urls(driver: Any) -> list[str]:
         if message["method"] == "Network.requestWillBeSent":
             urls.append(message["params"]["request"]["url"])
     return urls
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def running(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn in a thread; yields its base URL once it accepts requests."""
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=free_port(), log_level="warning"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the service did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)

@@ -7,15 +7,18 @@ that stop or pause Redis start their own server.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
+import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -24,13 +27,16 @@ from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_into_redis
+from contract import ENCODER_DIR
 from tests.reference import Reference
 
 if TYPE_CHECKING:
     from training.data import Dataset
 
+ROOT = Path(__file__).resolve().parent.parent
 VERSION_A = "test-a"
 VERSION_B = "test-b"
+ITEMS_A, ITEMS_B = "items-a", "items-b"  # the versions with item towers
 DEMO_VERSION = "test-demo"
 HISTORY_LEN = 8
 N_ITEMS = 200
@@ -96,9 +102,74 @@ def demo_models(tmp_path_factory: pytest.TempPathFactory, demo_dataset: Dataset)
     return root
 
 
+@dataclass
+class Towered:
+    models: Path  # a models/ root: two versions with item towers, and the text encoder
+    items_file: Path
+    dataset: Dataset  # of the files
+
+
+@pytest.fixture(scope="session")
+def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
+    """Two small models of the fused pipeline (recall features, id dropout) trained on
+    generated files (genres, year), each exported with its item tower, beside a link to the
+    repository's text encoder."""
+    from training.data import synthetic_tables
+    from training.export import export_model
+    from training.files import read_dataset, write_files
+    from training.fusion import ChannelParams
+    from training.pipeline import PipelineConfig, fit, item_tower, prepare
+    from training.sasrec import SASRecConfig
+    from training.train import TrainConfig
+
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
+
+    root = tmp_path_factory.mktemp("towered")
+    inter, items = write_files(root / "data", *synthetic_tables(60, 40, 10, seed=0))
+    dataset = read_dataset(inter, items, name="syn", say=None)
+    models = root / "models"
+    models.mkdir()
+    (models / ENCODER_DIR).symlink_to(ROOT / "models" / ENCODER_DIR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for version, seed in ((ITEMS_A, 0), (ITEMS_B, 1)):
+            # The fused pipeline's model: recall features (cand_feats) and an item tower.
+            cfg = PipelineConfig(
+                n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32,
+                als_factors=8, id_dropout=0.3, seed=seed, channel_depth=40, fused_holdout=3,
+                lists_per_user=5, channel_params=ChannelParams(sasrec=sasrec),
+                train=TrainConfig(epochs=1, batch_size=64, average_last=0, seed=seed),
+            )  # fmt: skip
+            prep = prepare(dataset, cfg)
+            model, _ = fit(prep, cfg)
+            tower = item_tower(model, cfg, dataset)
+            assert tower is not None and prep.candidate_features
+            folder = export_model(model, dataset.item_ids, models, version, {}, tower,
+                                  candidate_features=prep.candidate_features)  # fmt: skip
+            # The exported cold path is the tower's own, to float precision.
+            import onnxruntime as ort
+
+            session = ort.InferenceSession(str(folder / tower.file))
+            attrs = np.concatenate([dataset.categorical, dataset.numeric], axis=1)
+            (onnx,) = session.run(None, {"text_vec": prep.text[1:], "attrs": attrs})
+            np.testing.assert_allclose(onnx, model.tower.cold_vectors().numpy(), atol=1e-4)
+    return Towered(models, items, dataset)
+
+
 @pytest.fixture(scope="session")
 def references(model_dir: Path) -> dict[str, Reference]:
     return {v: Reference(model_dir / v) for v in (VERSION_A, VERSION_B)}
+
+
+def broken_copy(model_dir: Path, tmp_path: Path, broken: str) -> Path:
+    """A models/ folder whose ``broken`` version has a corrupted model.onnx."""
+    root = tmp_path / "models"
+    for version in (VERSION_A, VERSION_B):
+        shutil.copytree(model_dir / version, root / version)
+    with (root / broken / "model.onnx").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -132,20 +203,24 @@ def make_settings(redis_url: str, prefix: str, model_dir: Path, **overrides: Any
 
 
 @pytest.fixture
-def settings_factory(
-    redis_server: EmbeddedRedis, prefix: str, model_dir: Path
-) -> Callable[..., Settings]:
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    """The URL the service under test and the loader use (test_cluster.py: its cluster's)."""
+    return redis_server.url
+
+
+@pytest.fixture
+def settings_factory(redis_url: str, prefix: str, model_dir: Path) -> Callable[..., Settings]:
     def build(**overrides: Any) -> Settings:
         folder = overrides.pop("model_dir", model_dir)
-        return make_settings(redis_server.url, prefix, folder, **overrides)
+        return make_settings(redis_url, prefix, folder, **overrides)
 
     return build
 
 
 @pytest.fixture
-def loaded(redis_server: EmbeddedRedis, prefix: str, model_dir: Path) -> str:
+def loaded(redis_url: str, prefix: str, model_dir: Path) -> str:
     """Version A loaded into Redis under this test's prefix and active."""
-    load_into_redis(redis_server.url, model_dir / VERSION_A, prefix)
+    load_into_redis(redis_url, model_dir / VERSION_A, prefix)
     return VERSION_A
 
 

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from app.config import Settings
-from tests.browser import INSTALL_HINT, chromium, find_browser, running
+from tests.browser import INSTALL_HINT, chromium, find_browser
+from tests.serving import running
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,6 +22,7 @@ from app.embedded import find_redis_server, free_port
 from app.factory import create_app
 from app.loader import load_into_redis
 from tests.conftest import VERSION_A, make_settings
+from tests.serving import rerank_scope
 
 KEY = "k3y-0123456789abcdef-secret"
 OTHER = "0th3r-key-fedcba9876543210"
@@ -193,20 +194,7 @@ def test_the_key_is_checked_before_the_body_is_read(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/rerank",
-        "raw_path": b"/rerank",
-        "query_string": b"",
-        "headers": [(b"host", b"x"), (b"content-length", b"100")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "scheme": "http",
-        "root_path": "",
-    }
+    scope = rerank_scope((b"host", b"x"), (b"content-length", b"100"))
 
     async def main() -> None:
         async with asyncio.timeout(10):
@@ -239,20 +227,7 @@ def test_a_client_that_hangs_up_mid_body_is_499_not_500(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "path": "/rerank",
-        "raw_path": b"/rerank",
-        "query_string": b"",
-        "headers": [(b"host", b"x"), (b"content-type", b"application/json")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "scheme": "http",
-        "root_path": "",
-    }
+    scope = rerank_scope((b"host", b"x"), (b"content-type", b"application/json"))
     with caplog.at_level(logging.INFO, logger="app.access"):
         client.portal.call(app, scope, receive, send)  # type: ignore[union-attr, arg-type]
     assert sent == []  # nobody to answer

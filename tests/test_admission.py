@@ -6,19 +6,16 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import httpx
 import pytest
-import uvicorn
 
 from app.admission import Admission, Ticket
 from app.config import Settings
-from app.embedded import free_port
-from app.factory import create_app
 from app.metrics import Metrics
 from app.protocol import MAX_HEADER_BYTES, BoundedHttpTools
+from tests.serving import running
 
 
 class Clock:
@@ -36,6 +33,13 @@ def admission(
     return Admission(limit, waiting, target_s, timeout_s, Metrics(), clock), clock
 
 
+async def admitted(adm: Admission) -> Ticket:
+    """A ticket that ``adm`` grants at once: a free slot is expected."""
+    ticket = await adm.enter()
+    assert ticket is not None
+    return ticket
+
+
 async def settle() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -44,8 +48,8 @@ async def settle() -> None:
 def test_slots_at_once_then_the_line_in_arrival_order() -> None:
     async def main() -> None:
         adm, clock = admission(limit=2)
-        first, second = await adm.enter(), await adm.enter()
-        assert first is not None and second is not None and adm.inflight == 2
+        first, second = await admitted(adm), await admitted(adm)
+        assert adm.inflight == 2
         waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         assert adm.waiting == 2 and not any(w.done() for w in waiters)
@@ -66,8 +70,7 @@ def test_slots_at_once_then_the_line_in_arrival_order() -> None:
 def test_a_waiter_without_a_slot_by_the_deadline_is_refused() -> None:
     async def main() -> None:
         adm, _ = admission(limit=1, timeout_s=0.05)
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         assert await adm.enter() is None  # waited out the deadline
         assert adm.waiting == 0 and adm.inflight == 1
         adm.leave(held)
@@ -79,7 +82,7 @@ def test_a_waiter_without_a_slot_by_the_deadline_is_refused() -> None:
 def test_a_full_line_refuses_at_once() -> None:
     async def main() -> None:
         adm, _ = admission(limit=1, waiting=2)
-        assert await adm.enter() is not None
+        await admitted(adm)
         line = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         assert adm.full()
@@ -95,8 +98,7 @@ def test_a_full_line_refuses_at_once() -> None:
 def test_once_the_oldest_cannot_make_the_target_the_newest_goes_first() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05)
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         old = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.06  # the oldest has waited past the target
@@ -118,8 +120,7 @@ def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05)
         adm.hold_s = 0.04  # slots are held 40 ms on average
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         old = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.02  # 20 ms waited + 40 ms in a slot: past the target
@@ -148,31 +149,6 @@ def test_no_limit_admits_everything() -> None:
 BODY = {"user_id": "s", "candidates": ["1", "2", "3"], "k": 2}
 
 
-@contextmanager
-def running(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn (httptools, as `rerank serve`) in a thread; yields its URL."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        http=BoundedHttpTools,
-        log_level="warning",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-
-
 def slow_body(port: int, stop: threading.Event, answers: list[bytes]) -> None:
     """Headers with Content-Length 100, then one byte at a time until told to stop."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -197,7 +173,7 @@ def test_slow_bodies_hold_no_slot_and_lock_nobody_out(
     """24 connections that send their body a byte at a time: a normal caller is answered
     all along, and a burst of 12 right after; the slow ones get 408 and are closed."""
     settings = settings_factory(body_timeout_s=1.5)
-    with running(settings) as url:
+    with running(settings, http=BoundedHttpTools) as url:
         port = int(url.rsplit(":", 1)[1])
         stop = threading.Event()
         answers: list[bytes] = []
@@ -232,7 +208,7 @@ def test_slow_bodies_hold_no_slot_and_lock_nobody_out(
 def test_the_body_deadline_answers_408_and_closes(
     loaded: str, settings_factory: Callable[..., Settings], path: str
 ) -> None:
-    with running(settings_factory(body_timeout_s=0.3)) as url:
+    with running(settings_factory(body_timeout_s=0.3), http=BoundedHttpTools) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
@@ -246,7 +222,7 @@ def test_the_body_deadline_answers_408_and_closes(
 def test_headers_past_the_limit_are_refused_before_the_app(
     loaded: str, settings_factory: Callable[..., Settings]
 ) -> None:
-    with running(settings_factory()) as url:
+    with running(settings_factory(), http=BoundedHttpTools) as url:
         port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             padding = b"x" * MAX_HEADER_BYTES

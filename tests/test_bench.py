@@ -67,7 +67,13 @@ def test_smoke_run_writes_results(model_dir: Path, tmp_path: Path) -> None:
         assert level["goodput_rps"] > 0
         assert {"p50", "p99"} <= set(level["ok_latency_ms"])
     assert "## Service, closed loop" in result.with_suffix(".md").read_text()
+    feats = res["features"]  # the same rate with and without recall features
+    assert len(feats["names"]) == 10 and feats["cpu_ratio"] > 0
+    for label in ("plain", "features"):
+        assert feats[label]["ok"] > 0 and feats[label]["errors"] == 0, label
+    assert "## Recall features in the requests" in result.with_suffix(".md").read_text()
     assert set(res["standards"]) == {
+        "features",
         "throughput_vs_peer",
         "efficiency",
         "p99_at_half",

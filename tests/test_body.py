@@ -186,3 +186,16 @@ def test_the_examples_are_valid_requests(client: TestClient) -> None:
         for example in components[name]["examples"]:
             response = client.post(path, json=example)
             assert response.status_code == 200, response.text
+
+
+def test_the_fast_parser_and_the_fallback_read_alike() -> None:
+    """orjson reads a strict body; a long integer and a non-strict body go to the standard
+    library, so an integer id stays an integer and NaN reaches the models."""
+    from app.body import parse_json
+
+    assert parse_json(b'{"a": [1, 2.5, "x", null, true]}') == {"a": [1, 2.5, "x", None, True]}
+    big = parse_json(b"[30149597730309732230605307904, -9999999999999999999]")
+    assert big == [30149597730309732230605307904, -9999999999999999999]
+    assert all(type(v) is int for v in big)
+    nan = parse_json(b'{"x": NaN}')["x"]
+    assert nan != nan

@@ -15,6 +15,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from fastapi.testclient import TestClient
 from redis.asyncio import RedisCluster
 from redis.crc import key_slot
 
-from app.config import Settings
 from app.factory import create_app, make_store, redis_client
 from app.loader import load_into_redis
 from app.metrics import Metrics
@@ -53,7 +53,7 @@ class SeedNode:
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[EmbeddedCluster]:
-    with EmbeddedCluster(masters=3) as c:
+    with closing(EmbeddedCluster(masters=3).start()) as c:
         yield c
 
 
@@ -83,20 +83,8 @@ def prefix(redis_server: SeedNode) -> str:
 
 
 @pytest.fixture
-def settings_factory(
-    cluster: EmbeddedCluster, prefix: str, model_dir: Path
-) -> Callable[..., Settings]:
-    def build(**overrides: Any) -> Settings:
-        folder = overrides.pop("model_dir", model_dir)
-        return make_settings(cluster.url, prefix, folder, **overrides)
-
-    return build
-
-
-@pytest.fixture
-def loaded(cluster: EmbeddedCluster, prefix: str, model_dir: Path) -> str:
-    load_into_redis(cluster.url, model_dir / VERSION_A, prefix)
-    return VERSION_A
+def redis_url(cluster: EmbeddedCluster) -> str:
+    return cluster.url
 
 
 def cluster_client(c: EmbeddedCluster) -> redis.RedisCluster:
@@ -192,7 +180,7 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 def test_a_master_goes_away_and_comes_back(model_dir: Path) -> None:
     """No replicas, so no failover: answers degrade, readiness drops, then both recover."""
-    with EmbeddedCluster(masters=3) as own:
+    with closing(EmbeddedCluster(masters=3).start()) as own:
         prefix = "gone"
         load_into_redis(own.url, model_dir / VERSION_A, prefix)
         settings = make_settings(own.url, prefix, model_dir, cache_size=0)  # read every shard
@@ -221,7 +209,7 @@ def test_a_master_goes_away_and_comes_back(model_dir: Path) -> None:
 
 
 def test_a_paused_master_is_degraded_within_the_deadline(model_dir: Path) -> None:
-    with EmbeddedCluster(masters=3) as own:
+    with closing(EmbeddedCluster(masters=3).start()) as own:
         load_into_redis(own.url, model_dir / VERSION_A, "paused")
         settings = make_settings(own.url, "paused", model_dir, cache_size=0)
         body = {"user_id": "u", "candidates": [str(i) for i in range(1, 41)]}

@@ -8,9 +8,11 @@ import torch
 
 from training.cold import held_out, hold_out, insert_target, markdown, unscored_positions
 from training.data import synthetic
+from training.fusion import ChannelParams
 from training.lists import Lists
 from training.model import ItemTower, ModelConfig
 from training.pipeline import PipelineConfig
+from training.sasrec import SASRecConfig
 from training.train import TrainConfig
 
 
@@ -92,15 +94,32 @@ def test_targets_are_placed_and_unscored_ones_go_last() -> None:
     assert unscored_positions(scores, lists, missing).tolist() == [3]  # after 3, 1; 2 before it
 
 
+def test_a_placed_target_takes_the_default_features_and_the_others_keep_theirs() -> None:
+    hist = np.zeros((1, 3), dtype=np.int64)
+    feats = np.array([[[1.0, 10.0], [2.0, 20.0], [3.0, 30.0]]], dtype=np.float32)
+    lists = Lists(hist, np.array([[4, 5, 6]]), np.array([-1]), np.arange(1), feats)
+    defaults = np.array([1000.0, 0.0], dtype=np.float32)
+    placed = insert_target(lists, np.array([9]), seed=0, defaults=defaults)
+    assert placed.feats is not None
+    for pos, item in enumerate(placed.cand[0].tolist()):
+        want = defaults if item == 9 else feats[0, [4, 5, 6].index(item)]
+        np.testing.assert_array_equal(placed.feats[0, pos], want)
+    with pytest.raises(ValueError, match="defaults"):
+        insert_target(lists, np.array([9]), seed=0)
+
+
 def test_held_out_measurement_runs_on_a_small_synthetic_set() -> None:
     data = synthetic(n_users=80, n_items=60, length=12, seed=0)
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
     cfg = PipelineConfig(
         n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32, use_text=False,
-        als_factors=8, id_dropout=0.3,
+        als_factors=8, id_dropout=0.3, channel_depth=40, fused_holdout=3, lists_per_user=5,
+        channel_params=ChannelParams(sasrec=sasrec),
         train=TrainConfig(epochs=1, batch_size=64, average_last=0),
     )  # fmt: skip
     report = held_out(data, cfg, fraction=0.1, seed=0)
     assert report["held_out_items"] == 6 and report["lists"] > 0
+    assert set(report["sources"]) == {"fused", "item-knn"}
     for rows in report["sources"].values():
         for method in ("caller order", "unscored", "cold vectors"):
             assert 0.0 <= rows[method]["ndcg@10"] <= 1.0

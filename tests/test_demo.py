@@ -12,7 +12,8 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,11 @@ from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_into_redis
 from contract import DEMO_FILE, default_version, read_item_ids, read_manifest
-from tests.browser import INSTALL_HINT, chromium, find_browser, requested_urls, running
-from tests.conftest import DEMO_VERSION
+from tests.browser import INSTALL_HINT, chromium, find_browser, requested_urls
+from tests.conftest import DEMO_VERSION, ITEMS_A, Towered
+from tests.serving import running
 from training.data import GENRES, Dataset
-from training.demo import build_sample, dumps
+from training.demo import build_sample, dumps, write_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -169,6 +171,32 @@ def test_generated_sample_fits_its_model(demo_models: Path, demo_dataset: Datase
     assert all(set(v["genres"]) <= set(GENRES) for v in sample["items"].values())
 
 
+@pytest.fixture(scope="module")
+def towered_sample(towered: Towered) -> Path:
+    """The models/ root of ``towered``, its version ITEMS_A with a demo sample."""
+    users = towered.dataset.users[:3]
+    write_sample(
+        build_sample(towered.dataset, towered.models / ITEMS_A, users, 20), towered.models / ITEMS_A
+    )
+    return towered.models
+
+
+def test_the_new_item_form_asks_what_the_item_tower_reads(
+    towered_sample: Path, demo_models: Path
+) -> None:
+    sample = json.loads((towered_sample / ITEMS_A / DEMO_FILE).read_text())
+    check_sample(sample, towered_sample / ITEMS_A)
+    tower = read_manifest(towered_sample / ITEMS_A).tower
+    assert tower is not None
+    assert sample["new_items"] == {
+        "categorical": [{"name": c.name, "values": list(c.values)} for c in tower.categorical],
+        "numeric": [{"name": n.name, "median": n.median} for n in tower.numeric],
+    }
+    assert [a["name"] for a in sample["new_items"]["categorical"]] == ["genres"]
+    assert [a["name"] for a in sample["new_items"]["numeric"]] == ["year"]
+    assert _sample(demo_models)["new_items"] is None  # a model without an item tower
+
+
 def test_generator_is_deterministic_and_takes_the_users_asked_for(
     demo_models: Path, demo_dataset: Dataset, tmp_path: Path
 ) -> None:
@@ -290,25 +318,38 @@ def _texts(driver, selector: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [e.text for e in driver.find_elements("css selector", selector)]
 
 
+@contextmanager
+def _demo_page(
+    models: Path, version: str, redis_url: str, settings: Settings
+) -> Iterator[tuple[str, Any]]:
+    """``version`` loaded, the service running, and /demo open in Chromium with its first
+    ranking rendered: yields the service's URL and the driver."""
+    browser = _browser_or_skip()
+    load_into_redis(redis_url, models / version, settings.key_prefix)
+    with running(settings) as url, chromium(browser) as driver:
+        driver.get(f"{url}/demo")
+        _wait_for_answer(driver, 1)
+        yield url, driver
+
+
+def _console_is_clean(driver) -> None:  # type: ignore[no-untyped-def]
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
 def test_page_in_headless_chromium(
     demo_models: Path,
     redis_server: EmbeddedRedis,
-    prefix: str,
     settings_factory: Callable[..., Settings],
 ) -> None:
-    browser = _browser_or_skip()
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     sample = _sample(demo_models)
     titles = {i: v["title"] for i, v in sample["items"].items()}
     first = sample["users"][0]
-    load_into_redis(redis_server.url, demo_models / DEMO_VERSION, prefix)
     settings = settings_factory(model_dir=demo_models, max_candidates=128)
-    with running(settings) as url, chromium(browser) as driver:
-        driver.get(f"{url}/demo")
-        _wait_for_answer(driver, 1)
-
+    with _demo_page(demo_models, DEMO_VERSION, redis_server.url, settings) as (url, driver):
         # Without interaction: the sample user's history, recall list and top k, by title.
         assert driver.find_element("id", "model-version").text == DEMO_VERSION
         ranked = _ranked(driver)
@@ -364,5 +405,58 @@ def test_page_in_headless_chromium(
         urls = requested_urls(driver)
         assert urls and all(u.startswith(f"{url}/") or u.startswith("data:") for u in urls), urls
         assert f"{url}/rerank" in urls and f"{url}/demo/sample.json" in urls
-        severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert not severe, severe
+        _console_is_clean(driver)
+
+
+def test_a_new_film_from_the_form_is_added_and_scored_in_headless_chromium(
+    towered_sample: Path,
+    redis_server: EmbeddedRedis,
+    settings_factory: Callable[..., Settings],
+) -> None:
+    """The form sends POST /items with the title and the ticked attributes; the film joins
+    the end of the recall list with a vector the service wrote, and the model scores it."""
+    import redis
+    from selenium.webdriver.support.ui import Select
+
+    sample = json.loads((towered_sample / ITEMS_A / DEMO_FILE).read_text())
+    settings = settings_factory(model_dir=towered_sample)
+    with _demo_page(towered_sample, ITEMS_A, redis_server.url, settings) as (_, driver):
+        assert driver.find_element("id", "new-form").is_displayed()
+        genre = sample["new_items"]["categorical"][0]["values"][0]
+        driver.find_element("id", "new-title").send_keys("A Film Nobody Has Seen (2026)")
+        driver.find_element("css selector", f'input[name="cat:genres"][value="{genre}"]').click()
+        driver.find_element("id", "new-num-year").send_keys("1998")
+        driver.find_element("id", "new-add").click()
+        _wait_for_answer(driver, 2)
+
+        status = driver.find_element("id", "status").text
+        assert status.startswith("Added A Film Nobody Has Seen (2026) from recall #"), status
+        assert "scored" in status and "no vector" not in status
+        last = driver.find_elements("css selector", "#candidates button.film")[-1]
+        assert last.text == "A Film Nobody Has Seen (2026)" and last.get_attribute("title") == genre
+        new_id = last.get_attribute("data-item")
+        assert new_id.startswith("new-")
+        store = redis.Redis.from_url(redis_server.url)
+        assert store.exists(f"{settings.key_prefix}:v:{ITEMS_A}:{new_id}")
+        assert (
+            "new: added here"
+            in driver.find_element("css selector", "#candidates li:last-child").text
+        )
+
+        # Another user's list ends with the new film too.
+        second = sample["users"][1]
+        Select(driver.find_element("id", "user")).select_by_value(second["user_id"])
+        _wait_for_answer(driver, 3)
+        assert _texts(driver, "#candidates button.film")[-1] == "A Film Nobody Has Seen (2026)"
+        _console_is_clean(driver)
+
+
+def test_a_model_without_an_item_tower_shows_a_note_instead_of_the_form(
+    demo_models: Path,
+    redis_server: EmbeddedRedis,
+    settings_factory: Callable[..., Settings],
+) -> None:
+    settings = settings_factory(model_dir=demo_models, max_candidates=128)
+    with _demo_page(demo_models, DEMO_VERSION, redis_server.url, settings) as (_, driver):
+        assert not driver.find_element("id", "new-form").is_displayed()
+        assert "no item tower" in driver.find_element("id", "new-note").text

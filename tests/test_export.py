@@ -126,3 +126,78 @@ def test_context_reads_only_the_head_of_the_list(tmp_path: Path) -> None:
     np.testing.assert_allclose(moved[:, :5].numpy(), ref[:, :5].numpy(), atol=1e-6)
     scores, _ = session.run(["scores", "attn"], feed)
     np.testing.assert_allclose(scores, ref.numpy(), atol=1e-4, rtol=1e-4)
+
+
+FEATURES = [
+    {"name": "ease_rank", "default": 1000.0},
+    {"name": "ease_score", "default": 0.0},
+    {"name": "markov_rank", "default": 1000.0},
+]
+
+
+def test_onnx_matches_torch_with_cand_feats(tmp_path: Path) -> None:
+    """A model with candidate features takes ``cand_feats`` and agrees with PyTorch to 1e-4
+    on every row, padded candidates and lists of defaults included."""
+    folder = export_random_model(tmp_path, dim=16, history_len=8, candidate_features=FEATURES)
+    manifest = Manifest.from_json((folder / "manifest.json").read_text(), "export")
+    assert manifest.inputs == (*INPUTS, "cand_feats")
+    assert manifest.feature_names == ["ease_rank", "ease_score", "markov_rank"]
+    model = random_model(ModelConfig.from_dict(_config(folder)), seed=0)
+    assert model.cfg.n_feats == 3 and model.cfg.feat_defaults == (1000.0, 0.0, 1000.0)
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()][-1] == "cand_feats"
+    rng = np.random.default_rng(4)
+    feed = _inputs(rng, 4, 8, 9, 16)
+    feats = np.stack(
+        [rng.integers(1, 1000, (4, 9)), rng.normal(0, 50, (4, 9)), rng.integers(1, 1000, (4, 9))],
+        axis=-1,
+    ).astype(np.float32)
+    feats[3] = [1000.0, 0.0, 1000.0]  # a list of plain ids: every feature at its default
+    feats[2, ~feed["cand_mask"][2]] = [1000.0, 0.0, 1000.0]  # padded rows hold the defaults
+    feed["cand_feats"] = feats
+    scores, attn = session.run(["scores", "attn"], feed)
+    with torch.no_grad():
+        ref_scores, ref_attn = model.score(
+            *(torch.from_numpy(feed[k]) for k in (*INPUTS, "cand_feats"))
+        )
+        no_feats, _ = model.score(*(torch.from_numpy(feed[k]) for k in INPUTS))
+    np.testing.assert_allclose(scores, ref_scores.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(attn, ref_attn.numpy(), atol=1e-4, rtol=1e-4)
+    # Features move the scores; absent features are the defaults.
+    assert not np.allclose(scores[0], no_feats.numpy()[0], atol=1e-3)
+    np.testing.assert_allclose(ref_scores[3].numpy(), no_feats[3].numpy(), atol=1e-6)
+
+
+def test_feature_dropout_sets_whole_lists_to_the_defaults() -> None:
+    cfg = ModelConfig(
+        n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16,
+        n_feats=2, feat_defaults=(1000.0, 0.0), feat_dropout=0.5,
+    )  # fmt: skip
+    model = random_model(cfg, seed=0)
+    seen: list[torch.Tensor] = []
+    original = model.score
+
+    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(args[5])
+        return original(*args)
+
+    model.score = spy  # type: ignore[method-assign]
+    hist = torch.randint(1, 11, (64, 4))
+    cand = torch.randint(1, 11, (64, 5))
+    feats = torch.full((64, 5, 2), 7.0)
+    model.train()
+    model(hist, cand, torch.zeros(64, dtype=torch.long), feats)
+    dropped = (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1)  # (B, N)
+    per_list = dropped.all(1)
+    assert (dropped.any(1) == per_list).all(), "a list is dropped whole or not at all"
+    assert 10 < int(per_list.sum()) < 54
+    model.eval()
+    model(hist, cand, torch.zeros(64, dtype=torch.long), feats)
+    assert (seen[-1] == 7.0).all(), "no dropout in eval mode"
+
+
+def test_export_refuses_features_the_model_lacks(tmp_path: Path) -> None:
+    cfg = ModelConfig(n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16)
+    with pytest.raises(ValueError, match="candidate_features"):
+        export_model(random_model(cfg), [str(i) for i in range(10)], tmp_path, "v1",
+                     candidate_features=FEATURES)  # fmt: skip

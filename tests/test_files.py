@@ -169,26 +169,46 @@ def test_missing_columns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     _one(lines, "items.csv", "column text is missing", "add a column named 'text'")
 
 
-def test_unreadable_timestamp_names_the_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    bad = INTERACTIONS + "u3,7,yesterday\nu3,7,\n"
-    rc, lines = _train(capsys, *_write(tmp_path, bad))
+@pytest.mark.parametrize(
+    ("rows", "lines_with"),
+    [
+        pytest.param(
+            "u3,7,yesterday\nu3,7,\n",
+            [
+                ("line 8", "column timestamp", "'yesterday'", "epoch seconds", "ISO 8601"),
+                ("line 9", "column timestamp", "no timestamp"),
+            ],
+            id="unreadable timestamp",
+        ),
+        pytest.param(
+            "u3,042,1\nu3,x1,2\nu3,042,3\n",
+            [
+                (
+                    "column item_id",
+                    "not in",
+                    "3 interactions name 2 items",
+                    "'042' (line 8)",
+                    "'x1' (line 9)",
+                ),
+            ],
+            id="unknown items counted with the first ids",
+        ),
+        # One cell more would make pandas read the first column as an index, quietly.
+        pytest.param(
+            "u3,7,1,extra\n",
+            [("line 8", "4 cells where the header has 3")],
+            id="more cells than the header",
+        ),
+    ],
+)
+def test_bad_interaction_rows_name_their_line(
+    rows: str, lines_with: list[tuple[str, ...]], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    rc, lines = _train(capsys, *_write(tmp_path, INTERACTIONS + rows))
     assert rc == 2
-    line = _one(lines, "interactions.csv", "line 8", "column timestamp", "'yesterday'")
-    assert "epoch seconds" in line and "ISO 8601" in line
-    _one(lines, "interactions.csv", "line 9", "column timestamp", "no timestamp")
-
-
-def test_unknown_items_are_counted_with_the_first_ids(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    bad = INTERACTIONS + "u3,042,1\nu3,x1,2\nu3,042,3\n"
-    rc, lines = _train(capsys, *_write(tmp_path, bad))
-    assert rc == 2
-    line = _one(lines, "interactions.csv", "column item_id", "not in")
-    assert "3 interactions name 2 items" in line
-    assert "'042' (line 8)" in line and "'x1' (line 9)" in line
+    for parts in lines_with:
+        _one(lines, "interactions.csv", *parts)
 
 
 def test_duplicated_item_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,12 +298,16 @@ def test_existing_version_is_refused_before_anything(
 
 
 def _small_config(args: Any) -> Any:
+    from training.fusion import ChannelParams
     from training.pipeline import PipelineConfig
+    from training.sasrec import SASRecConfig
     from training.train import TrainConfig
 
+    sasrec = SASRecConfig(history_len=6, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
     return PipelineConfig(
         n_candidates=10, history_len=6, dim=8, n_layers=1, n_heads=2, hidden=16,
-        use_text=False, als_factors=8, lists_per_user=10, seed=args.seed,
+        use_text=False, als_factors=8, lists_per_user=10, seed=args.seed, channel_depth=20,
+        fused_holdout=3, channel_params=ChannelParams(sasrec=sasrec),
         train=TrainConfig(epochs=1, batch_size=64, seed=args.seed, average_last=0),
     )  # fmt: skip
 
@@ -306,7 +330,8 @@ def test_data_synthetic_then_train_then_eval(
     assert manifest["dataset"] == "synthetic"
     assert manifest["data"]["items"] == str(data / "items.csv")
     assert manifest["model_config"]["n_attrs"] > 0 and manifest["model_config"]["n_stats"] == 4
-    assert manifest["inputs"] == ["hist", "hist_mask", "cand", "cand_mask", "cand_rank"]
+    inputs = ["hist", "hist_mask", "cand", "cand_mask", "cand_rank", "cand_feats"]
+    assert manifest["inputs"] == inputs and len(manifest["candidate_features"]) == 10
     assert (models / "v1" / "item_ids.txt").read_text().splitlines()[0] == "1000"
     # eval finds the files through the manifest
     assert cli.main(["eval", str(models / "v1")]) == 0
@@ -354,15 +379,6 @@ def test_help_default_matches_the_training_default() -> None:
     from training.train import TrainConfig
 
     assert cli.DEFAULT_MAX_MINUTES == TrainConfig.max_minutes
-
-
-def test_rows_with_more_cells_than_the_header(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # One cell more would make pandas read the first column as an index, quietly.
-    rc, lines = _train(capsys, *_write(tmp_path, INTERACTIONS + "u3,7,1,extra\n"))
-    assert rc == 2
-    _one(lines, "interactions.csv", "line 8", "4 cells where the header has 3")
 
 
 def test_awkward_but_valid_csv(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ then checks the ranking rules of docs/api.md on random candidate lists. Both sta
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +31,16 @@ FUZZ = settings(
     suppress_health_check=list(HealthCheck),
     derandomize=True,  # the same cases on every run: a failure is reproducible
 )
+
+
+@pytest.fixture(autouse=True)
+def ieee_floats() -> None:
+    """Training tests run in the same process turn flush-denormal on (training.train's
+    set_seed), a processor state under which hypothesis refuses to draw floats, which the
+    schema has (candidate features)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
 
 
 @pytest.fixture

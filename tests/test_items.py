@@ -15,7 +15,6 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,55 +29,10 @@ from app.errors import ItemsBusy
 from app.factory import create_app
 from app.items import EncoderQueue
 from app.loader import load_into_redis
-from contract import ENCODER_DIR, Manifest, ManifestError, read_manifest
-from tests.conftest import VERSION_A, make_settings
+from contract import Manifest, ManifestError, read_manifest
+from tests.conftest import ITEMS_A, ITEMS_B, VERSION_A, Towered, make_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-ITEMS_A, ITEMS_B = "items-a", "items-b"
-
-
-@dataclass
-class Towered:
-    models: Path  # a models/ root: two versions with item towers, and the text encoder
-    items_file: Path
-    dataset: Any  # training.data.Dataset of the files
-
-
-@pytest.fixture(scope="module")
-def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
-    from training.data import synthetic_tables
-    from training.export import export_model
-    from training.files import read_dataset, write_files
-    from training.pipeline import PipelineConfig, fit, item_tower, prepare
-    from training.train import TrainConfig
-
-    root = tmp_path_factory.mktemp("towered")
-    inter, items = write_files(root / "data", *synthetic_tables(60, 40, 10, seed=0))
-    dataset = read_dataset(inter, items, name="syn", say=None)
-    models = root / "models"
-    models.mkdir()
-    (models / ENCODER_DIR).symlink_to(ROOT / "models" / ENCODER_DIR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        for version, seed in ((ITEMS_A, 0), (ITEMS_B, 1)):
-            cfg = PipelineConfig(
-                n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32,
-                als_factors=8, id_dropout=0.3, seed=seed,
-                train=TrainConfig(epochs=1, batch_size=64, average_last=0, seed=seed),
-            )  # fmt: skip
-            prep = prepare(dataset, cfg)
-            model, _ = fit(prep, cfg)
-            tower = item_tower(model, cfg, dataset)
-            assert tower is not None
-            folder = export_model(model, dataset.item_ids, models, version, {}, tower)
-            # The exported cold path is the tower's own, to float precision.
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(folder / tower.file))
-            attrs = np.concatenate([dataset.categorical, dataset.numeric], axis=1)
-            (onnx,) = session.run(None, {"text_vec": prep.text[1:], "attrs": attrs})
-            np.testing.assert_allclose(onnx, model.tower.cold_vectors().numpy(), atol=1e-4)
-    return Towered(models, items, dataset)
 
 
 @pytest.fixture
@@ -127,6 +81,28 @@ def test_items_adds_a_vector_that_rerank_then_scores(
     metrics = client.get("/metrics").text
     assert "rerank_items_added_total 1.0" in metrics
     assert "rerank_item_encoder_seconds_count 1.0" in metrics
+
+
+def test_one_model_reads_recall_features_and_adds_items(
+    client: TestClient, towered: Towered
+) -> None:
+    from contract import CAND_FEATS
+
+    manifest = read_manifest(towered.models / ITEMS_A)
+    assert manifest.tower is not None and manifest.feature_names
+    assert manifest.inputs is not None and CAND_FEATS in manifest.inputs
+    assert client.post("/items", json={"items": [SCI_FI]}).status_code == 200
+    # A new item has no recall features: it goes as a plain id beside candidates with them.
+    name = manifest.feature_names[0]
+    scores = []
+    for value in (1.0, 500.0):
+        body = {"user_id": "1", "candidates": [{"id": "1000", "features": {name: value}}, "new-1"]}
+        answer = client.post("/rerank", json=body)
+        assert answer.status_code == 200, answer.text
+        got = answer.json()
+        assert got["missing"] == [] and got["degraded"] is False
+        scores.append({i["item_id"]: i["score"] for i in got["items"]})
+    assert scores[0]["1000"] != scores[1]["1000"], "the features reach the model"
 
 
 def test_an_existing_vector_is_never_replaced(
@@ -293,15 +269,24 @@ def test_the_encoder_queue_is_bounded() -> None:
     asyncio.run(main())
 
 
+@pytest.fixture
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rerank items add` reads this test's Redis, key prefix and models from the environment."""
+    monkeypatch.setenv("RERANK_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("RERANK_KEY_PREFIX", settings.key_prefix)
+    monkeypatch.setenv("RERANK_MODEL_DIR", str(settings.model_dir))
+
+
+@pytest.mark.usefixtures("cli_env")
 def test_rerank_items_add_writes_a_file_in_bulk(
-    settings: Settings, store: redis.Redis, prefix: str, towered: Towered, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    settings: Settings,
+    store: redis.Redis,
+    prefix: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     from training import cli
 
-    monkeypatch.setenv("RERANK_REDIS_URL", settings.redis_url or "")
-    monkeypatch.setenv("RERANK_KEY_PREFIX", prefix)
-    monkeypatch.setenv("RERANK_MODEL_DIR", str(towered.models))
     path = tmp_path / "new.csv"
     rows = [f"n{i},Film {i},Drama|Sci-Fi,{1990 + i}" for i in range(7)]
     path.write_text("item_id,text,genres,year,colour\n" + "\n".join(r + ",red" for r in rows))
@@ -321,15 +306,12 @@ def test_rerank_items_add_writes_a_file_in_bulk(
     )
 
 
+@pytest.mark.usefixtures("cli_env")
 def test_rerank_items_add_refuses_a_bad_file_with_exit_2(
-    settings: Settings, store: redis.Redis, prefix: str, towered: Towered, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+    store: redis.Redis, prefix: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from training import cli
 
-    monkeypatch.setenv("RERANK_REDIS_URL", settings.redis_url or "")
-    monkeypatch.setenv("RERANK_KEY_PREFIX", prefix)
-    monkeypatch.setenv("RERANK_MODEL_DIR", str(towered.models))
     no_text = tmp_path / "no_text.csv"
     no_text.write_text("item_id,title\nb1,Film\n")
     assert cli.main(["items", "add", str(no_text)]) == 2
@@ -386,3 +368,34 @@ def test_the_manifest_section_is_checked(towered: Towered) -> None:
     for section, words in broken:
         with pytest.raises(ManifestError, match=words):
             Manifest.from_dict({**data, "item_tower": section}, "m")
+
+
+def test_the_pipeline_exports_recall_features_and_an_item_tower(
+    towered: Towered, tmp_path: Path
+) -> None:
+    """``rerank train``'s pipeline end to end: one folder with cand_feats, its
+    candidate_features, item_tower.onnx under sha256, and the recall channels beside them;
+    id dropout and feature dropout both in the model's config."""
+    from contract import CAND_FEATS, verify_folder
+    from training.fusion import ChannelParams
+    from training.pipeline import PipelineConfig, run
+    from training.sasrec import SASRecConfig
+    from training.train import TrainConfig
+
+    sasrec = SASRecConfig(history_len=8, dim=8, n_layers=1, n_heads=1, max_epochs=2, threads=1)
+    cfg = PipelineConfig(
+        n_candidates=20, history_len=8, dim=16, n_layers=1, hidden=32, als_factors=8,
+        channel_depth=40, fused_holdout=3, lists_per_user=5,
+        channel_params=ChannelParams(sasrec=sasrec),
+        train=TrainConfig(epochs=1, batch_size=64, average_last=0),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        folder = run(towered.dataset, tmp_path, cfg, version="both")
+    manifest = verify_folder(folder)
+    assert manifest.inputs is not None and CAND_FEATS in manifest.inputs
+    assert len(manifest.feature_names) == 10
+    assert manifest.tower is not None and manifest.tower.file in manifest.sha256
+    assert (folder / "recall" / "channels.json").is_file()
+    config = manifest.model_config or {}
+    assert config["id_dropout"] == cfg.id_dropout > 0 and config["feat_dropout"] == 0.3

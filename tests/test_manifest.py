@@ -145,7 +145,9 @@ def test_a_missing_field_or_a_non_object_is_named() -> None:
 
 def test_an_optional_input_is_accepted() -> None:
     names = ["hist", "hist_mask", "cand", "cand_mask", "cand_feats"]
-    assert Manifest.from_dict(good() | {"inputs": names}, "here").inputs == tuple(names)
+    feats = [{"name": "f", "default": 0.0}]  # cand_feats comes with its columns
+    data = good() | {"inputs": names, "candidate_features": feats}
+    assert Manifest.from_dict(data, "here").inputs == tuple(names)
 
 
 def test_the_constructor_checks_too() -> None:
@@ -208,3 +210,48 @@ def test_default_version(tmp_path: Path) -> None:
     assert default_version(tmp_path) == "v3"  # newest by name; half-written exports skipped
     (tmp_path / "DEFAULT").write_text("v1\n")
     assert default_version(tmp_path) == "v1"
+
+
+_FEATS = [{"name": "ease_rank", "default": 1000.0}, {"name": "ease_score", "default": 0}]
+_WITH_FEATS = ["hist", "hist_mask", "cand", "cand_mask", "cand_rank", "cand_feats"]
+
+
+def _data(model_dir: Path, **fields: Any) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((model_dir / VERSION_A / "manifest.json").read_text())
+    data.update(fields)
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def test_candidate_features_round_trip(model_dir: Path) -> None:
+    data = _data(model_dir, inputs=_WITH_FEATS, candidate_features=_FEATS)
+    m = Manifest.from_dict(data, "m")
+    assert m.feature_names == ["ease_rank", "ease_score"]
+    assert m.feature_defaults == [1000.0, 0.0]
+    assert Manifest.from_dict(m.to_dict(), "again") == m
+    assert list(m.to_dict()).index("candidate_features") < list(m.to_dict()).index("sha256")
+    old = Manifest.from_dict(_data(model_dir), "old")  # a manifest from before features
+    assert old.candidate_features is None and old.feature_names == []
+
+
+@pytest.mark.parametrize(
+    ("feats", "inputs", "message"),
+    [
+        ([], _WITH_FEATS, "non-empty list"),
+        ({"ease_rank": 1000}, _WITH_FEATS, "non-empty list"),
+        ([{"name": "", "default": 1.0}], _WITH_FEATS, r"candidate_features\[0\]"),
+        ([{"name": "a", "default": True}], _WITH_FEATS, r"candidate_features\[0\]"),
+        ([{"name": "a", "default": "1"}], _WITH_FEATS, r"candidate_features\[0\]"),
+        ([{"name": "a", "default": float("nan")}], _WITH_FEATS, r"candidate_features\[0\]"),
+        ([{"name": "a"}], _WITH_FEATS, r"candidate_features\[0\]"),
+        ([{"name": "a", "default": 1, "x": 2}], _WITH_FEATS, r"candidate_features\[0\]"),
+        ([{"name": "a", "default": 1}, {"name": "a", "default": 2}], _WITH_FEATS, "twice"),
+        (_FEATS, _WITH_FEATS[:-1], "inputs lack cand_feats"),
+        (None, _WITH_FEATS, "candidate_features is absent"),
+    ],
+)
+def test_candidate_features_are_checked(
+    model_dir: Path, feats: Any, inputs: list[str], message: str
+) -> None:
+    data = _data(model_dir, inputs=inputs, candidate_features=feats)
+    with pytest.raises(ManifestError, match=message):
+        Manifest.from_dict(data, "m")

@@ -96,7 +96,8 @@ def test_a_graph_without_cand_rank_is_fed_without_it(model_dir: Path, tmp_path: 
 
 
 def test_a_graph_that_wants_cand_feats_is_refused_at_load(model_dir: Path, tmp_path: Path) -> None:
-    """The service feeds no cand_feats yet: such a graph fails its load, not every batch."""
+    """A graph that wants cand_feats, served with a manifest that names no features, fails
+    its load, not every batch."""
     graph_without_cand_rank(tmp_path / "feats.onnx", cand_feats=True)
     session = load_session(tmp_path / "feats.onnx", ["CPUExecutionProvider"], 1)
     with pytest.raises(ModelError, match="cand_feats"):

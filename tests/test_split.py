@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from app.split import Split, user_point
 from app.store import Keys
 from app.versions import activate, clear_split, set_split
 from contract import default_version, read_item_ids
-from tests.conftest import N_ITEMS, VERSION_A, VERSION_B, make_settings, serve
+from tests.conftest import N_ITEMS, VERSION_A, VERSION_B, broken_copy, make_settings, serve
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 DEFAULT = default_version(MODELS) if MODELS.is_dir() else None
@@ -198,12 +197,7 @@ def test_a_split_waits_until_every_version_is_loaded(
     tmp_path: Path,
 ) -> None:
     """B's folder is broken on this machine: the split does not take effect, A keeps serving."""
-    local = tmp_path / "models"
-    for version in (VERSION_A, VERSION_B):
-        shutil.copytree(model_dir / version, local / version)
-    with (local / VERSION_B / "model.onnx").open("r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01\x02\x03")
+    local = broken_copy(model_dir, tmp_path, VERSION_B)
     load_into_redis(redis_server.url, model_dir / VERSION_B, prefix, activate=False)
     app = create_app(settings_factory(model_dir=local, version_poll_s=0.05))
     r = redis.Redis.from_url(redis_server.url)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from app.embedded import EmbeddedRedis
 from app.factory import create_app
 from app.loader import load_into_redis
 from contract import ManifestError
-from tests.conftest import N_ITEMS, VERSION_A, VERSION_B, serve
+from tests.conftest import N_ITEMS, VERSION_A, VERSION_B, broken_copy, serve
 from tests.reference import Reference, assert_same_ranking
 
 
@@ -68,17 +67,6 @@ def test_swap_under_concurrent_traffic(
         assert status == 200 and not body["degraded"]
         scores, _, _, missing = references[body["model_version"]].score(history, cands)
         assert_same_ranking(body["items"], scores, missing, 10)
-
-
-def broken_copy(model_dir: Path, tmp_path: Path, broken: str) -> Path:
-    """A models/ folder whose ``broken`` version has a corrupted model.onnx."""
-    root = tmp_path / "models"
-    for version in (VERSION_A, VERSION_B):
-        shutil.copytree(model_dir / version, root / version)
-    with (root / broken / "model.onnx").open("r+b") as f:
-        f.seek(100)
-        f.write(b"\x00\x01\x02\x03")
-    return root
 
 
 def test_a_broken_new_version_keeps_the_old_one(

@@ -22,6 +22,7 @@ from app.config import Settings
 from app.factory import create_app
 from app.tracing import TraceRequests, Tracing, endpoint, from_settings
 from tests.conftest import serve
+from tests.serving import rerank_scope
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -118,24 +119,22 @@ def test_probes_and_unsampled_callers_record_nothing(
     assert exporter.get_finished_spans() == ()
 
 
-def test_a_failed_redis_call_marks_its_span(
-    loaded: str,
-    settings_factory: Callable[..., Settings],
-    exporter: InMemorySpanExporter,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
-    with TestClient(app) as client:
-        store = app.state.service.store
-
-        async def broken(*args: Any, **kwargs: Any) -> None:
-            raise ConnectionError("redis went away")
-
-        monkeypatch.setattr(store, "_fetch_script", broken)
-        exporter.clear()
-        answer = client.post("/rerank", json={"user_id": "u1", "candidates": ["1", "2"]})
+def degraded_rerank(client: TestClient, exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
+    """The spans of one /rerank that the test has broken: its answer comes back degraded."""
+    exporter.clear()
+    answer = client.post("/rerank", json={"user_id": "u1", "candidates": ["1", "2"]})
     assert answer.status_code == 200 and answer.json()["degraded"] is True
-    spans = by_name(exporter.get_finished_spans())
+    return by_name(exporter.get_finished_spans())
+
+
+def test_a_failed_redis_call_marks_its_span(
+    traced: TestClient, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(traced.app.state.service.store, "_fetch_script", broken)  # type: ignore[attr-defined]
+    spans = degraded_rerank(traced, exporter)
     assert set(spans) == {"POST /rerank", "redis fetch"}
     failed = spans["redis fetch"]
     assert failed.status.status_code is StatusCode.ERROR
@@ -144,22 +143,13 @@ def test_a_failed_redis_call_marks_its_span(
 
 
 def test_a_failed_batch_marks_its_model_run(
-    loaded: str,
-    settings_factory: Callable[..., Settings],
-    exporter: InMemorySpanExporter,
-    monkeypatch: pytest.MonkeyPatch,
+    traced: TestClient, exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
-    with TestClient(app) as client:
+    def broken(jobs: Any) -> None:
+        raise RuntimeError("onnx runtime fell over")
 
-        def broken(jobs: Any) -> None:
-            raise RuntimeError("onnx runtime fell over")
-
-        monkeypatch.setattr(app.state.holder.model, "run_batch", broken)
-        exporter.clear()
-        answer = client.post("/rerank", json={"user_id": "u1", "candidates": ["1", "2"]})
-    assert answer.status_code == 200 and answer.json()["degraded"] is True
-    spans = by_name(exporter.get_finished_spans())
+    monkeypatch.setattr(traced.app.state.holder.model, "run_batch", broken)  # type: ignore[attr-defined]
+    spans = degraded_rerank(traced, exporter)
     assert set(spans) == {"POST /rerank", "redis fetch", "queue wait", "model run"}
     assert spans["model run"].status.status_code is StatusCode.ERROR
     assert spans["queue wait"].status.status_code is StatusCode.UNSET
@@ -169,20 +159,7 @@ def test_a_caller_that_hangs_up_is_not_an_error(
     loaded: str, settings_factory: Callable[..., Settings], exporter: InMemorySpanExporter
 ) -> None:
     app = create_app(settings_factory(), tracing=Tracing(exporter, batch=False))
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/rerank",
-        "raw_path": b"/rerank",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("test", 80),
-    }
+    scope = rerank_scope((b"content-type", b"application/json"), (b"content-length", b"100"))
     sent: list[Any] = []
 
     async def receive() -> dict[str, Any]:

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from training.data import synthetic
+from training.fusion import ChannelParams
 from training.pipeline import PipelineConfig, fit, prepare, run
+from training.sasrec import SASRecConfig
 from training.train import TrainConfig
+
+# A SASRec channel of a few seconds: enough to rank, not to be good.
+SMALL_SASREC = SASRecConfig(history_len=10, dim=16, n_layers=1, n_heads=1, max_epochs=3, threads=1)
 
 
 def _cfg(epochs: int = 12) -> PipelineConfig:
@@ -19,6 +24,10 @@ def _cfg(epochs: int = 12) -> PipelineConfig:
         hidden=32,
         use_text=False,
         als_factors=16,
+        channel_depth=60,
+        fused_holdout=8,
+        lists_per_user=10,
+        channel_params=ChannelParams(sasrec=SMALL_SASREC),
         train=TrainConfig(epochs=epochs, batch_size=128, lr=5e-3, patience=4),
     )
 
@@ -55,13 +64,17 @@ def test_test_item_never_reaches_training(dataset) -> None:  # type: ignore[no-u
     unseen = next(i for i in range(1, 151) if i not in set(seq.tolist()))
     other.sequences[0] = np.append(seq[:-1], unseen)
     a, b = prepare(dataset, cfg), prepare(other, cfg)
-    for field in ("hist", "cand", "target", "user"):
+    for field in ("hist", "cand", "target", "user", "feats"):
         np.testing.assert_array_equal(getattr(a.train_lists, field), getattr(b.train_lists, field))
+    np.testing.assert_array_equal(a.val_lists.feats, b.val_lists.feats)
+    assert a.fusion == b.fusion
     np.testing.assert_array_equal(a.cf, b.cf)
     np.testing.assert_array_equal(a.stats, b.stats)
     np.testing.assert_array_equal(a.val_lists.cand, b.val_lists.cand)
     np.testing.assert_array_equal(a.test_lists["item-knn"].cand, b.test_lists["item-knn"].cand)
     np.testing.assert_array_equal(a.test_lists["item-knn"].hist, b.test_lists["item-knn"].hist)
+    np.testing.assert_array_equal(a.test_lists["fused"].cand, b.test_lists["fused"].cand)
+    np.testing.assert_array_equal(a.test_lists["fused"].feats, b.test_lists["fused"].feats)
 
 
 def test_weight_averaging_is_kept_only_when_validation_says_so(dataset) -> None:  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +45,17 @@ def two(redis_server: EmbeddedRedis, env: str, model_dir: Path) -> str:
     load_into_redis(redis_server.url, model_dir / VERSION_A, env)
     load_into_redis(redis_server.url, model_dir / VERSION_B, env, activate=False)
     return env
+
+
+@pytest.fixture
+def load_b_as(two: str, redis_server: EmbeddedRedis, model_dir: Path) -> Callable[..., None]:
+    """Loads B again under each name given, none of them active."""
+
+    def load(*names: str) -> None:
+        for name in names:
+            load_into_redis(redis_server.url, model_dir / VERSION_B, two, activate=False, name=name)
+
+    return load
 
 
 def snapshot(r: redis.Redis, prefix: str) -> dict[bytes, bytes | None]:
@@ -119,14 +130,9 @@ def test_split_refuses_an_unknown_or_unloaded_version(
 
 
 def test_split_refuses_a_fourth_live_version(
-    two: str,
-    r: redis.Redis,
-    redis_server: EmbeddedRedis,
-    model_dir: Path,
-    capsys: pytest.CaptureFixture[str],
+    two: str, r: redis.Redis, load_b_as: Callable[..., None], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name in ("c", "d", "e"):
-        load_into_redis(redis_server.url, model_dir / VERSION_B, two, activate=False, name=name)
+    load_b_as("c", "d", "e")
     # Three in the split besides the active A: four live.
     line = refused(["split", "c=40", "d=30", "e=30"], r, two, capsys)
     assert "4 live versions" in line and "at most 3" in line
@@ -231,12 +237,11 @@ def test_load_as_refuses_a_bad_name(
 def test_load_refuses_to_activate_a_fourth_live_version(
     two: str,
     r: redis.Redis,
-    redis_server: EmbeddedRedis,
+    load_b_as: Callable[..., None],
     model_dir: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    for name in ("c", "d"):
-        load_into_redis(redis_server.url, model_dir / VERSION_B, two, activate=False, name=name)
+    load_b_as("c", "d")
     assert cli.main(["split", "c=40", "d=30", f"{VERSION_A}=30"]) == 0  # three live
     line = refused(["load", str(model_dir / VERSION_B), "--as", "e"], r, two, capsys)
     assert "activating e would make 4 live versions" in line

@@ -1,4 +1,5 @@
-"""Offline verbs of the ``rerank`` command: data, train, eval, encoder, demo-sample, items.
+"""Offline verbs of the ``rerank`` command: data, train, eval, recall, encoder, demo-sample,
+items.
 
 ``app.cli`` hands these verbs here, importing this module only when one of them is asked
 for, so that the service never imports PyTorch. This module itself imports only the
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MAX_MINUTES = 15.0  # TrainConfig.max_minutes, without importing torch for --help
+DEFAULT_MAX_MINUTES = 13.0  # TrainConfig.max_minutes, without importing torch for --help
 
 
 def _positive(text: str) -> int:
@@ -95,6 +96,26 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("file", type=Path, help="items file: .csv, .csv.gz or .parquet")
     add.add_argument("--batch", type=_positive, default=100, help="items encoded per round")
 
+    rec = sub.add_parser(
+        "recall",
+        help="fused candidate lists per user, as /rerank bodies",
+        description="Fit the recall channels on --interactions (and nothing else) and write "
+        'one JSON line per user: {"user_id", "candidates": [{"id", "features"}, ...]}, best '
+        "first, the user's past items left out (docs/api.md). With --model, the channels, "
+        "their settings and fusion are the model's, and SASRec is the one trained with it.",
+    )
+    rec.add_argument("--interactions", type=Path, required=True,
+                     help="user_id, item_id, timestamp")  # fmt: skip
+    rec.add_argument("--items", type=Path,
+                     help="the catalogue (default: the items of --interactions, and the "
+                     "model's with --model)")  # fmt: skip
+    rec.add_argument("--model", type=Path, help="a model folder (models/<version>)")
+    rec.add_argument("--k", type=_positive, required=True, help="candidates per user")
+    rec.add_argument("--out", type=Path, required=True, help="the JSON-lines file to write")
+    rec.add_argument("--fit-sasrec", action="store_true",
+                     help="without --model: fit SASRec here (minutes) instead of leaving it "
+                     "out")  # fmt: skip
+
     enc = sub.add_parser("encoder", help="the text encoder of new items (models/encoder/)")
     enc_sub = enc.add_subparsers(dest="action", required=True)
     enc_export = enc_sub.add_parser(
@@ -143,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             return _demo_sample(args)
         if args.verb == "items":
             return _items(args)
+        if args.verb == "recall":
+            return _recall(args)
         return _eval(args)
     except DataError as exc:  # DataProblems among them: one line per problem
         return _fail(getattr(exc, "lines", None) or str(exc))
@@ -266,6 +289,22 @@ def _items(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recall(args: argparse.Namespace) -> int:
+    if args.model is not None and not (args.model / "manifest.json").is_file():
+        return _fail(f"--model {args.model}: no manifest.json; give a model folder "
+                     "(models/<version>)")  # fmt: skip
+    if args.model is not None and args.fit_sasrec:
+        return _fail("--fit-sasrec: with --model, SASRec is the model's")
+    from training.recall_lists import RecallError, write_recall
+
+    try:
+        write_recall(args.interactions, args.items, args.model, args.k, args.out,
+                     args.fit_sasrec, say=lambda line: print(line, file=sys.stderr))  # fmt: skip
+    except RecallError as exc:
+        return _fail(str(exc))
+    return 0
+
+
 def _pipeline_config(args: argparse.Namespace) -> Any:
     """The pipeline's settings for ``rerank train`` (tests swap in smaller ones)."""
     from training.pipeline import PipelineConfig
@@ -334,8 +373,7 @@ def _eval(args: argparse.Namespace) -> int:
     from training.onnx_scorer import OnnxScorer
     from training.pipeline import PipelineConfig, prepare
 
-    known = set(PipelineConfig.__dataclass_fields__) - {"train"}
-    cfg = PipelineConfig(**{k: v for k, v in manifest["training"].items() if k in known})
+    cfg = PipelineConfig.from_dict({k: v for k, v in manifest["training"].items() if k != "train"})
     prep = prepare(dataset, cfg, args.cache_dir)
     report = evaluate(prep, OnnxScorer(args.model_dir, dataset.item_ids), cfg)
     report["recall"] = prep.recall

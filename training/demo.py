@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from contract import DEMO_FILE, read_item_ids, read_manifest
+from contract import DEMO_FILE, Manifest, read_item_ids, read_manifest
 from training.data import GENRES, Dataset
 from training.recall import ItemKNN
 from training.split import leave_last_out
@@ -133,12 +133,26 @@ def build_sample(
     }
     return {
         "model_version": manifest.version,
+        "new_items": new_item_form(manifest),
         "dataset": dataset.name,
         "recall": {"method": knn.name, "n": n_candidates, "fit_on": "training split"},
         "history_len": manifest.history_len,
         "k": k,
         "users": samples,
         "items": items,
+    }
+
+
+def new_item_form(manifest: Manifest) -> dict[str, Any] | None:
+    """What the page's new-item form asks for: the item tower's attributes, categorical ones
+    with the values it has columns for, numeric ones with the training median as the
+    placeholder; None when the model has no item tower (new items wait for a retrain)."""
+    tower = manifest.tower
+    if tower is None:
+        return None
+    return {
+        "categorical": [{"name": c.name, "values": list(c.values)} for c in tower.categorical],
+        "numeric": [{"name": n.name, "median": n.median} for n in tower.numeric],
     }
 
 

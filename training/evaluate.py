@@ -1,10 +1,12 @@
 """Evaluation on the test split of ALL users, against the baselines, with bootstrap intervals.
 
-Every method reorders the same recall list per user (item-kNN and ALS, top N). A test item
-that recall missed counts 0 for every method. Methods: recall order, popularity order, a
-LightGBM LambdaRank reranker on hand-made features, and our model. The sampled protocol
-(test item + 100 random unseen items) is reported apart, labelled as such, for comparison
-with papers only.
+Every method reorders the same recall list per user: the fused list with its per-candidate
+recall features, and the item-kNN list of plain ids (features at their defaults, as a
+request without them). A test item that recall missed counts 0 for every method. Methods:
+recall order, popularity order, a LightGBM LambdaRank reranker on hand-made features plus
+the recall features, and our model. Each channel's own top-N list is scored in its own
+order too. The sampled protocol (test item + 100 random unseen items) is reported apart,
+labelled as such, for comparison with papers only.
 """
 
 from __future__ import annotations
@@ -50,17 +52,23 @@ class LightgbmInfo(TypedDict):
     trees: int
 
 
+class ChannelRow(MethodRow):
+    recall: float  # Recall@N of the channel's top-N list
+
+
 class Report(TypedDict, total=False):
-    """What ``evaluate`` returns; the pipeline and ``rerank eval`` add the last four keys."""
+    """What ``evaluate`` returns; the pipeline and ``rerank eval`` add the last five keys."""
 
     users: int
     n_candidates: int
+    channels: dict[str, ChannelRow]  # each channel's top-N list in its own order
     summary: dict[str, dict[str, MethodRow]]  # recall source -> method -> metrics
     comparisons: dict[str, Comparison]  # recall source -> paired comparisons
     sampled_protocol: SampledProtocol
     lightgbm: LightgbmInfo
     recall: dict[str, dict[str, float]]
     train_log: list[dict[str, float]]
+    minutes_per_step: dict[str, float]
     minutes: float
     scored_by: str
 
@@ -75,6 +83,10 @@ class FeatureBuilder:
     ]  # fmt: skip
 
     def __init__(self, prep: Prepared) -> None:
+        # The recall features of each candidate (training/fusion.py), as given.
+        self.feature_names = [str(f["name"]) for f in prep.candidate_features]
+        self.names = [*FeatureBuilder.names, *self.feature_names]
+        self.defaults = prep.feature_defaults
         self.knn = prep.knn
         self.train = prep.split.train
         self.counts = transitions(prep.split.train, prep.dataset.n_items)  # raw weights
@@ -148,6 +160,9 @@ class FeatureBuilder:
             np.einsum("mnt,mt->mn", self.text[cand], recent),
             np.broadcast_to(mask.sum(axis=1, keepdims=True), (m, n)),
         ]
+        if self.feature_names:
+            feats = np.asarray(lists.with_features(self.defaults).feats)  # (M, N, F)
+            cols += [feats[..., j] for j in range(feats.shape[-1])]
         return np.stack(cols, axis=-1).reshape(m * n, -1).astype(np.float32)
 
 
@@ -227,22 +242,30 @@ def sampled_lists(prep: Prepared, n_neg: int, seed: int, history_len: int) -> Li
     return Lists(right_align(hists, history_len), cand, target, np.arange(len(cand)))
 
 
+def _row(pos: np.ndarray, seed: int) -> MethodRow:
+    got = summary(pos)
+    return {
+        "ndcg@10": got["ndcg@10"],
+        "hr@10": got["hr@10"],
+        "mrr": got["mrr"],
+        "ndcg@10_ci95": bootstrap_ci(ndcg_at(pos), seed=seed),
+    }
+
+
 def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
-    """All methods on both recall sources; ``model`` scores candidate lists."""
+    """All methods on every list source; ``model`` scores candidate lists."""
     lgbm = train_lightgbm(prep, cfg.seed)
+    channels: dict[str, ChannelRow] = {}
+    for name, lists in prep.channel_orders.items():
+        pos = np.where(lists.target >= 0, lists.target, -1)  # the channel's own order
+        channels[name] = {**_row(pos, cfg.seed), "recall": float((lists.target >= 0).mean())}  # type: ignore[typeddict-item]
     results: dict[str, dict[str, MethodRow]] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
     for source, lists in prep.test_lists.items():
         results[source], per_user[source] = {}, {}
         for method in METHODS:
             pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
-            got = summary(pos)
-            results[source][method] = {
-                "ndcg@10": got["ndcg@10"],
-                "hr@10": got["hr@10"],
-                "mrr": got["mrr"],
-                "ndcg@10_ci95": bootstrap_ci(ndcg_at(pos), seed=cfg.seed),
-            }
+            results[source][method] = _row(pos, cfg.seed)
             per_user[source][method] = ndcg_at(pos)
     sampled = sampled_lists(prep, 100, cfg.seed, cfg.history_len)
     sampled_pos = ranked_positions(model(sampled), sampled.target)
@@ -262,6 +285,7 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
     return {
         "users": len(prep.dataset.users),
         "n_candidates": cfg.n_candidates,
+        "channels": channels,
         "summary": results,
         "comparisons": comparisons,
         "sampled_protocol": {
@@ -273,10 +297,25 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
 
 
 def markdown(report: Report) -> str:
+    n = report["n_candidates"]
     lines = [
-        f"All {report['users']} test users, top-{report['n_candidates']} recall candidates; "
+        f"All {report['users']} test users, top-{n} recall candidates; "
         "a test item that recall missed counts 0.",
         "",
+    ]
+    if report.get("channels"):
+        lines += [
+            f"| channel, its own top {n} | Recall@{n} | NDCG@10 (95% CI) | HR@10 | MRR |",
+            "|---|---|---|---|---|",
+        ]
+        for name, ch in report["channels"].items():
+            lo, hi = ch["ndcg@10_ci95"]
+            lines.append(
+                f"| {name} | {ch['recall']:.3f} | {ch['ndcg@10']:.4f} "
+                f"({lo:.4f}-{hi:.4f}) | {ch['hr@10']:.4f} | {ch['mrr']:.4f} |"
+            )
+        lines.append("")
+    lines += [
         "| recall | method | NDCG@10 (95% CI) | HR@10 | MRR |",
         "|---|---|---|---|---|",
     ]
@@ -301,6 +340,9 @@ def markdown(report: Report) -> str:
         f"- sampled protocol (test item + 100 random items, for papers only): "
         f"NDCG@10 {s['ndcg@10']:.4f}, HR@10 {s['hr@10']:.4f}"
     )
+    if report.get("minutes_per_step"):
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in report["minutes_per_step"].items())
+        lines.append(f"- minutes per step: {steps}")
     return "\n".join(lines) + "\n"
 
 

@@ -363,14 +363,16 @@ def _attribute(table: _Table, name: str, report: _Report) -> Attribute | None:
     return Attribute(name, "categorical", cells)
 
 
-def read_files(interactions: Path, items: Path) -> tuple[Interactions, Catalogue, list[str]]:
+def read_files(interactions: Path, items: Path | None) -> tuple[Interactions, Catalogue, list[str]]:
     """Read and check both files; raise ``DataProblems`` naming every problem found.
 
     Returns the interactions, the catalogue and notes for the summary (ignored columns...).
+    Without ``items`` the catalogue is the items of the interactions, in order of first
+    appearance, without text or attributes.
     """
     report = _Report()
     inter = _read(interactions, report)
-    cat = _read(items, report)
+    cat = _read(items, report) if items is not None else None
     if inter is not None and inter.n_rows == 0:
         report.add(f"{inter.name}: a header but no rows; add the interactions")
         inter = None
@@ -398,10 +400,15 @@ def read_files(interactions: Path, items: Path) -> tuple[Interactions, Catalogue
             _check_ids(inter, "user_id", users, report)
         if item_ids is not None:
             _check_ids(inter, "item_id", item_ids, report)
-            if catalogue is not None:
+            if catalogue is not None and items is not None:
                 _check_known(inter, item_ids, catalogue, items, report)
         if users is not None and item_ids is not None:
             log = Interactions(users, item_ids, times)
+            if items is None:
+                import pandas as pd
+
+                seen = [str(i) for i in pd.unique(pd.Series(item_ids, dtype=object))]
+                catalogue = Catalogue(seen, [""] * len(seen), [])
     if report.lines:
         raise DataProblems(report.lines)
     assert log is not None and catalogue is not None

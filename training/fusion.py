@@ -153,10 +153,16 @@ def _features(lists: ChannelLists, rows: slice, cand: np.ndarray, n_items: int) 
 
 
 def run_channels(
-    channels: Sequence[Channel], histories: list[np.ndarray], depth: int
+    channels: Sequence[Channel], histories: list[np.ndarray], depth: int, chunk: int = 2048
 ) -> ChannelLists:
-    """Each channel's top ``depth`` list for every history."""
-    return {c.name: c.recall(histories, depth) for c in channels}
+    """Each channel's top ``depth`` list for every history, ``chunk`` histories at a time
+    (a dense channel holds a (chunk, items) score matrix at once)."""
+    out: ChannelLists = {}
+    for c in channels:
+        parts = [c.recall(histories[s : s + chunk], depth)
+                 for s in range(0, max(len(histories), 1), chunk)]  # fmt: skip
+        out[c.name] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    return out
 
 
 def build_lists(
@@ -300,7 +306,9 @@ class ChannelParams:
     markov_alpha: float = 0.5
     markov_last: int = 10
     markov_query_decay: float = 0.9
-    sasrec: SASRecConfig = field(default_factory=SASRecConfig)
+    # 4 minutes a fit: the pipeline fits SASRec twice (the training split, and its time cut)
+    # within `make train`'s 25 minutes.
+    sasrec: SASRecConfig = field(default_factory=lambda: SASRecConfig(max_minutes=4.0))
     rrf_weights: dict[str, float] = field(
         default_factory=lambda: {"ease": 2.0, "markov": 1.0, "sasrec": 1.0}
     )

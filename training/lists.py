@@ -2,7 +2,9 @@
 
 Arrays are padded with item row 0: histories right-aligned to length L (newest last),
 candidate lists in recall order. ``target`` is the true item's position in the list, or -1
-when recall missed it (such a list scores 0 in evaluation and is not trained on).
+when recall missed it (such a list scores 0 in evaluation and is not trained on). ``feats``
+holds each candidate's recall features (``training/fusion.py``); None: a list of plain ids,
+whose features all take their defaults.
 """
 
 from __future__ import annotations
@@ -22,12 +24,35 @@ class Lists:
     cand: np.ndarray  # (M, N) item rows in recall order
     target: np.ndarray  # (M,) position of the true item in cand, -1 if absent
     user: np.ndarray  # (M,) user index
+    feats: np.ndarray | None = None  # (M, N, F) float32 recall features; None: defaults
 
     def __len__(self) -> int:
         return len(self.target)
 
     def subset(self, keep: np.ndarray) -> Lists:
-        return Lists(self.hist[keep], self.cand[keep], self.target[keep], self.user[keep])
+        feats = None if self.feats is None else self.feats[keep]
+        return Lists(self.hist[keep], self.cand[keep], self.target[keep], self.user[keep], feats)
+
+    def with_features(self, defaults: np.ndarray) -> Lists:
+        """The same lists with ``feats`` filled: the defaults (F,) where there are none."""
+        if self.feats is not None or not len(defaults):
+            return self
+        feats = np.broadcast_to(defaults.astype(np.float32), (*self.cand.shape, len(defaults)))
+        return Lists(self.hist, self.cand, self.target, self.user, feats.copy())
+
+    @staticmethod
+    def concat(parts: list[Lists], defaults: np.ndarray) -> Lists:
+        """One set of lists from several of one shape; lists without features get the
+        defaults (F,)."""
+        parts = [p.with_features(defaults) for p in parts]
+        feats = None if not len(defaults) else np.concatenate([p.feats for p in parts])  # type: ignore[misc]
+        return Lists(
+            np.concatenate([p.hist for p in parts]),
+            np.concatenate([p.cand for p in parts]),
+            np.concatenate([p.target for p in parts]),
+            np.concatenate([p.user for p in parts]),
+            feats,
+        )
 
 
 def right_align(histories: list[np.ndarray], length: int) -> np.ndarray:

@@ -4,8 +4,9 @@ attention layer from every candidate to the head of its list.
 Two paths share the weights and nothing else:
 
 - training: ``ItemTower`` turns item indices into vectors, then ``Reranker.score`` runs on them;
-- serving: ``Reranker.score(hist, hist_mask, cand, cand_mask, cand_rank)`` is the exact
-  function exported to ONNX; the service feeds it the vectors the item tower produced offline.
+- serving: ``Reranker.score(hist, hist_mask, cand, cand_mask, cand_rank[, cand_feats])`` is
+  the exact function exported to ONNX; the service feeds it the vectors the item tower
+  produced offline, and the per-candidate recall features when the model declares them.
 
 Only ``nn.Module``s and their config live here.
 """
@@ -18,6 +19,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+# Raw candidate features are clipped here before their signed log: a score of any scale, or
+# one that overflowed float32 on its way in, stays finite.
+FEAT_CLIP = 1e6
 
 # Large negative instead of -inf so that a row whose keys are all padding (an empty history)
 # still gives a finite softmax, and therefore finite scores.
@@ -50,6 +55,12 @@ class ModelConfig:
     # 10x a list of 100, not 100x, and the service's memory stays within its standard
     # (docs/model.md gives the figures).
     context_size: int = 100
+    # Per-candidate recall features (the ONNX input cand_feats, F columns; 0: none), the
+    # value each takes when a candidate lacks it, and the share of training lists whose
+    # features are all set to those defaults, so that lists of plain ids still rank well.
+    n_feats: int = 0
+    feat_defaults: tuple[float, ...] = ()
+    feat_dropout: float = 0.3
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -62,6 +73,13 @@ class ModelConfig:
             raise ValueError(f"n_numeric={self.n_numeric} must be in 0..n_stats={self.n_stats}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout={self.id_dropout} must be in [0, 1)")
+        self.feat_defaults = tuple(float(v) for v in self.feat_defaults)
+        if len(self.feat_defaults) != self.n_feats:
+            raise ValueError(
+                f"feat_defaults has {len(self.feat_defaults)} values for n_feats={self.n_feats}"
+            )
+        if not 0.0 <= self.feat_dropout < 1.0:
+            raise ValueError(f"feat_dropout={self.feat_dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -166,6 +184,13 @@ class ItemTower(nn.Module):
     def cold_vectors(self) -> Tensor:
         """The cold path's vector of every real item. (n_items-1, D)"""
         return self.cold(self.text, self.attrs, self.stats[:, self.n_usage :])[1:]
+
+
+def signed_log(x: Tensor) -> Tensor:
+    """sign(x) * log(1 + |x|) of ``x`` clipped to +-FEAT_CLIP: ranks (1..1000) and scores
+    of any channel's scale on one footing, with no statistics of the list or the data."""
+    x = x.clamp(-FEAT_CLIP, FEAT_CLIP)
+    return torch.sign(x) * torch.log1p(x.abs())
 
 
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
@@ -274,6 +299,8 @@ class UserEncoder(nn.Module):
 class Reranker(nn.Module):
     """Scores candidates for a user; ``score`` is the serving graph."""
 
+    feat_default: Tensor  # (F,) a buffer: the value of each feature when absent
+
     def __init__(self, cfg: ModelConfig, tower: ItemTower) -> None:
         super().__init__()
         self.cfg = cfg
@@ -307,6 +334,11 @@ class Reranker(nn.Module):
             if cfg.list_context
             else None
         )
+        # How recall found each candidate (its rank and score per channel), projected into
+        # the candidate's hidden state; a candidate that carries only defaults adds the
+        # bias alone, as the signed logs are taken relative to the defaults'.
+        self.register_buffer("feat_default", torch.tensor(cfg.feat_defaults, dtype=torch.float32))
+        self.feat_in = nn.Linear(cfg.n_feats, cfg.hidden) if cfg.n_feats else None
 
     def score(
         self,
@@ -315,6 +347,7 @@ class Reranker(nn.Module):
         cand: Tensor,  # (B, N, D)
         cand_mask: Tensor,  # (B, N) bool
         cand_rank: Tensor,  # (B, N) position in the caller's list, 0 = first
+        cand_feats: Tensor | None = None,  # (B, N, F) raw recall features; None: defaults
     ) -> tuple[Tensor, Tensor]:
         """Returns scores (B, N) and candidate->history attention (B, N, L)."""
         state = self.encoder(hist, hist_mask)  # (B, D)
@@ -362,6 +395,12 @@ class Reranker(nn.Module):
             dim=-1,
         )  # (B, N, 4D+8)
         hidden = self.user_in(state)[:, None, :] + self.cand_in(per_cand)  # (B, N, hidden)
+        if self.feat_in is not None:
+            default = self.feat_default
+            if cand_feats is None:
+                cand_feats = default.expand(*cand.shape[:2], -1)
+            feats = signed_log(cand_feats) - signed_log(default)  # (B, N, F)
+            hidden = hidden + self.feat_in(feats)
         if self.context is not None:
             hidden = self.context(hidden, cand_mask)
         scores = self.mlp(hidden).squeeze(-1)  # (B, N)
@@ -373,14 +412,21 @@ class Reranker(nn.Module):
         hist_idx: Tensor,  # (B, L) item indices, 0 = padding
         cand_idx: Tensor,  # (B, N) item indices, 0 = padding
         target: Tensor,  # (B,) position of the true next item in the candidate list
+        feats: Tensor | None = None,  # (B, N, F) recall features; None: the defaults
     ) -> tuple[Tensor, Tensor]:
-        """Training path: listwise softmax cross-entropy over each candidate list."""
+        """Training path: listwise softmax cross-entropy over each candidate list.
+
+        In training mode a list's features are all set to the defaults with probability
+        ``feat_dropout``, as a request of plain ids has them."""
         hist_mask = hist_idx > 0
         cand_mask = cand_idx > 0
         rank = torch.arange(cand_idx.shape[1], device=cand_idx.device, dtype=torch.float32)
         rank = rank.expand(cand_idx.shape[0], -1)
         hist, cand = self.tower(hist_idx, cand_idx)
-        scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank)
+        if feats is not None and self.training and self.cfg.feat_dropout > 0:
+            dropped = torch.rand(feats.shape[0], 1, 1, device=feats.device) < self.cfg.feat_dropout
+            feats = torch.where(dropped, self.feat_default, feats)
+        scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank, feats)
         loss = nn.functional.cross_entropy(scores, target)
         return scores, loss
 
@@ -407,6 +453,12 @@ class ScoreGraph(nn.Module):
         self.model = model
 
     def forward(
-        self, hist: Tensor, hist_mask: Tensor, cand: Tensor, cand_mask: Tensor, cand_rank: Tensor
+        self,
+        hist: Tensor,
+        hist_mask: Tensor,
+        cand: Tensor,
+        cand_mask: Tensor,
+        cand_rank: Tensor,
+        cand_feats: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        return self.model.score(hist, hist_mask, cand, cand_mask, cand_rank)
+        return self.model.score(hist, hist_mask, cand, cand_mask, cand_rank, cand_feats)

