@@ -25,10 +25,6 @@ class Channel(Protocol):
     def recall(self, histories: list[np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class CatalogueTooLarge(ValueError):
-    """A channel's dense form does not fit the catalogue; the message says what to do."""
-
-
 def recency(length: int, decay: float) -> np.ndarray:
     """(length,) weights of a time-ordered history: the newest item 1.0, each older one
     ``decay`` times the next newer one. ``decay=1.0`` weighs every item alike."""

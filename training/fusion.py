@@ -18,13 +18,12 @@ hold items the fit never saw, exactly as at validation and test time.
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.channels import EASE, CatalogueTooLarge, Channel, Markov
+from training.channels import EASE, Channel, Markov
 from training.metrics import summary
 from training.recall import ALSRecall, ItemKNN
 from training.sasrec import SASRecConfig, SASRecRecall
@@ -326,15 +325,12 @@ def fit_channels(
     names: Sequence[str] = FUSED_CHANNELS,
 ) -> list[Channel]:
     """Fit the named channels on ``train`` only; ``val`` (the item after each training
-    sequence, 0 where none) early-stops SASRec. EASE is left out, with a warning, where
-    the catalogue is past its size limit."""
+    sequence, 0 where none) early-stops SASRec. Past its size limit, EASE fits on the most
+    popular items (``training.channels.EASE``)."""
     out: list[Channel] = []
     for name in names:
         if name == "ease":
-            try:
-                out.append(EASE(train, n_items, params.ease_lambda, params.ease_decay))
-            except CatalogueTooLarge as exc:
-                warnings.warn(str(exc), stacklevel=2)
+            out.append(EASE(train, n_items, params.ease_lambda, params.ease_decay))
         elif name == "markov":
             out.append(
                 Markov(
