@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from training.channels import EASE, CatalogueTooLarge, Channel, Markov, popularity, weighted_matrix
+from training.channels import EASE, Channel, Markov, popularity, weighted_matrix
 from training.data import synthetic
 from training.fusion import (
     RANK_DEFAULT,
@@ -115,11 +115,19 @@ def test_recency_weights_favour_the_newest_items():
     np.testing.assert_allclose(last[0], [0.0, 0.5, 1.0, 0.0, 0.0])
 
 
-def test_ease_refuses_a_catalogue_past_its_limit(data, monkeypatch):
-    ds, split, _ = data
-    monkeypatch.setattr(EASE, "max_items", 100)
-    with pytest.raises(CatalogueTooLarge, match="ease"):
-        EASE(split.train, ds.n_items)
+def test_ease_past_its_limit_fits_the_most_popular_items(data, monkeypatch, capsys):
+    ds, split, test_hist = data
+    monkeypatch.setattr(EASE, "max_items", 50)
+    ease = EASE(split.train, ds.n_items)
+    assert "fitted on the 50 most popular" in capsys.readouterr().err
+    pop = popularity(split.train, ds.n_items)
+    top = np.lexsort((np.arange(ds.n_items + 1), -pop))[:50]
+    np.testing.assert_array_equal(ease.cols[1:], np.sort(top))
+    assert ease.b.shape == (51, 51)
+    items, scores = ease.recall(test_hist, 10)
+    assert np.isin(items, ease.cols[1:]).all()
+    for h, row in zip(test_hist, items, strict=True):
+        assert not np.isin(row, h).any()
 
 
 def test_sasrec_sampled_softmax_trains_past_the_threshold(data):
@@ -192,3 +200,11 @@ def test_time_cut_keeps_each_query_target_out_of_the_fit(data):
     knn = ItemKNN(fit, ds.n_items)  # any channel can answer the queries
     items, _ = knn.recall(q.history, 10)
     assert items.shape == (len(q.target), 10)
+
+
+def test_sasrec_time_cap_stops_within_an_epoch(data):
+    ds, split, _ = data
+    cfg = replace(SMALL_SASREC, max_minutes=0.0, batch_size=16)
+    model = SASRecRecall(split.train, ds.n_items, split.val, cfg)
+    assert len(model.log) == 1
+    assert model.log[0]["windows"] == 16  # one batch, then the cap

@@ -11,23 +11,52 @@
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
+from scipy.sparse.linalg import svds
 
-from training.recall import ItemKNN
+from training.recall import ItemKNN, PairLookup
+
+# Up to this many rows and columns, factors come from a dense SVD (MovieLens: 1,683): 64 MB
+# of float32 at most. Past it, from scipy's truncated sparse SVD, the same factors up to
+# each vector's sign and the solver's tolerance.
+DENSE_SVD_MAX = 4096
 
 
-def _svd_factors(m: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    u, s, vt = np.linalg.svd(m, full_matrices=False)
+def _svd_factors(m: sp.spmatrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` singular triplets of ``m`` as (U sqrt(S), V sqrt(S)), largest first."""
+    if max(m.shape) <= DENSE_SVD_MAX:
+        u, s, vt = np.linalg.svd(m.toarray(), full_matrices=False)
+    else:
+        u, s, vt = svds(sp.csr_matrix(m, dtype=np.float64), k=k, random_state=0)
+        order = np.argsort(-s)
+        u, s, vt = u[:, order], s[order], vt[order]
     scale = np.sqrt(s[:k])
     return (u[:, :k] * scale).astype(np.float32), (vt[:k].T * scale).astype(np.float32)
 
 
-def transitions(train: list[np.ndarray], n_items: int, window: int = 3) -> np.ndarray:
-    """(I+1, I+1) counts of b appearing within ``window`` steps after a, weighted 1/step."""
-    t = np.zeros((n_items + 1, n_items + 1), dtype=np.float32)
+def transition_matrix(train: list[np.ndarray], n_items: int, window: int = 3) -> sp.csr_matrix:
+    """(I+1, I+1) sparse float32 weights of b appearing within ``window`` steps after a,
+    1/step each, summed in float64."""
+    src, dst, val = [], [], []
     for seq in train:
         for step in range(1, window + 1):
-            np.add.at(t, (seq[:-step], seq[step:]), 1.0 / step)
-    return t
+            if len(seq) > step:
+                src.append(seq[:-step])
+                dst.append(seq[step:])
+                val.append(np.full(len(seq) - step, 1.0 / step))
+    size = n_items + 1
+    if not src:
+        return sp.csr_matrix((size, size), dtype=np.float32)
+    t = sp.csr_matrix(
+        (np.concatenate(val), (np.concatenate(src), np.concatenate(dst))), shape=(size, size)
+    )  # duplicates are summed
+    t.sum_duplicates()
+    return sp.csr_matrix(t, dtype=np.float32)
+
+
+def transitions(train: list[np.ndarray], n_items: int, window: int = 3) -> PairLookup:
+    """``transition_matrix`` read as ``t[rows, cols]`` with broadcast index arrays."""
+    return PairLookup(transition_matrix(train, n_items, window))
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -47,8 +76,10 @@ def item_features(
     attributes, without missing values."""
     k_co, k_tr = n_cf // 2, n_cf // 4
     co, _ = _svd_factors(knn.sim, k_co)
-    t = np.log1p(transitions(train, n_items))
-    t_from, t_to = _svd_factors(t / (t.max() + 1e-6), k_tr)
+    t = transition_matrix(train, n_items)
+    t.data = np.log1p(t.data)  # log1p(0) = 0: the zeros stay implicit
+    t.data /= t.data.max(initial=0.0) + 1e-6
+    t_from, t_to = _svd_factors(t, k_tr)
     cf = np.concatenate([co, t_from, t_to], axis=1)
     cf = _standardise(cf[1:])
 

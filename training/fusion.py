@@ -18,15 +18,14 @@ hold items the fit never saw, exactly as at validation and test time.
 from __future__ import annotations
 
 import itertools
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.channels import EASE, CatalogueTooLarge, Channel, Markov
+from training.channels import EASE, Channel, Markov
 from training.metrics import summary
-from training.recall import ALSRecall, ItemKNN, top_n
+from training.recall import ALSRecall, ItemKNN
 from training.sasrec import SASRecConfig, SASRecRecall
 
 RANK_DEFAULT = 1000.0  # a candidate the channel did not return
@@ -66,20 +65,41 @@ class RRF:
     weights: dict[str, float]  # channel name -> weight; a missing channel weighs 0
     k: float = 60.0
 
-    def fused_scores(self, lists: ChannelLists, rows: slice, n_items: int) -> np.ndarray:
-        """(b, I+1) fused score of every item for the histories in ``rows``."""
+    def fused_top(
+        self, lists: ChannelLists, rows: slice, n: int, n_items: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(b, n) item rows and fused scores for the histories in ``rows``: the items with a
+        positive fused score, best first, ties by row, then item row 0 and score 0.
+
+        Votes are added channel by channel into a zeroed (b, I+1) buffer at the items the
+        channels return (the same floats as a dense sum), and read back only there: the
+        top ``n`` come from the (b, channels x depth) returned items, never from a full
+        (b, I+1) ranking.
+        """
         b = rows.stop - rows.start
-        out = np.zeros((b, n_items + 1))
         r = np.arange(b)[:, None]
-        for name, (items, scores) in lists.items():
-            w = self.weights.get(name, 0.0)
-            if w <= 0:
-                continue
-            it, sc = items[rows], scores[rows]
+        items_out, score_out = np.zeros((b, n), dtype=np.int64), np.zeros((b, n))
+        voting = [(w, items[rows], scores[rows]) for name, (items, scores) in lists.items()
+                  if (w := self.weights.get(name, 0.0)) > 0]  # fmt: skip
+        if not voting or not voting[0][1].shape[1]:
+            return items_out, score_out
+        total = np.zeros((b, n_items + 1))  # calloc: only the pages written are touched
+        for w, it, sc in voting:
             rank = np.arange(1, it.shape[1] + 1)[None, :]
             # top_n fills a short list with -inf-scored seen items: those are not recalled.
-            out[r, it] += np.where(np.isfinite(sc), w / (self.k + rank), 0.0)
-        return out
+            total[r, it] += np.where(np.isfinite(sc), w / (self.k + rank), 0.0)
+        cand = np.sort(np.concatenate([it for _, it, _ in voting], axis=1), axis=1)  # (b, M)
+        score = total[r, cand]
+        repeat = np.zeros(cand.shape, dtype=bool)
+        repeat[:, 1:] = cand[:, 1:] == cand[:, :-1]
+        score = np.where(repeat | (cand == 0) | ~(score > 0), -np.inf, score)
+        order = np.argsort(-score, axis=1, kind="stable")[:, :n]  # score desc, then row asc
+        best, best_score = np.take_along_axis(cand, order, 1), np.take_along_axis(score, order, 1)
+        found = np.isfinite(best_score)
+        m = best.shape[1]
+        items_out[:, :m] = np.where(found, best, 0)
+        score_out[:, :m] = np.where(found, best_score, 0.0)
+        return items_out, score_out
 
     def order(self, lists: ChannelLists, n: int, n_items: int, chunk: int = 512) -> np.ndarray:
         """(B, n) fused item rows only; what tuning needs."""
@@ -100,32 +120,34 @@ class RRF:
         feats = np.zeros((n_hist, n, len(names) if features else 0), dtype=np.float32)
         for s in range(0, n_hist, chunk):
             rows = slice(s, min(s + chunk, n_hist))
-            fused = self.fused_scores(lists, rows, n_items)
-            items, score = top_n(fused, fused <= 0, n)
-            absent = ~np.isfinite(score) | (score <= 0)
-            items = np.where(absent, 0, items)
-            items_out[rows, : items.shape[1]] = items
-            score_out[rows, : items.shape[1]] = np.where(absent, 0.0, score)
+            items, score = self.fused_top(lists, rows, n, n_items)
+            items_out[rows], score_out[rows] = items, score
             if features:
-                feats[rows, : items.shape[1]] = _features(lists, rows, items, n_items)
+                feats[rows] = _features(lists, rows, items, n_items)
         return Fused(items_out, score_out, feats, names)
 
 
 def _features(lists: ChannelLists, rows: slice, cand: np.ndarray, n_items: int) -> np.ndarray:
-    """(b, K, 2 * channels): rank and score of each candidate in each channel."""
+    """(b, K, 2 * channels): rank and score of each candidate in each channel, looked up
+    by ``history * (I+1) + item`` in each channel's sorted pairs (a channel's list holds an
+    item once)."""
     b = rows.stop - rows.start
     r = np.arange(b)[:, None]
+    wanted = r * (n_items + 1) + cand  # (b, K)
     out = []
     for items, scores in lists.values():
         it, sc = items[rows], scores[rows]
-        ok = np.isfinite(sc)
-        rank = np.full((b, n_items + 1), RANK_DEFAULT)
-        value = np.full((b, n_items + 1), SCORE_DEFAULT)
-        ranks = np.broadcast_to(np.arange(1, it.shape[1] + 1, dtype=np.float64), it.shape)
-        rank[r, it] = np.where(ok, ranks, RANK_DEFAULT)
-        value[r, it] = np.where(ok, sc, SCORE_DEFAULT)
-        rank[:, 0], value[:, 0] = RANK_DEFAULT, SCORE_DEFAULT  # padding candidates
-        out += [np.take_along_axis(rank, cand, 1), np.take_along_axis(value, cand, 1)]
+        rank = np.full(cand.shape, RANK_DEFAULT)
+        value = np.full(cand.shape, SCORE_DEFAULT)
+        if it.size:
+            key = (r * (n_items + 1) + it).ravel()
+            order = np.argsort(key, kind="stable")
+            at = order[np.searchsorted(key[order], wanted).clip(max=len(key) - 1)]  # (b, K)
+            flat_sc = sc.ravel()[at]
+            ok = (key[at] == wanted) & (cand > 0) & np.isfinite(flat_sc)  # 0: padding
+            rank = np.where(ok, at % it.shape[1] + 1.0, RANK_DEFAULT)
+            value = np.where(ok, flat_sc, SCORE_DEFAULT)
+        out += [rank, value]
     return np.stack(out, axis=-1).astype(np.float32)
 
 
@@ -187,9 +209,17 @@ def tune_rrf(
     grid: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0),
     metric: str = "ndcg@10",
     passes: int = 2,
+    max_rows: int = 20_000,
 ) -> Tuned:
     """Weights and k of RRF by coordinate ascent on the validation lists: start from equal
-    weights, then, per pass, each channel's weight over ``grid`` and k over ``ks``."""
+    weights, then, per pass, each channel's weight over ``grid`` and k over ``ks``.
+
+    Past ``max_rows`` histories, on a fixed random ``max_rows`` of them: each trial fuses
+    every row it scores, about 40 trials."""
+    if len(truth) > max_rows:
+        keep = np.sort(np.random.default_rng(0).choice(len(truth), max_rows, replace=False))
+        lists = {c: (items[keep], scores[keep]) for c, (items, scores) in lists.items()}
+        truth = truth[keep]
     names = list(lists)
     trials: list[dict[str, object]] = []
 
@@ -295,15 +325,12 @@ def fit_channels(
     names: Sequence[str] = FUSED_CHANNELS,
 ) -> list[Channel]:
     """Fit the named channels on ``train`` only; ``val`` (the item after each training
-    sequence, 0 where none) early-stops SASRec. EASE is left out, with a warning, where
-    the catalogue is past its size limit."""
+    sequence, 0 where none) early-stops SASRec. Past its size limit, EASE fits on the most
+    popular items (``training.channels.EASE``)."""
     out: list[Channel] = []
     for name in names:
         if name == "ease":
-            try:
-                out.append(EASE(train, n_items, params.ease_lambda, params.ease_decay))
-            except CatalogueTooLarge as exc:
-                warnings.warn(str(exc), stacklevel=2)
+            out.append(EASE(train, n_items, params.ease_lambda, params.ease_decay))
         elif name == "markov":
             out.append(
                 Markov(

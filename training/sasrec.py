@@ -161,7 +161,7 @@ class SASRecRecall:
         for epoch in range(cfg.max_epochs):
             self.model.train()
             order = torch.randperm(len(x_all), generator=gen)
-            total = 0.0
+            total, seen = 0.0, 0
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]
                 loss = self._loss(x_all[idx], y_all[idx], gen)
@@ -169,7 +169,11 @@ class SASRecRecall:
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
-            record = {"epoch": epoch + 1, "loss": total / len(order)}
+                seen += len(idx)
+                # The cap holds within an epoch too: one epoch of a large set takes minutes.
+                if time.monotonic() - started >= cfg.max_minutes * 60:
+                    break
+            record = {"epoch": epoch + 1, "loss": total / seen, "windows": seen}
             if val is not None:
                 items, _ = self.recall(train, 10)
                 hit = items == val[:, None]
