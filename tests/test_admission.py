@@ -44,6 +44,35 @@ async def admitted(adm: Admission) -> Ticket:
     return ticket
 
 
+async def old_and_new(
+    adm: Admission, clock: Clock, at: float
+) -> tuple[Ticket, asyncio.Task[Ticket | None], asyncio.Task[Ticket | None]]:
+    """The one slot held, a waiter from time 0 and another from ``at``: (held, old, new)."""
+    held = await admitted(adm)
+    old = asyncio.create_task(adm.enter())
+    await settle()
+    clock.now = at
+    new = asyncio.create_task(adm.enter())
+    await settle()
+    return held, old, new
+
+
+async def one_served_one_aside(
+    adm: Admission, clock: Clock
+) -> tuple[list[asyncio.Task[Ticket | None]], Ticket]:
+    """Two waiters behind the one slot until the line stands (t = 0.12); the slot comes free:
+    the newer is served, the older set aside. Returns both waiters and the newer's ticket."""
+    held = await admitted(adm)
+    waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
+    await settle()
+    clock.now = 0.12
+    adm.leave(held)
+    await settle()
+    served = waiters[1].result()
+    assert served is not None and adm.waiting == 0 and adm.aside == 1
+    return waiters, served
+
+
 async def settle() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
@@ -105,13 +134,8 @@ def test_a_burst_drains_in_arrival_order_even_past_the_target() -> None:
 
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
-        old = asyncio.create_task(adm.enter())
-        await settle()
-        clock.now = 0.06  # the oldest is past the target, the line younger than the interval
-        new = asyncio.create_task(adm.enter())
-        await settle()
+        # the oldest is past the target, the line younger than the interval
+        held, old, new = await old_and_new(adm, clock, 0.06)
         assert not adm.standing(clock.now)
         adm.leave(held)
         await settle()
@@ -131,13 +155,8 @@ def test_a_standing_line_serves_the_newest_and_sets_the_stale_aside() -> None:
 
     async def main() -> None:
         adm, clock = admission(limit=1, waiting=4, target_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
-        old = asyncio.create_task(adm.enter())
-        await settle()
-        clock.now = 0.12  # the line has stood for the interval; old waited 120 ms
-        new = asyncio.create_task(adm.enter())
-        await settle()
+        # the line has stood for the interval; old waited 120 ms
+        held, old, new = await old_and_new(adm, clock, 0.12)
         assert adm.standing(clock.now)
         adm.leave(held)
         await settle()
@@ -159,13 +178,7 @@ def test_a_standing_line_serves_the_newest_and_sets_the_stale_aside() -> None:
 def test_a_set_aside_waiter_is_refused_at_its_deadline() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, timeout_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
-        old = asyncio.create_task(adm.enter())
-        await settle()
-        clock.now = 0.12
-        new = asyncio.create_task(adm.enter())
-        await settle()
+        held, old, new = await old_and_new(adm, clock, 0.12)
         adm.leave(held)  # the line stands: new gets the slot, old is set aside
         assert adm.aside == 1 and adm.waiting == 0
         assert await old is None  # the 503, at the deadline
@@ -181,8 +194,7 @@ def test_a_set_aside_waiter_is_refused_at_its_deadline() -> None:
 def test_set_aside_requests_count_toward_a_full_line() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, waiting=2, target_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         stale = [asyncio.create_task(adm.enter()) for _ in range(2)]
         await settle()
         clock.now = 0.12
@@ -204,8 +216,7 @@ def test_set_aside_requests_count_toward_a_full_line() -> None:
 def test_the_time_a_slot_is_held_counts_toward_the_target() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
+        held = await admitted(adm)
         early = asyncio.create_task(adm.enter())
         await settle()
         clock.now = 0.10
@@ -233,15 +244,7 @@ def test_a_line_emptied_by_setting_waiters_aside_still_stands() -> None:
 
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
-        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
-        await settle()
-        clock.now = 0.12
-        adm.leave(held)  # standing: the newer one is served, the older set aside
-        await settle()
-        running = waiters[1].result()
-        assert running is not None and adm.waiting == 0 and adm.aside == 1
+        waiters, running = await one_served_one_aside(adm, clock)
         clock.now = 0.13
         first = asyncio.create_task(adm.enter())
         await settle()
@@ -262,15 +265,7 @@ def test_a_line_emptied_by_setting_waiters_aside_still_stands() -> None:
 def test_once_a_slot_comes_free_with_nobody_in_line_it_is_a_burst_again() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
-        held = await adm.enter()
-        assert held is not None
-        waiters = [asyncio.create_task(adm.enter()) for _ in range(2)]
-        await settle()
-        clock.now = 0.12
-        adm.leave(held)  # standing: the newer one is served, the older set aside
-        await settle()
-        served = waiters[1].result()
-        assert served is not None
+        waiters, served = await one_served_one_aside(adm, clock)
         adm.leave(served)  # nobody in line: the slot is free, the line no longer stands
         assert adm.inflight == 0 and not adm.standing(clock.now)
         running = await adm.enter()  # a free slot at once

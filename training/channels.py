@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
-from training.recall import sparse_top_n, top_n
+from training.recall import by_chunks, sparse_top_n, top_n
 
 
 class Channel(Protocol):
@@ -173,11 +173,9 @@ class Markov:
     def recall(
         self, histories: list[np.ndarray], n: int, chunk: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
-        items, scores = [], []
-        for s in range(0, max(len(histories), 1), chunk):  # (chunk, I+1) products at a time
-            part = histories[s : s + chunk]
-            q = weighted_matrix(part, self.n_items, self.query_decay, last=self.last)
-            i, sc = sparse_top_n(sp.csr_matrix(q @ self.t), part, n, self.prior, chunk)
-            items.append(i)
-            scores.append(sc)
-        return np.concatenate(items), np.concatenate(scores)
+
+        def part(hist: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            q = weighted_matrix(hist, self.n_items, self.query_decay, last=self.last)
+            return sparse_top_n(sp.csr_matrix(q @ self.t), hist, n, self.prior, chunk)
+
+        return by_chunks(histories, chunk, part)

@@ -10,6 +10,7 @@ top-N lists are taken over the columns a batch of rows actually scores (``sparse
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -25,6 +26,29 @@ def user_item_matrix(histories: list[np.ndarray], n_items: int) -> sp.csr_matrix
     m = sp.csr_matrix((data, (rows, cols)), shape=(len(histories), n_items + 1))
     m.data[:] = 1.0  # repeated interactions count once
     return m
+
+
+def seen_mask(histories: list[np.ndarray], n_cols: int) -> np.ndarray:
+    """(B, n_cols) bool: True at each history's items."""
+    mask = np.zeros((len(histories), n_cols), dtype=bool)
+    for r, h in enumerate(histories):
+        mask[r, h] = True
+    return mask
+
+
+def by_chunks(
+    histories: list[np.ndarray],
+    chunk: int,
+    recall_part: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """``recall_part`` over ``chunk`` histories at a time (its (chunk, items) products stay
+    that small), the (B, n) item rows and scores stacked."""
+    items, scores = [], []
+    for s in range(0, max(len(histories), 1), chunk):
+        i, sc = recall_part(histories[s : s + chunk])
+        items.append(i)
+        scores.append(sc)
+    return np.concatenate(items), np.concatenate(scores)
 
 
 def top_n(scores: np.ndarray, seen: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,10 +112,7 @@ def sparse_top_n(
         # or a partition of it is faster than sorting that many entries.
         if n + longest + 1 >= n_cols or part.nnz * 8 > b * n_cols:
             dense = part.toarray() if prior is None else part.toarray() + prior[None, :]
-            mask = np.zeros(dense.shape, dtype=bool)
-            for r, h in enumerate(seen):
-                mask[r, h] = True
-            idx, sc = top_n(dense, mask, n)
+            idx, sc = top_n(dense, seen_mask(seen, n_cols), n)
             items_out.append(idx)
             scores_out.append(sc)
             continue
@@ -222,14 +243,12 @@ class ItemKNN:
         self, histories: list[np.ndarray], n: int, chunk: int = 1024
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-n unseen items per history: (B, n) item rows and their summed similarity."""
-        items, scores = [], []
-        for s in range(0, max(len(histories), 1), chunk):  # (chunk, I+1) products at a time
-            part = histories[s : s + chunk]
-            h = user_item_matrix(part, self.n_items)
-            i, sc = sparse_top_n(sp.csr_matrix(h @ self.sim), part, n, chunk=chunk)
-            items.append(i)
-            scores.append(sc)
-        return np.concatenate(items), np.concatenate(scores)
+
+        def part(hist: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            h = user_item_matrix(hist, self.n_items)
+            return sparse_top_n(sp.csr_matrix(h @ self.sim), hist, n, chunk=chunk)
+
+        return by_chunks(histories, chunk, part)
 
     def sim_without_user(self, rows: np.ndarray, own: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Similarity of items ``rows`` (of the user) to items ``cols``, with the user's own

@@ -20,7 +20,7 @@ from torch import nn
 
 from training.lists import right_align
 from training.metrics import ndcg_at
-from training.recall import top_n
+from training.recall import by_chunks, seen_mask, top_n
 from training.train import set_seed
 
 
@@ -198,16 +198,13 @@ class SASRecRecall:
     ) -> tuple[np.ndarray, np.ndarray]:
         was_training = self.model.training
         self.model.eval()
-        items, scores = [], []
-        for s in range(0, max(len(histories), 1), chunk):
-            part = histories[s : s + chunk]
-            seq = torch.from_numpy(right_align(part, self.cfg.history_len))
+
+        def part(hist: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            seq = torch.from_numpy(right_align(hist, self.cfg.history_len))
             logits = self.model.logits(self.model(seq)[:, -1]).double().numpy()  # (b, I+1)
-            seen = np.zeros(logits.shape, dtype=bool)
-            for b, h in enumerate(part):
-                seen[b, h] = True
-            i, sc = top_n(logits, seen, n)
-            items.append(i)
-            scores.append(sc)
-        self.model.train(was_training)
-        return np.concatenate(items), np.concatenate(scores)
+            return top_n(logits, seen_mask(hist, logits.shape[1]), n)
+
+        try:
+            return by_chunks(histories, chunk, part)
+        finally:
+            self.model.train(was_training)
