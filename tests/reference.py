@@ -2,6 +2,7 @@
 
 One request at a time, no padding beyond an empty history's single masked slot, no cache, no
 Redis: everything the service adds (batching, bucketing, padding) must not change the order.
+The candidates are plain ids: a graph with recall features gets each feature's default.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from contract import feed
+
 
 class Reference:
     def __init__(self, folder: Path) -> None:
@@ -20,6 +23,9 @@ class Reference:
         self.version: str = manifest["version"]
         self.history_len: int = manifest["history_len"]
         self.dim: int = manifest["dim"]
+        self.inputs: list[str] = manifest["inputs"]
+        features = manifest.get("candidate_features") or []
+        self.feature_defaults = np.array([f["default"] for f in features], np.float32)
         self.session = ort.InferenceSession(
             str(folder / "model.onnx"), providers=["CPUExecutionProvider"]
         )
@@ -44,14 +50,16 @@ class Reference:
             h[0, length - len(hist) :] = np.stack([self.vectors[i] for i in hist])
             hm[0, length - len(hist) :] = True
         c = np.stack([self.vectors[i] for _, i in present])[None]
-        feed = {
-            "hist": h,
-            "hist_mask": hm,
-            "cand": c,
-            "cand_mask": np.ones((1, len(present)), np.bool_),
-            "cand_rank": np.array([[p for p, _ in present]], np.float32),
-        }
-        scores, attn = self.session.run(["scores", "attn"], feed)
+        inputs = feed(
+            self.inputs,
+            h,
+            hm,
+            c,
+            np.ones((1, len(present)), np.bool_),
+            np.array([[p for p, _ in present]], np.float32),
+            np.tile(self.feature_defaults, (1, len(present), 1)),
+        )
+        scores, attn = self.session.run(["scores", "attn"], inputs)
         by_id = {cid: float(s) for (_, cid), s in zip(present, scores[0], strict=True)}
         return by_id, attn[0][:, length - len(hist) :], hist, missing
 
