@@ -177,7 +177,9 @@ def test_a_standing_line_serves_the_newest_and_sets_the_stale_aside() -> None:
 
 def test_a_set_aside_waiter_is_refused_at_its_deadline() -> None:
     async def main() -> None:
-        adm, clock = admission(limit=1, target_s=0.05, timeout_s=0.05, interval_s=0.1)
+        # The deadline runs on the event loop's real clock: long enough that a loaded machine
+        # reaches the set-aside before it, short enough for a test.
+        adm, clock = admission(limit=1, target_s=0.05, timeout_s=1.0, interval_s=0.1)
         held, old, new = await old_and_new(adm, clock, 0.12)
         adm.leave(held)  # the line stands: new gets the slot, old is set aside
         assert adm.aside == 1 and adm.waiting == 0
