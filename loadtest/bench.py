@@ -398,8 +398,10 @@ def split_versions(h: Harness, folder: Path, prefix: str) -> None:
 
 
 def synthetic_model(src: Path, root: Path, n_items: int, seed: int) -> Path:
-    """The source model's ONNX graph with ``n_items`` random vectors, as its own version."""
+    """The source model's ONNX graph with ``n_items`` random vectors, as its own version; no
+    item tower (the catalogue's vectors are random, not the tower's)."""
     manifest = json.loads((src / "manifest.json").read_text())
+    manifest.pop("item_tower", None)
     version = f"synthetic-{n_items}"
     folder = root / version
     folder.mkdir(parents=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from app.embedded import EmbeddedRedis
 from app.loader import load_into_redis
-from tests.conftest import VERSION_A
+from contract import verify_folder
+from tests.conftest import ITEMS_A, VERSION_A, Towered
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +121,15 @@ def test_the_efficiency_standard_reads_the_hot_floors_with_the_paced_ratio_besid
     assert check["met"] is True
     assert "hot floors" in check["what"] and "1.20" in check["note"]
     assert efficiency_check({**floors, "service_over_hot_floors": 1.8})["met"] is False
+
+
+def test_the_synthetic_catalogue_of_a_model_with_an_item_tower_is_a_valid_folder(
+    towered: Towered, tmp_path: Path
+) -> None:
+    """The catalogue run copies the graph with random vectors: the tower stays behind, and the
+    manifest says so (a manifest naming item_tower.onnx without its file is refused)."""
+    from loadtest.bench import synthetic_model
+
+    folder = synthetic_model(towered.models / ITEMS_A, tmp_path, 50, seed=0)
+    manifest = verify_folder(folder)
+    assert manifest.n_items == 50 and manifest.tower is None
