@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.embedded import EmbeddedRedis
 from app.loader import load_into_redis
 from contract import verify_folder
@@ -133,3 +135,28 @@ def test_the_synthetic_catalogue_of_a_model_with_an_item_tower_is_a_valid_folder
     folder = synthetic_model(towered.models / ITEMS_A, tmp_path, 50, seed=0)
     manifest = verify_folder(folder)
     assert manifest.n_items == 50 and manifest.tower is None
+
+
+def test_the_naive_peer_answers_with_a_model_that_declares_recall_features(
+    towered: Towered, redis_server: EmbeddedRedis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer feeds the features' defaults to a graph with cand_feats, as the service does
+    for plain ids; without them every request was a 500 and the peer's ladder empty."""
+    import importlib
+
+    from fastapi.testclient import TestClient
+
+    folder = towered.models / ITEMS_A
+    load_into_redis(redis_server.url, folder, prefix)
+    monkeypatch.setenv("NAIVE_MODEL", str(folder))
+    monkeypatch.setenv("NAIVE_PREFIX", prefix)
+    monkeypatch.setenv("NAIVE_REDIS_URL", redis_server.url)
+    import loadtest.peers.naive as naive
+
+    naive = importlib.reload(naive)
+    ids = towered.dataset.item_ids
+    with TestClient(naive.app) as client:
+        answer = client.post("/rerank", json={"user_id": "u", "candidates": ids[:20], "k": 5})
+    assert answer.status_code == 200, answer.text
+    items = answer.json()["items"]
+    assert len(items) == 5 and all(i["score"] is not None for i in items)

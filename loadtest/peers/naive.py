@@ -42,7 +42,9 @@ dim = manifest["dim"]
 history_len = manifest["history_len"]
 dtype = np.dtype(manifest["vector_dtype"]).newbyteorder("<")
 session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-has_rank = "cand_rank" in {i.name for i in session.get_inputs()}
+declared = {i.name for i in session.get_inputs()}
+# A graph with recall features gets their defaults: the peer's requests are plain ids.
+defaults = np.array([f["default"] for f in manifest.get("candidate_features") or []], np.float32)
 r = redis.Redis.from_url(os.environ.get("NAIVE_REDIS_URL", "redis://127.0.0.1:6379/0"))
 
 app = FastAPI(title="naive reranker")
@@ -84,8 +86,10 @@ def rerank(req: RerankIn) -> dict:
             "cand": np.stack(vectors)[None],
             "cand_mask": np.ones((1, n), np.bool_),
         }
-        if has_rank:
+        if "cand_rank" in declared:
             feed["cand_rank"] = np.array([[p for p, _ in found]], np.float32)
+        if "cand_feats" in declared:
+            feed["cand_feats"] = np.tile(defaults, (1, n, 1))
         scores = session.run(["scores"], feed)[0][0]
         for row in np.argsort(-scores, kind="stable")[: req.k]:
             items.append({"item_id": found[row][1], "score": float(scores[row])})
