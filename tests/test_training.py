@@ -108,3 +108,35 @@ def test_training_is_reproducible(dataset) -> None:  # type: ignore[no-untyped-d
     first, second = (fit(prep, cfg)[0].state_dict() for _ in range(2))
     for name, weights in first.items():
         assert np.array_equal(weights.numpy(), second[name].numpy()), name
+
+
+def test_capped_users_keeps_whole_users_up_to_the_cap() -> None:
+    from training.pipeline import capped_users
+
+    counts = np.array([3, 0, 5, 2, 4, 1, 0, 6])
+    np.testing.assert_array_equal(capped_users(counts, 21, seed=0), [0, 2, 3, 4, 5, 7])
+    kept = capped_users(counts, 10, seed=0)
+    assert 0 < counts[kept].sum() <= 10 and (counts[kept] > 0).all()
+    np.testing.assert_array_equal(kept, np.sort(kept))
+    np.testing.assert_array_equal(kept, capped_users(counts, 10, seed=0))
+
+
+@pytest.fixture(scope="module")
+def capped(dataset):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    cfg = replace(_cfg(), max_fused_queries=400, max_knn_queries=300)
+    return cfg, prepare(dataset, cfg)
+
+
+def test_training_queries_past_the_caps_come_from_a_sample_of_users(capped) -> None:  # type: ignore[no-untyped-def]
+    cfg, prep = capped
+    lists, split = prep.train_lists, prep.split
+    n_fused = prep.recall["fused training lists"]["lists"]
+    fused_users, knn_users = np.unique(lists.user[:n_fused]), np.unique(lists.user[n_fused:])
+    # 300 users of 28 training items: 8 fused queries and 10 item-kNN positions each.
+    assert 0 < n_fused <= 400 and 0 < len(fused_users) <= 400 // 8
+    assert 0 < len(lists) - n_fused <= 300 and 0 < len(knn_users) <= 300 // 10
+    for row in range(n_fused, len(lists)):  # each list's true item is its user's
+        item = lists.cand[row, lists.target[row]]
+        assert item in split.train[lists.user[row]]

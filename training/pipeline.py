@@ -67,6 +67,11 @@ class PipelineConfig:
     # Fused training lists: each user's last `fused_holdout` training positions, answered
     # by channels fitted without them (fusion.time_cut).
     fused_holdout: int = 20
+    # At most this many fused training queries, and item-kNN training lists' positions:
+    # past it, users drawn at random (seeded) until their queries reach it. Each query runs
+    # every channel; MovieLens-100K's 18,472 and 25,887 are under it.
+    max_fused_queries: int = 100_000
+    max_knn_queries: int = 100_000
     # Item-kNN training lists of plain ids (features at their defaults), from each user's
     # most recent positions, so that requests without features still rank well (0: none).
     lists_per_user: int = 30
@@ -166,6 +171,17 @@ def _fit_channels(
     return out
 
 
+def capped_users(counts: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """The users (sorted indices) whose queries (``counts``, per user) are kept: all with
+    any when their sum fits ``cap``; else whole users in a seeded random order while the
+    running sum fits."""
+    users = np.flatnonzero(counts > 0)
+    if counts.sum() <= cap:
+        return users
+    order = np.random.default_rng(seed).permutation(users)
+    return np.sort(order[np.cumsum(counts[order]) <= cap])
+
+
 def _fused_lists(
     fused: Fused, histories: list[np.ndarray], truth: np.ndarray, user: np.ndarray, length: int
 ) -> Lists:
@@ -224,7 +240,10 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     }
 
     fit_train, queries = time_cut(split.train, cfg.fused_holdout, min_fit=cfg.min_history)
-    first = queries.first_held_out(n_users)
+    first = queries.first_held_out(n_users)  # of every user: it early-stops SASRec's fit
+    asked = np.bincount(queries.user, minlength=n_users)
+    if asked.sum() > cfg.max_fused_queries:
+        queries = queries.subset(capped_users(asked, cfg.max_fused_queries, cfg.seed))
     cut = _fit_channels(cfg, fit_train, n_items, first, "time-cut fit", minutes)
     if [c.name for c in cut] != names:  # the feature columns follow the channels' order
         raise ValueError(f"the time-cut fit gave channels {[c.name for c in cut]}, not {names}")
@@ -237,16 +256,19 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     parts = [fused_train]
     if cfg.lists_per_user > 0:
         with _timed("item-knn training lists", minutes):
-            parts.append(
-                training_lists(
-                    split.train,
-                    knn,
-                    n,
-                    cfg.history_len,
-                    min_history=cfg.min_history,
-                    max_per_user=cfg.lists_per_user,
-                )
+            lengths = np.array([len(seq) for seq in split.train])
+            asked = lengths - np.maximum(cfg.min_history, lengths - cfg.lists_per_user)
+            keep = capped_users(np.maximum(asked, 0), cfg.max_knn_queries, cfg.seed)
+            knn_lists = training_lists(
+                [split.train[u] for u in keep],
+                knn,
+                n,
+                cfg.history_len,
+                min_history=cfg.min_history,
+                max_per_user=cfg.lists_per_user,
             )
+            knn_lists.user = keep[knn_lists.user]  # back to the split's user indices
+            parts.append(knn_lists)
     defaults = np.array([f["default"] for f in features], np.float32)
     train_lists = Lists.concat(parts, defaults)
     recall["fused training lists"] = {
