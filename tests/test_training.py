@@ -140,3 +140,13 @@ def test_training_queries_past_the_caps_come_from_a_sample_of_users(capped) -> N
     for row in range(n_fused, len(lists)):  # each list's true item is its user's
         item = lists.cand[row, lists.target[row]]
         assert item in split.train[lists.user[row]]
+
+
+def test_max_minutes_holds_within_an_epoch(capped) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    cfg, prep = capped
+    cfg = replace(cfg, train=replace(cfg.train, max_minutes=0.0))
+    _, log = fit(prep, cfg)
+    assert len(log) == 1
+    assert log[0]["lists"] == cfg.train.batch_size < len(prep.train_lists)  # one batch
