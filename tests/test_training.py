@@ -150,3 +150,26 @@ def test_max_minutes_holds_within_an_epoch(capped) -> None:  # type: ignore[no-u
     _, log = fit(prep, cfg)
     assert len(log) == 1
     assert log[0]["lists"] == cfg.train.batch_size < len(prep.train_lists)  # one batch
+
+
+def test_evaluation_past_its_limit_scores_a_sample_of_users(capped) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from training.evaluate import eval_users, evaluate, markdown
+    from training.metrics import ndcg_at
+
+    cfg, prep = capped
+
+    def tied(lists):  # type: ignore[no-untyped-def]
+        return np.zeros(lists.cand.shape)  # a scorer: every candidate tied
+
+    report = evaluate(prep, tied, replace(cfg, max_eval_users=100))
+    assert report["users"] == 100 and report["users_total"] == 300
+    assert markdown(report).startswith("A sample of 100 of the 300 test users")
+    users = eval_users(300, 100, cfg.seed)
+    target = prep.test_lists["fused"].target[users]
+    got = report["summary"]["fused"]["recall order"]["ndcg@10"]
+    assert got == pytest.approx(float(ndcg_at(np.where(target >= 0, target, -1)).mean()))
+    whole = evaluate(prep, tied, cfg)
+    assert whole["users"] == 300 and "users_total" not in whole
+    assert markdown(whole).startswith("All 300 test users")
