@@ -152,24 +152,31 @@ def test_max_minutes_holds_within_an_epoch(capped) -> None:  # type: ignore[no-u
     assert log[0]["lists"] == cfg.train.batch_size < len(prep.train_lists)  # one batch
 
 
-def test_evaluation_past_its_limit_scores_a_sample_of_users(capped) -> None:  # type: ignore[no-untyped-def]
+def test_evaluation_past_its_limit_scores_a_sample_of_users(dataset, capped) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 
-    from training.evaluate import eval_users, evaluate, markdown
+    from training.evaluate import evaluate, markdown
     from training.metrics import ndcg_at
-
-    cfg, prep = capped
+    from training.pipeline import eval_users
 
     def tied(lists):  # type: ignore[no-untyped-def]
         return np.zeros(lists.cand.shape)  # a scorer: every candidate tied
 
-    report = evaluate(prep, tied, replace(cfg, max_eval_users=100))
+    cfg, whole_prep = capped
+    cfg = replace(cfg, max_eval_users=100)
+    prep = prepare(dataset, cfg)
+    users = eval_users(300, 100, cfg.seed)
+    assert len(users) == 100 and len(np.unique(users)) == 100
+    for lists in (prep.val_lists, *prep.test_lists.values(), *prep.channel_orders.values()):
+        np.testing.assert_array_equal(lists.user, users)
+    np.testing.assert_array_equal(prep.test_lists["fused"].hist[:, -1],
+                                  [prep.split.test_history(u)[-1] for u in users])  # fmt: skip
+    report = evaluate(prep, tied, cfg)
     assert report["users"] == 100 and report["users_total"] == 300
     assert markdown(report).startswith("A sample of 100 of the 300 test users")
-    users = eval_users(300, 100, cfg.seed)
-    target = prep.test_lists["fused"].target[users]
+    target = prep.test_lists["fused"].target
     got = report["summary"]["fused"]["recall order"]["ndcg@10"]
     assert got == pytest.approx(float(ndcg_at(np.where(target >= 0, target, -1)).mean()))
-    whole = evaluate(prep, tied, cfg)
+    whole = evaluate(whole_prep, tied, capped[0])
     assert whole["users"] == 300 and "users_total" not in whole
     assert markdown(whole).startswith("All 300 test users")

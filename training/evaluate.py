@@ -1,5 +1,5 @@
-"""Evaluation on the test split of ALL users (a seeded sample of ``max_eval_users`` of them
-past it, said in the report), against the baselines, with bootstrap intervals.
+"""Evaluation on the test split of ALL users (past ``max_eval_users``, the seeded sample of
+them that has test lists, said in the report), against the baselines, with bootstrap intervals.
 
 Every method reorders the same recall list per user: the fused list with its per-candidate
 recall features, and the item-kNN list of plain ids (features at their defaults, as a
@@ -259,28 +259,18 @@ def _row(pos: np.ndarray, seed: int) -> MethodRow:
     }
 
 
-def eval_users(n_users: int, limit: int, seed: int) -> np.ndarray:
-    """The test users scored: all, or ``limit`` of them drawn with ``seed``, sorted."""
-    if n_users <= limit:
-        return np.arange(n_users)
-    return np.sort(np.random.default_rng(seed).choice(n_users, limit, replace=False))
-
-
 def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
     """All methods on every list source; ``model`` scores candidate lists."""
     lgbm = train_lightgbm(prep, cfg.seed)
     n_users = len(prep.dataset.users)
-    scored = eval_users(n_users, cfg.max_eval_users, cfg.seed)
-    sample = len(scored) < n_users  # the per-user lists below are in user order
+    scored = prep.test_lists["fused"].user  # the users with test lists (pipeline.eval_users)
     channels: dict[str, ChannelRow] = {}
     for name, lists in prep.channel_orders.items():
-        lists = lists.subset(scored) if sample else lists
         pos = np.where(lists.target >= 0, lists.target, -1)  # the channel's own order
         channels[name] = {**_row(pos, cfg.seed), "recall": float((lists.target >= 0).mean())}  # type: ignore[typeddict-item]
     results: dict[str, dict[str, MethodRow]] = {}
     per_user: dict[str, dict[str, np.ndarray]] = {}
     for source, lists in prep.test_lists.items():
-        lists = lists.subset(scored) if sample else lists
         results[source], per_user[source] = {}, {}
         for method in METHODS:
             pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
@@ -313,7 +303,7 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
         },
         "lightgbm": {"features": lgbm[1].names, "trees": int(lgbm[0].best_iteration)},
     }
-    if sample:
+    if len(scored) < n_users:
         report["users_total"] = n_users
     return report
 

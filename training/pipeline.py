@@ -72,8 +72,8 @@ class PipelineConfig:
     # every channel; MovieLens-100K's 18,472 and 25,887 are under it.
     max_fused_queries: int = 100_000
     max_knn_queries: int = 100_000
-    # The report scores at most this many test users (a seeded sample past it, said in the
-    # report); MovieLens-100K's 943 are all scored.
+    # Validation and test lists (tuning, early stopping, the report) for at most this many
+    # users: a seeded sample past it, said in the report. MovieLens-100K's 943 are all in.
     max_eval_users: int = 20_000
     # Item-kNN training lists of plain ids (features at their defaults), from each user's
     # most recent positions, so that requests without features still rank well (0: none).
@@ -185,6 +185,13 @@ def capped_users(counts: np.ndarray, cap: int, seed: int) -> np.ndarray:
     return np.sort(order[np.cumsum(counts[order]) <= cap])
 
 
+def eval_users(n_users: int, limit: int, seed: int) -> np.ndarray:
+    """The users given validation and test lists: all, or ``limit`` drawn with ``seed``."""
+    if n_users <= limit:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng(seed).choice(n_users, limit, replace=False))
+
+
 def _fused_lists(
     fused: Fused, histories: list[np.ndarray], truth: np.ndarray, user: np.ndarray, length: int
 ) -> Lists:
@@ -192,15 +199,29 @@ def _fused_lists(
                  user, fused.features)  # fmt: skip
 
 
+def _eval_lists(
+    histories: list[np.ndarray],
+    truth: np.ndarray,
+    cand: np.ndarray,
+    users: np.ndarray,
+    cfg: PipelineConfig,
+) -> Lists:
+    lists = eval_lists(histories, truth, cand, cfg.history_len)
+    lists.user = users
+    return lists
+
+
 def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None) -> Prepared:
     """Channels fitted on the training split; validation and test lists fused from them;
     leak-free fused training lists from channels fitted on the training split less each
-    user's last ``fused_holdout`` items; item-kNN lists of plain ids beside them."""
+    user's last ``fused_holdout`` items; item-kNN lists of plain ids beside them. The
+    validation and test lists are those of ``eval_users``: each list's ``user`` says whose."""
     split = leave_last_out(dataset.sequences, dataset.times)
     n_users, n, n_items = len(dataset.users), cfg.n_candidates, dataset.n_items
-    users = np.arange(n_users)
-    val_hist = [split.val_history(u) for u in range(n_users)]
-    test_hist = [split.test_history(u) for u in range(n_users)]
+    users = eval_users(n_users, cfg.max_eval_users, cfg.seed)
+    val_hist = [split.val_history(u) for u in users.tolist()]
+    test_hist = [split.test_history(u) for u in users.tolist()]
+    val_truth, test_truth = split.val[users], split.test[users]
     minutes: dict[str, float] = {}
     with _timed("item-knn", minutes):
         knn = ItemKNN(split.train, n_items)
@@ -213,7 +234,7 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         if not voting:
             raise ValueError(f"no voting channel was fitted out of {cfg.channels}")
         fusion = (
-            tune_rrf(voting, split.val, n, n_items).fusion
+            tune_rrf(voting, val_truth, n, n_items).fusion
             if cfg.tune_fusion
             else cfg.channel_params.fusion()
         )
@@ -225,21 +246,21 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     for name in names:
         val_items, test_items = val_ch[name][0][:, :n], test_ch[name][0][:, :n]
         recall[name] = {
-            f"val_recall@{n}": recall_at(val_items, split.val),
-            f"test_recall@{n}": recall_at(test_items, split.test),
+            f"val_recall@{n}": recall_at(val_items, val_truth),
+            f"test_recall@{n}": recall_at(test_items, test_truth),
         }
-        channel_orders[name] = eval_lists(test_hist, split.test, test_items, cfg.history_len)
+        channel_orders[name] = _eval_lists(test_hist, test_truth, test_items, users, cfg)
     recall["fused"] = {
-        f"val_recall@{n}": recall_at(val_fused.items, split.val),
-        f"test_recall@{n}": recall_at(test_fused.items, split.test),
+        f"val_recall@{n}": recall_at(val_fused.items, val_truth),
+        f"test_recall@{n}": recall_at(test_fused.items, test_truth),
     }
-    val_lists = _fused_lists(val_fused, val_hist, split.val, users, cfg.history_len)
+    val_lists = _fused_lists(val_fused, val_hist, val_truth, users, cfg.history_len)
     test_lists = {
-        "fused": _fused_lists(test_fused, test_hist, split.test, users, cfg.history_len),
+        "fused": _fused_lists(test_fused, test_hist, test_truth, users, cfg.history_len),
         # Plain ids, as a caller without recall features sends them.
         "item-knn": channel_orders["item-knn"]
         if "item-knn" in channel_orders
-        else eval_lists(test_hist, split.test, knn.recall(test_hist, n)[0], cfg.history_len),
+        else _eval_lists(test_hist, test_truth, knn.recall(test_hist, n)[0], users, cfg),
     }
 
     fit_train, queries = time_cut(split.train, cfg.fused_holdout, min_fit=cfg.min_history)
