@@ -180,3 +180,18 @@ def test_evaluation_past_its_limit_scores_a_sample_of_users(dataset, capped) -> 
     whole = evaluate(whole_prep, tied, capped[0])
     assert whole["users"] == 300 and "users_total" not in whole
     assert markdown(whole).startswith("All 300 test users")
+
+
+def test_sasrec_fits_take_the_smaller_cap_past_large_data(dataset) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from training.pipeline import _fit_channels
+    from training.split import leave_last_out
+
+    split = leave_last_out(dataset.sequences, dataset.times)
+    cfg = replace(_cfg(), channels=("sasrec",), feature_channels=(), large_sasrec_minutes=0.5)
+    sizes = sum(len(seq) for seq in split.train)  # 300 users x 28
+    for large_data, minutes in ((sizes - 1, 0.5), (sizes, SMALL_SASREC.max_minutes)):
+        fitted = _fit_channels(replace(cfg, large_data=large_data), split.train,
+                               dataset.n_items, split.val, "fit", {})  # fmt: skip
+        assert fitted[0].cfg.max_minutes == minutes  # type: ignore[attr-defined]

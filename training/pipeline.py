@@ -75,6 +75,11 @@ class PipelineConfig:
     # Validation and test lists (tuning, early stopping, the report) for at most this many
     # users: a seeded sample past it, said in the report. MovieLens-100K's 943 are all in.
     max_eval_users: int = 20_000
+    # Past `large_data` training interactions, each of SASRec's two fits stops at
+    # `large_sasrec_minutes`, so that the channels, the lists and the evaluation fit beside
+    # the reranker's max_minutes (docs/data.md, "At scale"); MovieLens-100K has 98,114.
+    large_data: int = 300_000
+    large_sasrec_minutes: float = 2.0
     # Item-kNN training lists of plain ids (features at their defaults), from each user's
     # most recent positions, so that requests without features still rank well (0: none).
     lists_per_user: int = 30
@@ -161,7 +166,10 @@ def _fit_channels(
     knn: ItemKNN | None = None,
 ) -> list[Channel]:
     """``cfg.all_channels`` fitted on ``train``, each timed; ``knn`` is used where given."""
-    params = replace(cfg.channel_params, sasrec=replace(cfg.channel_params.sasrec, seed=cfg.seed))
+    sasrec = replace(cfg.channel_params.sasrec, seed=cfg.seed)
+    if sum(len(seq) for seq in train) > cfg.large_data:
+        sasrec = replace(sasrec, max_minutes=min(sasrec.max_minutes, cfg.large_sasrec_minutes))
+    params = replace(cfg.channel_params, sasrec=sasrec)
     out: list[Channel] = []
     for name in cfg.all_channels:
         with _timed(f"{label} {name}", minutes):
