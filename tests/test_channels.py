@@ -208,3 +208,21 @@ def test_sasrec_time_cap_stops_within_an_epoch(data):
     model = SASRecRecall(split.train, ds.n_items, split.val, cfg)
     assert len(model.log) == 1
     assert model.log[0]["windows"] == 16  # one batch, then the cap
+
+
+def test_sasrec_validates_on_a_sample_of_users_past_its_limit(data, monkeypatch):
+    ds, split, _ = data
+    asked: list[int] = []
+    recall = SASRecRecall.recall
+
+    def counted(self, histories, n, chunk=512):
+        asked.append(len(histories))
+        return recall(self, histories, n, chunk)
+
+    monkeypatch.setattr(SASRecRecall, "recall", counted)
+    cfg = replace(SMALL_SASREC, max_epochs=2, val_users=50)
+    model = SASRecRecall(split.train, ds.n_items, split.val, cfg)
+    assert asked == [50, 50] and len(model.log) == 2
+    asked.clear()
+    SASRecRecall(split.train, ds.n_items, split.val, replace(cfg, val_users=len(split.train)))
+    assert asked == [len(split.train)] * 2  # at the limit: every user

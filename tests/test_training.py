@@ -108,3 +108,90 @@ def test_training_is_reproducible(dataset) -> None:  # type: ignore[no-untyped-d
     first, second = (fit(prep, cfg)[0].state_dict() for _ in range(2))
     for name, weights in first.items():
         assert np.array_equal(weights.numpy(), second[name].numpy()), name
+
+
+def test_capped_users_keeps_whole_users_up_to_the_cap() -> None:
+    from training.pipeline import capped_users
+
+    counts = np.array([3, 0, 5, 2, 4, 1, 0, 6])
+    np.testing.assert_array_equal(capped_users(counts, 21, seed=0), [0, 2, 3, 4, 5, 7])
+    kept = capped_users(counts, 10, seed=0)
+    assert 0 < counts[kept].sum() <= 10 and (counts[kept] > 0).all()
+    np.testing.assert_array_equal(kept, np.sort(kept))
+    np.testing.assert_array_equal(kept, capped_users(counts, 10, seed=0))
+
+
+@pytest.fixture(scope="module")
+def capped(dataset):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    cfg = replace(_cfg(), max_fused_queries=400, max_knn_queries=300)
+    return cfg, prepare(dataset, cfg)
+
+
+def test_training_queries_past_the_caps_come_from_a_sample_of_users(capped) -> None:  # type: ignore[no-untyped-def]
+    cfg, prep = capped
+    lists, split = prep.train_lists, prep.split
+    n_fused = prep.recall["fused training lists"]["lists"]
+    fused_users, knn_users = np.unique(lists.user[:n_fused]), np.unique(lists.user[n_fused:])
+    # 300 users of 28 training items: 8 fused queries and 10 item-kNN positions each.
+    assert 0 < n_fused <= 400 and 0 < len(fused_users) <= 400 // 8
+    assert 0 < len(lists) - n_fused <= 300 and 0 < len(knn_users) <= 300 // 10
+    for row in range(n_fused, len(lists)):  # each list's true item is its user's
+        item = lists.cand[row, lists.target[row]]
+        assert item in split.train[lists.user[row]]
+
+
+def test_max_minutes_holds_within_an_epoch(capped) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    cfg, prep = capped
+    cfg = replace(cfg, train=replace(cfg.train, max_minutes=0.0))
+    _, log = fit(prep, cfg)
+    assert len(log) == 1
+    assert log[0]["lists"] == cfg.train.batch_size < len(prep.train_lists)  # one batch
+
+
+def test_evaluation_past_its_limit_scores_a_sample_of_users(dataset, capped) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from training.evaluate import evaluate, markdown
+    from training.metrics import ndcg_at
+    from training.pipeline import eval_users
+
+    def tied(lists):  # type: ignore[no-untyped-def]
+        return np.zeros(lists.cand.shape)  # a scorer: every candidate tied
+
+    cfg, whole_prep = capped
+    cfg = replace(cfg, max_eval_users=100)
+    prep = prepare(dataset, cfg)
+    users = eval_users(300, 100, cfg.seed)
+    assert len(users) == 100 and len(np.unique(users)) == 100
+    for lists in (prep.val_lists, *prep.test_lists.values(), *prep.channel_orders.values()):
+        np.testing.assert_array_equal(lists.user, users)
+    np.testing.assert_array_equal(prep.test_lists["fused"].hist[:, -1],
+                                  [prep.split.test_history(u)[-1] for u in users])  # fmt: skip
+    report = evaluate(prep, tied, cfg)
+    assert report["users"] == 100 and report["users_total"] == 300
+    assert markdown(report).startswith("A sample of 100 of the 300 test users")
+    target = prep.test_lists["fused"].target
+    got = report["summary"]["fused"]["recall order"]["ndcg@10"]
+    assert got == pytest.approx(float(ndcg_at(np.where(target >= 0, target, -1)).mean()))
+    whole = evaluate(whole_prep, tied, capped[0])
+    assert whole["users"] == 300 and "users_total" not in whole
+    assert markdown(whole).startswith("All 300 test users")
+
+
+def test_sasrec_fits_take_the_smaller_cap_past_large_data(dataset) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from training.pipeline import _fit_channels
+    from training.split import leave_last_out
+
+    split = leave_last_out(dataset.sequences, dataset.times)
+    cfg = replace(_cfg(), channels=("sasrec",), feature_channels=(), large_sasrec_minutes=0.5)
+    sizes = sum(len(seq) for seq in split.train)  # 300 users x 28
+    for large_data, minutes in ((sizes - 1, 0.5), (sizes, SMALL_SASREC.max_minutes)):
+        fitted = _fit_channels(replace(cfg, large_data=large_data), split.train,
+                               dataset.n_items, split.val, "fit", {})  # fmt: skip
+        assert fitted[0].cfg.max_minutes == minutes  # type: ignore[attr-defined]

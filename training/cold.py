@@ -124,13 +124,16 @@ def held_out(
     reduced, held = hold_out(dataset, fraction, seed)
     prep = prepare(reduced, cfg, cache_dir)
     model, log = fit(prep, cfg)
-    users = np.flatnonzero(held[prep.split.test])
+    # The users with test lists (all of them up to PipelineConfig.max_eval_users), rows
+    # whose test item is held out.
+    users = prep.test_lists["fused"].user
+    rows = np.flatnonzero(held[prep.split.test[users]])
     report: dict[str, Any] = {
         "fraction": fraction,
         "seed": seed,
         "held_out_items": int(held.sum()),
         "users": len(reduced.users),
-        "lists": len(users),
+        "lists": len(rows),
         "placement": "the target at a uniformly random position of the recall list",
         "train_log": log,
         "sources": {},
@@ -138,7 +141,7 @@ def held_out(
     cold = torch.from_numpy(held)
     for source, all_lists in prep.test_lists.items():
         lists = insert_target(
-            all_lists.subset(users), prep.split.test[users], seed, prep.feature_defaults
+            all_lists.subset(rows), prep.split.test[users[rows]], seed, prep.feature_defaults
         )
         warm_scores = predict(model, lists)
         model.tower.cold_rows = cold

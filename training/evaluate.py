@@ -1,4 +1,5 @@
-"""Evaluation on the test split of ALL users, against the baselines, with bootstrap intervals.
+"""Evaluation on the test split of ALL users (past ``max_eval_users``, the seeded sample of
+them that has test lists, said in the report), against the baselines, with bootstrap intervals.
 
 Every method reorders the same recall list per user: the fused list with its per-candidate
 recall features, and the item-kNN list of plain ids (features at their defaults, as a
@@ -59,7 +60,8 @@ class ChannelRow(MethodRow):
 class Report(TypedDict, total=False):
     """What ``evaluate`` returns; the pipeline and ``rerank eval`` add the last five keys."""
 
-    users: int
+    users: int  # the test users scored
+    users_total: int  # only when ``users`` is a sample of them
     n_candidates: int
     channels: dict[str, ChannelRow]  # each channel's top-N list in its own order
     summary: dict[str, dict[str, MethodRow]]  # recall source -> method -> metrics
@@ -178,6 +180,8 @@ def train_lightgbm(prep: Prepared, seed: int, max_lists: int = 20000) -> Lightgb
     if len(train) > max_lists:
         train = train.subset(np.sort(rng.choice(len(train), max_lists, replace=False)))
     val = prep.val_lists.subset(prep.val_lists.target >= 0)
+    if len(val) > max_lists:
+        val = val.subset(np.sort(rng.choice(len(val), max_lists, replace=False)))
     fb = FeatureBuilder(prep)
 
     def dataset(
@@ -218,13 +222,16 @@ def _scores(method: str, lists: Lists, prep: Prepared, model: Scorer, lgbm: Ligh
     return model(lists)
 
 
-def sampled_lists(prep: Prepared, n_neg: int, seed: int, history_len: int) -> Lists:
+def sampled_lists(
+    prep: Prepared, n_neg: int, seed: int, history_len: int, users: np.ndarray | None = None
+) -> Lists:
     """Test item + n_neg random items the user has not seen, in a random order; fewer where
-    the catalogue has fewer unseen items, the list padded with row 0."""
+    the catalogue has fewer unseen items, the list padded with row 0. ``users``: all if None."""
     rng = np.random.default_rng(seed)
     n_items = prep.dataset.n_items
+    users = np.arange(len(prep.dataset.users)) if users is None else users
     hists, cands = [], []
-    for u in range(len(prep.dataset.users)):
+    for u in users.tolist():
         hist = prep.split.test_history(u)
         seen = set(hist.tolist()) | {int(prep.split.test[u])}
         negatives: list[int] = []
@@ -238,8 +245,8 @@ def sampled_lists(prep: Prepared, n_neg: int, seed: int, history_len: int) -> Li
         listed = rng.permutation([int(prep.split.test[u]), *negatives])
         cands.append(np.pad(listed, (0, n_neg + 1 - len(listed))))
     cand = np.array(cands)
-    target = np.argmax(cand == prep.split.test[:, None], axis=1)
-    return Lists(right_align(hists, history_len), cand, target, np.arange(len(cand)))
+    target = np.argmax(cand == prep.split.test[users, None], axis=1)
+    return Lists(right_align(hists, history_len), cand, target, users)
 
 
 def _row(pos: np.ndarray, seed: int) -> MethodRow:
@@ -255,6 +262,8 @@ def _row(pos: np.ndarray, seed: int) -> MethodRow:
 def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
     """All methods on every list source; ``model`` scores candidate lists."""
     lgbm = train_lightgbm(prep, cfg.seed)
+    n_users = len(prep.dataset.users)
+    scored = prep.test_lists["fused"].user  # the users with test lists (pipeline.eval_users)
     channels: dict[str, ChannelRow] = {}
     for name, lists in prep.channel_orders.items():
         pos = np.where(lists.target >= 0, lists.target, -1)  # the channel's own order
@@ -267,7 +276,7 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
             pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
             results[source][method] = _row(pos, cfg.seed)
             per_user[source][method] = ndcg_at(pos)
-    sampled = sampled_lists(prep, 100, cfg.seed, cfg.history_len)
+    sampled = sampled_lists(prep, 100, cfg.seed, cfg.history_len, scored)
     sampled_pos = ranked_positions(model(sampled), sampled.target)
     comparisons: dict[str, Comparison] = {}
     for source, users in per_user.items():
@@ -282,8 +291,8 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
                 deep - users["lightgbm lambdarank"], seed=cfg.seed
             ),
         }
-    return {
-        "users": len(prep.dataset.users),
+    report: Report = {
+        "users": len(scored),
         "n_candidates": cfg.n_candidates,
         "channels": channels,
         "summary": results,
@@ -294,13 +303,21 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
         },
         "lightgbm": {"features": lgbm[1].names, "trees": int(lgbm[0].best_iteration)},
     }
+    if len(scored) < n_users:
+        report["users_total"] = n_users
+    return report
 
 
 def markdown(report: Report) -> str:
     n = report["n_candidates"]
+    users = (
+        f"A sample of {report['users']} of the {report['users_total']} test users (drawn "
+        "with the run's seed)"
+        if "users_total" in report
+        else f"All {report['users']} test users"
+    )
     lines = [
-        f"All {report['users']} test users, top-{n} recall candidates; "
-        "a test item that recall missed counts 0.",
+        f"{users}, top-{n} recall candidates; a test item that recall missed counts 0.",
         "",
     ]
     if report.get("channels"):
@@ -365,7 +382,8 @@ def write_report(report: Report, folder: Path) -> None:
                         for r in rows]).T  # fmt: skip
         ax.bar(np.arange(len(sources)) + i * width, means, width, yerr=err, label=method, capsize=3)
     ax.set_xticks(np.arange(len(sources)) + width * (len(METHODS) - 1) / 2, sources)
-    ax.set_ylabel("NDCG@10 (test, all users)")
+    ax.set_ylabel("NDCG@10 (test, a sample of users)" if "users_total" in report
+                  else "NDCG@10 (test, all users)")  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(folder / "report.png", dpi=100)

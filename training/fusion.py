@@ -257,6 +257,12 @@ class PrefixQueries:
     history: list[np.ndarray]  # M prefixes, time order
     target: np.ndarray  # (M,) the next item of each prefix
 
+    def subset(self, users: np.ndarray) -> PrefixQueries:
+        """The queries of ``users`` only, in their order here."""
+        keep = np.isin(self.user, users)
+        history = [h for h, k in zip(self.history, keep, strict=True) if k]
+        return PrefixQueries(self.user[keep], history, self.target[keep])
+
     def first_held_out(self, n_users: int) -> np.ndarray:
         """(n_users,) each user's first held-out item, 0 where none: the item right after
         the fitted part, which early-stops a sequential channel fitted on that part."""

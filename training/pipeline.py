@@ -67,6 +67,21 @@ class PipelineConfig:
     # Fused training lists: each user's last `fused_holdout` training positions, answered
     # by channels fitted without them (fusion.time_cut).
     fused_holdout: int = 20
+    # At most this many fused training queries, and item-kNN training lists' positions:
+    # past it, users drawn at random (seeded) until their queries reach it. Each query runs
+    # every channel, and each list is a step of the reranker's epochs: at 50,000 of each,
+    # eight epochs fit in the scale run's --max-minutes 30. MovieLens-100K's 18,472 and
+    # 25,887 are under it.
+    max_fused_queries: int = 50_000
+    max_knn_queries: int = 50_000
+    # Validation and test lists (tuning, early stopping, the report) for at most this many
+    # users: a seeded sample past it, said in the report. MovieLens-100K's 943 are all in.
+    max_eval_users: int = 20_000
+    # Past `large_data` training interactions, each of SASRec's two fits stops at
+    # `large_sasrec_minutes`, so that the channels, the lists and the evaluation fit beside
+    # the reranker's max_minutes (docs/data.md, "At scale"); MovieLens-100K has 98,114.
+    large_data: int = 300_000
+    large_sasrec_minutes: float = 2.0
     # Item-kNN training lists of plain ids (features at their defaults), from each user's
     # most recent positions, so that requests without features still rank well (0: none).
     lists_per_user: int = 30
@@ -153,7 +168,10 @@ def _fit_channels(
     knn: ItemKNN | None = None,
 ) -> list[Channel]:
     """``cfg.all_channels`` fitted on ``train``, each timed; ``knn`` is used where given."""
-    params = replace(cfg.channel_params, sasrec=replace(cfg.channel_params.sasrec, seed=cfg.seed))
+    sasrec = replace(cfg.channel_params.sasrec, seed=cfg.seed)
+    if sum(len(seq) for seq in train) > cfg.large_data:
+        sasrec = replace(sasrec, max_minutes=min(sasrec.max_minutes, cfg.large_sasrec_minutes))
+    params = replace(cfg.channel_params, sasrec=sasrec)
     out: list[Channel] = []
     for name in cfg.all_channels:
         with _timed(f"{label} {name}", minutes):
@@ -166,6 +184,24 @@ def _fit_channels(
     return out
 
 
+def capped_users(counts: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """The users (sorted indices) whose queries (``counts``, per user) are kept: all with
+    any when their sum fits ``cap``; else whole users in a seeded random order while the
+    running sum fits."""
+    users = np.flatnonzero(counts > 0)
+    if counts.sum() <= cap:
+        return users
+    order = np.random.default_rng(seed).permutation(users)
+    return np.sort(order[np.cumsum(counts[order]) <= cap])
+
+
+def eval_users(n_users: int, limit: int, seed: int) -> np.ndarray:
+    """The users given validation and test lists: all, or ``limit`` drawn with ``seed``."""
+    if n_users <= limit:
+        return np.arange(n_users)
+    return np.sort(np.random.default_rng(seed).choice(n_users, limit, replace=False))
+
+
 def _fused_lists(
     fused: Fused, histories: list[np.ndarray], truth: np.ndarray, user: np.ndarray, length: int
 ) -> Lists:
@@ -173,15 +209,29 @@ def _fused_lists(
                  user, fused.features)  # fmt: skip
 
 
+def _eval_lists(
+    histories: list[np.ndarray],
+    truth: np.ndarray,
+    cand: np.ndarray,
+    users: np.ndarray,
+    cfg: PipelineConfig,
+) -> Lists:
+    lists = eval_lists(histories, truth, cand, cfg.history_len)
+    lists.user = users
+    return lists
+
+
 def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None) -> Prepared:
     """Channels fitted on the training split; validation and test lists fused from them;
     leak-free fused training lists from channels fitted on the training split less each
-    user's last ``fused_holdout`` items; item-kNN lists of plain ids beside them."""
+    user's last ``fused_holdout`` items; item-kNN lists of plain ids beside them. The
+    validation and test lists are those of ``eval_users``: each list's ``user`` says whose."""
     split = leave_last_out(dataset.sequences, dataset.times)
     n_users, n, n_items = len(dataset.users), cfg.n_candidates, dataset.n_items
-    users = np.arange(n_users)
-    val_hist = [split.val_history(u) for u in range(n_users)]
-    test_hist = [split.test_history(u) for u in range(n_users)]
+    users = eval_users(n_users, cfg.max_eval_users, cfg.seed)
+    val_hist = [split.val_history(u) for u in users.tolist()]
+    test_hist = [split.test_history(u) for u in users.tolist()]
+    val_truth, test_truth = split.val[users], split.test[users]
     minutes: dict[str, float] = {}
     with _timed("item-knn", minutes):
         knn = ItemKNN(split.train, n_items)
@@ -194,7 +244,7 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         if not voting:
             raise ValueError(f"no voting channel was fitted out of {cfg.channels}")
         fusion = (
-            tune_rrf(voting, split.val, n, n_items).fusion
+            tune_rrf(voting, val_truth, n, n_items).fusion
             if cfg.tune_fusion
             else cfg.channel_params.fusion()
         )
@@ -206,25 +256,28 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     for name in names:
         val_items, test_items = val_ch[name][0][:, :n], test_ch[name][0][:, :n]
         recall[name] = {
-            f"val_recall@{n}": recall_at(val_items, split.val),
-            f"test_recall@{n}": recall_at(test_items, split.test),
+            f"val_recall@{n}": recall_at(val_items, val_truth),
+            f"test_recall@{n}": recall_at(test_items, test_truth),
         }
-        channel_orders[name] = eval_lists(test_hist, split.test, test_items, cfg.history_len)
+        channel_orders[name] = _eval_lists(test_hist, test_truth, test_items, users, cfg)
     recall["fused"] = {
-        f"val_recall@{n}": recall_at(val_fused.items, split.val),
-        f"test_recall@{n}": recall_at(test_fused.items, split.test),
+        f"val_recall@{n}": recall_at(val_fused.items, val_truth),
+        f"test_recall@{n}": recall_at(test_fused.items, test_truth),
     }
-    val_lists = _fused_lists(val_fused, val_hist, split.val, users, cfg.history_len)
+    val_lists = _fused_lists(val_fused, val_hist, val_truth, users, cfg.history_len)
     test_lists = {
-        "fused": _fused_lists(test_fused, test_hist, split.test, users, cfg.history_len),
+        "fused": _fused_lists(test_fused, test_hist, test_truth, users, cfg.history_len),
         # Plain ids, as a caller without recall features sends them.
         "item-knn": channel_orders["item-knn"]
         if "item-knn" in channel_orders
-        else eval_lists(test_hist, split.test, knn.recall(test_hist, n)[0], cfg.history_len),
+        else _eval_lists(test_hist, test_truth, knn.recall(test_hist, n)[0], users, cfg),
     }
 
     fit_train, queries = time_cut(split.train, cfg.fused_holdout, min_fit=cfg.min_history)
-    first = queries.first_held_out(n_users)
+    first = queries.first_held_out(n_users)  # of every user: it early-stops SASRec's fit
+    asked = np.bincount(queries.user, minlength=n_users)
+    if asked.sum() > cfg.max_fused_queries:
+        queries = queries.subset(capped_users(asked, cfg.max_fused_queries, cfg.seed))
     cut = _fit_channels(cfg, fit_train, n_items, first, "time-cut fit", minutes)
     if [c.name for c in cut] != names:  # the feature columns follow the channels' order
         raise ValueError(f"the time-cut fit gave channels {[c.name for c in cut]}, not {names}")
@@ -237,16 +290,19 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
     parts = [fused_train]
     if cfg.lists_per_user > 0:
         with _timed("item-knn training lists", minutes):
-            parts.append(
-                training_lists(
-                    split.train,
-                    knn,
-                    n,
-                    cfg.history_len,
-                    min_history=cfg.min_history,
-                    max_per_user=cfg.lists_per_user,
-                )
+            lengths = np.array([len(seq) for seq in split.train])
+            asked = lengths - np.maximum(cfg.min_history, lengths - cfg.lists_per_user)
+            keep = capped_users(np.maximum(asked, 0), cfg.max_knn_queries, cfg.seed)
+            knn_lists = training_lists(
+                [split.train[u] for u in keep],
+                knn,
+                n,
+                cfg.history_len,
+                min_history=cfg.min_history,
+                max_per_user=cfg.lists_per_user,
             )
+            knn_lists.user = keep[knn_lists.user]  # back to the split's user indices
+            parts.append(knn_lists)
     defaults = np.array([f["default"] for f in features], np.float32)
     train_lists = Lists.concat(parts, defaults)
     recall["fused training lists"] = {

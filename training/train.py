@@ -98,7 +98,7 @@ def train(
     for epoch in range(cfg.epochs):
         model.train()
         order = rng.permutation(len(train_lists))
-        total = 0.0
+        total, seen = 0.0, 0
         starts = range(0, len(order), cfg.batch_size)
         for start in progress(starts, len(starts), f"epoch {epoch}"):
             batch = order[start : start + cfg.batch_size]
@@ -110,10 +110,16 @@ def train(
             opt.step()
             sched.step()
             total += loss.item() * len(target)
+            seen += len(target)
+            # The cap holds within an epoch too: one epoch of a large list set takes minutes.
+            # A run that ends under it never takes this branch.
+            if time.monotonic() - started >= cfg.max_minutes * 60:
+                break
         val = evaluate_ndcg(model, val_lists)
         minutes = (time.monotonic() - started) / 60
-        loss = total / len(order)
-        log.append({"epoch": epoch, "loss": loss, "val_ndcg@10": val, "min": minutes})
+        loss = total / seen
+        log.append({"epoch": epoch, "loss": loss, "val_ndcg@10": val, "min": minutes,
+                    "lists": seen})  # fmt: skip
         print(f"epoch {epoch:2d} loss {loss:.4f} val ndcg@10 {val:.4f} ({minutes:.1f} min)")
         if cfg.average_last:
             recent = [*recent, copy.deepcopy(model.state_dict())][-cfg.average_last :]
