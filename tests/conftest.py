@@ -156,6 +156,19 @@ def towered(tmp_path_factory: pytest.TempPathFactory) -> Towered:
     return Towered(models, items, dataset)
 
 
+def synthetic_split(
+    n_users: int, n_items: int, length: int, seed: int
+) -> tuple[Any, Any, list[Any]]:
+    """A generated data set, its leave-last-out split, and each user's test history (the
+    channel tests' data)."""
+    from training.data import synthetic
+    from training.split import leave_last_out
+
+    ds = synthetic(n_users=n_users, n_items=n_items, length=length, seed=seed)
+    split = leave_last_out(ds.sequences, ds.times)
+    return ds, split, [split.test_history(u) for u in range(len(ds.users))]
+
+
 @pytest.fixture(scope="session")
 def references(model_dir: Path) -> dict[str, Reference]:
     return {v: Reference(model_dir / v) for v in (VERSION_A, VERSION_B)}

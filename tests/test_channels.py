@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from tests.conftest import synthetic_split
 from training.channels import EASE, Channel, Markov, popularity, weighted_matrix
-from training.data import synthetic
 from training.fusion import (
     RANK_DEFAULT,
     RRF,
@@ -23,7 +23,6 @@ from training.fusion import (
 )
 from training.recall import ItemKNN
 from training.sasrec import SASRecConfig, SASRecRecall
-from training.split import leave_last_out
 
 SMALL_SASREC = SASRecConfig(
     history_len=20, dim=32, n_layers=1, n_heads=1, dropout=0.1, lr=5e-3, batch_size=64,
@@ -33,10 +32,7 @@ SMALL_SASREC = SASRecConfig(
 
 @pytest.fixture(scope="module")
 def data():
-    ds = synthetic(n_users=200, n_items=120, length=30, seed=1)
-    split = leave_last_out(ds.sequences, ds.times)
-    test_hist = [split.test_history(u) for u in range(len(ds.users))]
-    return ds, split, test_hist
+    return synthetic_split(200, 120, 30, 1)
 
 
 @pytest.fixture(scope="module")

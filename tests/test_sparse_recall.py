@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from tests.conftest import synthetic_split
 from training.channels import weighted_matrix
-from training.data import synthetic
 from training.recall import ItemKNN, PairLookup, sparse_top_n, top_n, user_item_matrix
-from training.split import leave_last_out
 
 
 class DenseItemKNN:
@@ -49,10 +48,7 @@ class DenseItemKNN:
 @pytest.fixture(scope="module")
 def data():
     # Many items and short histories: sparse rows, lists that run past the scored items.
-    ds = synthetic(n_users=300, n_items=400, length=12, seed=3)
-    split = leave_last_out(ds.sequences, ds.times)
-    test_hist = [split.test_history(u) for u in range(len(ds.users))]
-    return ds, split, test_hist
+    return synthetic_split(300, 400, 12, 3)
 
 
 @pytest.fixture(scope="module")
