@@ -138,14 +138,16 @@ class LoadedModel:
         names, over all candidates, this model does not declare (they are ignored). No rows
         where the graph takes no features."""
         index = self.feature_index
-        unknown = sum(1 for d in given for name in d if name not in index)
-        if not self.has_cand_feats:
-            return None, unknown
-        rows = np.tile(self.feature_defaults, (len(positions), 1))
-        for row, p in enumerate(positions.tolist()):
-            for name, value in given[p].items():
+        rows = np.tile(self.feature_defaults, (len(positions), 1)) if self.has_cand_feats else None
+        row_of = {p: row for row, p in enumerate(positions.tolist())}
+        unknown = 0
+        for p, named in enumerate(given):  # one pass: the unknown names and the rows
+            row = row_of.get(p)
+            for name, value in named.items():
                 col = index.get(name)
-                if col is not None:
+                if col is None:
+                    unknown += 1
+                elif rows is not None and row is not None:
                     rows[row, col] = value
         return rows, unknown
 
