@@ -375,10 +375,25 @@ def test_help_works_without_torch(argv: list[str]) -> None:
     assert "usage: rerank" in done.stdout
 
 
-def test_help_default_matches_the_training_default() -> None:
-    from training.train import TrainConfig
+def test_the_budget_reaches_the_training_as_a_deadline(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """--max-minutes counts from the command's start: the pipeline gets the instant."""
+    import time
 
-    assert cli.DEFAULT_MAX_MINUTES == TrainConfig.max_minutes
+    import training.pipeline
+
+    seen: dict[str, float] = {}
+
+    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["deadline"] = args[5]
+        raise SystemExit(0)
+
+    monkeypatch.setattr(training.pipeline, "run", run)
+    inter, items = _write(tmp_path / "data")
+    before = time.monotonic()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--interactions", str(inter), "--items", str(items),
+                  "--models-dir", str(tmp_path / "m"), "--max-minutes", "2"])  # fmt: skip
+    assert before + 120 <= seen["deadline"] <= time.monotonic() + 120
 
 
 def test_awkward_but_valid_csv(tmp_path: Path) -> None:

@@ -152,6 +152,15 @@ def test_max_minutes_holds_within_an_epoch(capped) -> None:  # type: ignore[no-u
     assert log[0]["lists"] == cfg.train.batch_size < len(prep.train_lists)  # one batch
 
 
+def test_a_deadline_before_max_minutes_stops_training(capped) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    cfg, prep = capped
+    _, log = fit(prep, cfg, deadline=time.monotonic())  # rerank train's budget already spent
+    assert len(log) == 1
+    assert log[0]["lists"] == cfg.train.batch_size < len(prep.train_lists)  # one batch
+
+
 def test_evaluation_past_its_limit_scores_a_sample_of_users(dataset, capped) -> None:  # type: ignore[no-untyped-def]
     from dataclasses import replace
 

@@ -377,9 +377,11 @@ def item_tower(model: Reranker, cfg: PipelineConfig, dataset: Dataset) -> ItemTo
     return tower_spec(dataset, model.cfg, encoder_sha256())
 
 
-def fit(prep: Prepared, cfg: PipelineConfig) -> tuple[Reranker, list[dict[str, float]]]:
+def fit(
+    prep: Prepared, cfg: PipelineConfig, deadline: float | None = None
+) -> tuple[Reranker, list[dict[str, float]]]:
     model = build_model(prep, cfg)
-    return train(model, prep.train_lists, prep.val_lists, cfg.train)
+    return train(model, prep.train_lists, prep.val_lists, cfg.train, deadline)
 
 
 def run(
@@ -388,8 +390,12 @@ def run(
     cfg: PipelineConfig,
     cache_dir: Path | None = None,
     version: str | None = None,
+    deadline: float | None = None,
 ) -> Path:
-    """Everything: returns the exported model folder, with report.json/.md/.png inside."""
+    """Everything: returns the exported model folder, with report.json/.md/.png inside.
+
+    The reranker's training stops at ``deadline`` (``time.monotonic()``) if it comes before
+    ``cfg.train.max_minutes`` is up; the evaluation and the export follow."""
     from training.evaluate import evaluate, write_report
     from training.recall_lists import save_recall
 
@@ -397,7 +403,7 @@ def run(
     prep = prepare(dataset, cfg, cache_dir)
     print(f"prepared {len(prep.train_lists)} training lists; recall {json.dumps(prep.recall)}")
     with _timed("train", prep.minutes):
-        model, log = fit(prep, cfg)
+        model, log = fit(prep, cfg, deadline)
     with _timed("evaluate", prep.minutes):
         report = evaluate(prep, partial(predict, model), cfg)
     report["recall"] = prep.recall
