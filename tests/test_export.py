@@ -196,6 +196,32 @@ def test_feature_dropout_sets_whole_lists_to_the_defaults() -> None:
     assert (seen[-1] == 7.0).all(), "no dropout in eval mode"
 
 
+def test_candidate_feature_dropout_sets_single_candidates_to_the_defaults() -> None:
+    cfg = ModelConfig(
+        n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16,
+        n_feats=2, feat_defaults=(1000.0, 0.0), feat_dropout=0.0, cand_feat_dropout=0.3,
+    )  # fmt: skip
+    model = random_model(cfg, seed=0)
+    seen: list[torch.Tensor] = []
+    original = model.score
+
+    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(args[5])
+        return original(*args)
+
+    model.score = spy  # type: ignore[method-assign]
+    hist = torch.randint(1, 11, (64, 4))
+    cand = torch.randint(1, 11, (64, 5))
+    feats = torch.full((64, 5, 2), 7.0)
+    model.train()
+    model(hist, cand, torch.zeros(64, dtype=torch.long), feats)
+    dropped = (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1)  # (B, N)
+    kept = (seen[-1] == 7.0).all(-1)
+    assert (dropped | kept).all(), "a candidate keeps all its features or none"
+    assert 40 < int(dropped.sum()) < 150  # of 320 at 0.3
+    assert int((dropped.any(1) & kept.any(1)).sum()) > 30, "lists mix the two"
+
+
 def test_export_refuses_features_the_model_lacks(tmp_path: Path) -> None:
     cfg = ModelConfig(n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16)
     with pytest.raises(ValueError, match="candidate_features"):

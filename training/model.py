@@ -61,6 +61,11 @@ class ModelConfig:
     n_feats: int = 0
     feat_defaults: tuple[float, ...] = ()
     feat_dropout: float = 0.3
+    # ... and the share of the other lists' candidates whose features are set to the
+    # defaults one by one, so that a plain id among featured candidates (an item added after
+    # training, which no recall channel knows) is ranked on its vector, not taken for a
+    # candidate that every channel missed.
+    cand_feat_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -78,8 +83,9 @@ class ModelConfig:
             raise ValueError(
                 f"feat_defaults has {len(self.feat_defaults)} values for n_feats={self.n_feats}"
             )
-        if not 0.0 <= self.feat_dropout < 1.0:
-            raise ValueError(f"feat_dropout={self.feat_dropout} must be in [0, 1)")
+        for name in ("feat_dropout", "cand_feat_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -417,15 +423,18 @@ class Reranker(nn.Module):
         """Training path: listwise softmax cross-entropy over each candidate list.
 
         In training mode a list's features are all set to the defaults with probability
-        ``feat_dropout``, as a request of plain ids has them."""
+        ``feat_dropout``, as a request of plain ids has them, and each other candidate's
+        with probability ``cand_feat_dropout``, as an added item has them."""
         hist_mask = hist_idx > 0
         cand_mask = cand_idx > 0
         rank = torch.arange(cand_idx.shape[1], device=cand_idx.device, dtype=torch.float32)
         rank = rank.expand(cand_idx.shape[0], -1)
         hist, cand = self.tower(hist_idx, cand_idx)
-        if feats is not None and self.training and self.cfg.feat_dropout > 0:
-            dropped = torch.rand(feats.shape[0], 1, 1, device=feats.device) < self.cfg.feat_dropout
-            feats = torch.where(dropped, self.feat_default, feats)
+        if feats is not None and self.training:
+            shape = feats.shape[:2]
+            dropped = torch.rand(shape[0], 1, 1, device=feats.device) < self.cfg.feat_dropout
+            one = torch.rand(*shape, 1, device=feats.device) < self.cfg.cand_feat_dropout
+            feats = torch.where(dropped | one, self.feat_default, feats)
         scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank, feats)
         loss = nn.functional.cross_entropy(scores, target)
         return scores, loss

@@ -87,6 +87,7 @@ class PipelineConfig:
     lists_per_user: int = 30
     min_history: int = 3  # the shortest history a training list is made from
     feat_dropout: float = 0.3  # share of fused training lists trained without features
+    cand_feat_dropout: float = 0.1  # share of the other lists' candidates without them
     list_context: bool = True  # see ModelConfig
     # See ModelConfig.id_dropout. With text vectors (use_text), the model is exported with
     # its item tower, so that it can add items after training (POST /items).
@@ -353,6 +354,7 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         n_feats=len(prep.candidate_features),
         feat_defaults=tuple(float(f["default"]) for f in prep.candidate_features),
         feat_dropout=cfg.feat_dropout,
+        cand_feat_dropout=cfg.cand_feat_dropout,
     )
     torch.manual_seed(cfg.seed)
     attrs = prep.dataset.categorical
