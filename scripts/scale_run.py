@@ -83,8 +83,9 @@ class TreeRss:
         return self.peak_mb
 
 
-def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
-    """Run ``cmd`` with its output to ``log``: exit status, wall seconds, peak RSS."""
+def run_measured(cmd: list[str], log: Path, work: Path) -> dict[str, Any]:
+    """Run ``cmd`` with its output to ``log``: exit status, wall seconds, peak RSS. The
+    command is recorded with ``work`` written as ``<work>``: no machine's path in results."""
     started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -94,7 +95,7 @@ def run_measured(cmd: list[str], log: Path) -> dict[str, Any]:
     # ru_maxrss: kilobytes on Linux, the largest of the children waited for so far.
     largest = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e3
     return {
-        "cmd": shlex.join(["rerank", *cmd[3:]]),
+        "cmd": shlex.join(["rerank", *cmd[3:]]).replace(str(work), "<work>"),
         "rc": rc,
         "wall_s": round(time.monotonic() - started, 1),
         "peak_rss_mb_largest_process": round(largest, 1),
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         rerank("data", "synthetic", "--users", str(args.users), "--items", str(args.items),
                "--length", str(args.length), "--seed", str(args.seed), "--out", str(data)),
         work / "data.log",
+        work,
     )  # fmt: skip
     result["generate"] = gen
     if gen["rc"] != 0:
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                "--items", str(data / "items.csv"), "--max-minutes", f"{args.max_minutes:g}",
                "--models-dir", str(models), "--version", "scale", "--seed", str(args.seed)),
         train_log,
+        work,
     )  # fmt: skip
     train["step_seconds"] = step_seconds(train_log)
     folder = models / "scale"
@@ -213,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         train["report_minutes"] = report.get("minutes")
         train["report_minutes_per_step"] = report.get("minutes_per_step")
         train["offline_metrics"] = report.get("summary")
+        train["epochs"] = report.get("train_log")  # how far the budget let the reranker go
     result["train"] = train
     if train["rc"] != 0:
         print(train_log.read_text(errors="replace")[-3000:], file=sys.stderr)
