@@ -13,14 +13,16 @@ labelled as such, for comparison with papers only.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
 from training.features import transitions
-from training.lists import Lists, right_align
+from training.lists import Lists, positions, right_align
 from training.metrics import bootstrap_ci, bootstrap_ratio_ci, ndcg_at, ranked_positions, summary
 
 if TYPE_CHECKING:  # lightgbm loads only when the baseline trains; pipeline imports this module
@@ -48,9 +50,53 @@ Comparison = TypedDict(
 SampledProtocol = TypedDict("SampledProtocol", {"note": str, "deep reranker": Metrics})
 
 
-class LightgbmInfo(TypedDict):
+# The list kinds the report compares (``prep.test_lists``' keys): each gets its own trees,
+# trained on training lists of its kind and early-stopped on validation lists of its kind.
+LIST_KINDS = ("fused", "item-knn")
+# LightGBM's settings that every grid entry shares. ``deterministic`` with ``force_col_wise``
+# gives the same trees for the same data, seed and thread count (LightGBM's parameter docs).
+# One thread: LightGBM's OpenMP threads spin at every barrier, and on a busy 2-core box two
+# of them ran a fit 30x slower than one. Feature and query bagging make the seeds differ.
+LIGHTGBM_BASE: dict[str, object] = {
+    "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "deterministic": True,
+    "force_col_wise": True, "num_threads": 1, "verbose": -1, "feature_pre_filter": False,
+    "feature_fraction": 0.8, "bagging_fraction": 0.8, "bagging_freq": 1,
+    "bagging_by_query": True,
+}  # fmt: skip
+# Tuned on validation NDCG@10 (``tune_lightgbm``); the best entry is retrained per seed.
+LIGHTGBM_GRID: list[dict[str, float]] = [
+    {"learning_rate": lr, "num_leaves": leaves, "min_data_in_leaf": min_leaf}
+    for lr in (0.05, 0.15) for leaves, min_leaf in ((15, 50), (15, 400), (63, 400))
+]  # fmt: skip
+LIGHTGBM_SEEDS = 3
+LIGHTGBM_ROUNDS = 500  # at most; early stopping ends every fit long before on MovieLens
+LIGHTGBM_PATIENCE = 30  # rounds without a better validation NDCG@10
+
+
+class GridRow(TypedDict):
+    params: dict[str, float]
+    val_ndcg: float  # validation NDCG@10 at the best round
+    trees: int  # the best round
+
+
+class KindInfo(TypedDict, total=False):
+    train_lists: int
+    val_lists: int
+    tuned_on_lists: int  # the training lists the grid saw (a seeded sample past the cap)
+    grid: list[GridRow]
+    params: dict[str, float]  # the grid entry with the best validation NDCG@10
+    seeds: list[int]
+    trees: list[int]  # per seed
+    val_ndcg: list[float]  # per seed
+    test_ndcg: list[float]  # per seed; ``evaluate`` adds it
+    test_ndcg_mean: float
+
+
+class LightgbmInfo(TypedDict, total=False):
     features: list[str]
-    trees: int
+    trees: dict[str, list[int]]  # list kind -> trees per seed
+    kinds: dict[str, KindInfo]
+    minutes: float  # features, tuning and the seeds' fits, all kinds
 
 
 class ChannelRow(MethodRow):
@@ -168,57 +214,149 @@ class FeatureBuilder:
         return np.stack(cols, axis=-1).reshape(m * n, -1).astype(np.float32)
 
 
-Lightgbm = tuple["lgb.Booster", FeatureBuilder]  # the trained trees and their features
+@dataclass
+class RankSet:
+    """Lists as LightGBM reads them: features (M * N, F), 0/1 labels, one group of N a list."""
 
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
 
-def train_lightgbm(prep: Prepared, seed: int, max_lists: int = 20000) -> Lightgbm:
-    """LambdaRank on the training lists, early-stopped on the validation lists."""
-    import lightgbm as lgb
-
-    rng = np.random.default_rng(seed)
-    train = prep.train_lists
-    if len(train) > max_lists:
-        train = train.subset(np.sort(rng.choice(len(train), max_lists, replace=False)))
-    val = prep.val_lists.subset(prep.val_lists.target >= 0)
-    if len(val) > max_lists:
-        val = val.subset(np.sort(rng.choice(len(val), max_lists, replace=False)))
-    fb = FeatureBuilder(prep)
-
-    def dataset(
-        lists: Lists, leave_user_out: bool, reference: lgb.Dataset | None = None
-    ) -> lgb.Dataset:
+    @staticmethod
+    def of(fb: FeatureBuilder, lists: Lists, leave_user_out: bool) -> RankSet:
         labels = np.zeros(lists.cand.shape, dtype=np.float32)
         labels[np.arange(len(lists)), lists.target] = 1.0
         groups = np.full(len(lists), lists.cand.shape[1])
-        features = fb.build(lists, leave_user_out)
-        return lgb.Dataset(features, labels.ravel(), group=groups, reference=reference,
-                           feature_name=fb.names)  # fmt: skip
+        return RankSet(fb.build(lists, leave_user_out), labels.ravel(), groups)
 
-    train_set = dataset(train, leave_user_out=True)
-    params = {
-        "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "learning_rate": 0.05,
-        "num_leaves": 31, "min_data_in_leaf": 50, "feature_fraction": 0.9,
-        "num_threads": 2, "seed": seed, "verbose": -1,
-    }  # fmt: skip
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def sample(self, limit: int, seed: int) -> RankSet:
+        """At most ``limit`` of the lists, a seeded sample in list order past it."""
+        if len(self) <= limit:
+            return self
+        keep = np.sort(np.random.default_rng(seed).choice(len(self), limit, replace=False))
+        n = int(self.groups[0])
+        rows = (keep[:, None] * n + np.arange(n)).ravel()
+        return RankSet(self.x[rows], self.y[rows], self.groups[keep])
+
+
+def fit_lambdarank(
+    train: RankSet, val: RankSet, params: dict[str, float], seed: int, names: list[str]
+) -> tuple[lgb.Booster, int, float]:
+    """One booster with ``LIGHTGBM_BASE`` and ``params``, early-stopped on ``val``'s
+    NDCG@10: the booster, its best round and that round's validation NDCG@10."""
+    import lightgbm as lgb
+
+    full = {**LIGHTGBM_BASE, **params, "seed": seed}
+    train_set = lgb.Dataset(train.x, train.y, group=train.groups, feature_name=names,
+                            params={"feature_pre_filter": False})  # fmt: skip
+    val_set = lgb.Dataset(val.x, val.y, group=val.groups, reference=train_set)
     booster = lgb.train(
-        params, train_set, num_boost_round=400, valid_sets=[dataset(val, False, train_set)],
-        callbacks=[lgb.early_stopping(30, verbose=False)],
+        full, train_set, num_boost_round=LIGHTGBM_ROUNDS, valid_sets=[val_set],
+        callbacks=[lgb.early_stopping(LIGHTGBM_PATIENCE, verbose=False)],
     )  # fmt: skip
-    return booster, fb
+    return booster, int(booster.best_iteration), float(booster.best_score["valid_0"]["ndcg@10"])
+
+
+def tune_lightgbm(
+    train: RankSet, val: RankSet, grid: list[dict[str, float]], seed: int, names: list[str]
+) -> tuple[int, list[GridRow]]:
+    """Every grid entry fitted with ``seed``; the index of the best validation NDCG@10 (the
+    first of equals) and each entry's row."""
+    rows: list[GridRow] = []
+    for entry in grid:
+        _, trees, score = fit_lambdarank(train, val, entry, seed, names)
+        rows.append({"params": entry, "val_ndcg": score, "trees": trees})
+    best = max(range(len(rows)), key=lambda i: rows[i]["val_ndcg"])
+    return best, rows
+
+
+def kind_lists(prep: Prepared) -> dict[str, tuple[Lists, Lists]]:
+    """Training and validation lists (those with the true item) of each of ``LIST_KINDS``.
+
+    Fused: the fused training lists and ``prep.val_lists``. Item-kNN: the plain-id
+    training lists (or, where the pipeline made none, the fused ones without their
+    features) and item-kNN lists for the validation item, built here as the test ones are.
+    """
+    n_fused = prep.fused_train_lists
+    fused_train = prep.train_lists.subset(np.arange(n_fused))
+    knn_train = prep.train_lists.subset(np.arange(n_fused, len(prep.train_lists)))
+    if not len(knn_train):
+        knn_train = Lists(fused_train.hist, fused_train.cand, fused_train.target,
+                          fused_train.user)  # fmt: skip
+    users = prep.val_lists.user
+    hist = [prep.split.val_history(u) for u in users.tolist()]
+    cand = prep.knn.recall(hist, prep.val_lists.cand.shape[1])[0]
+    knn_val = Lists(prep.val_lists.hist, cand, positions(cand, prep.split.val[users]), users)
+    out = {"fused": (fused_train, prep.val_lists), "item-knn": (knn_train, knn_val)}
+    return {k: (t.subset(t.target >= 0), v.subset(v.target >= 0)) for k, (t, v) in out.items()}
+
+
+@dataclass
+class Lightgbm:
+    """The tree baseline: per list kind, one booster per seed, all on ``fb``'s features."""
+
+    fb: FeatureBuilder
+    boosters: dict[str, list[lgb.Booster]]
+    info: LightgbmInfo
+
+    def scores(self, kind: str, lists: Lists) -> list[np.ndarray]:
+        """Each seed's scores (M, N) of ``lists`` by the boosters of ``kind``."""
+        x = self.fb.build(lists)
+        return [np.asarray(b.predict(x, num_threads=1)).reshape(lists.cand.shape)
+                for b in self.boosters[kind]]  # fmt: skip
+
+
+def train_lightgbm(
+    prep: Prepared,
+    seed: int,
+    max_lists: int = 20_000,
+    tune_lists: int = 4_000,
+    grid: list[dict[str, float]] | None = None,
+    n_seeds: int = LIGHTGBM_SEEDS,
+) -> Lightgbm:
+    """Per list kind: ``grid`` (default ``LIGHTGBM_GRID``) tuned on validation NDCG@10 with
+    ``seed`` on at most ``tune_lists`` training lists, then the best entry fitted with
+    ``n_seeds`` seeds (``seed``, ``seed + 1``, ...) on at most ``max_lists``; every fit is
+    early-stopped on the kind's validation lists. Samples are seeded with ``seed``."""
+    started = time.monotonic()
+    fb = FeatureBuilder(prep)
+    seeds = [seed + i for i in range(n_seeds)]
+    boosters: dict[str, list[lgb.Booster]] = {}
+    kinds: dict[str, KindInfo] = {}
+    for kind, (train_lists, val_lists) in kind_lists(prep).items():
+        train = RankSet.of(fb, train_lists, leave_user_out=True).sample(max_lists, seed)
+        val = RankSet.of(fb, val_lists, leave_user_out=False)
+        tuned = train.sample(tune_lists, seed)
+        best, rows = tune_lightgbm(tuned, val, grid or LIGHTGBM_GRID, seed, fb.names)
+        params = rows[best]["params"]
+        fits = [fit_lambdarank(train, val, params, s, fb.names) for s in seeds]
+        boosters[kind] = [b for b, _, _ in fits]
+        kinds[kind] = {
+            "train_lists": len(train), "val_lists": len(val), "tuned_on_lists": len(tuned),
+            "grid": rows, "params": params, "seeds": seeds,
+            "trees": [t for _, t, _ in fits], "val_ndcg": [v for _, _, v in fits],
+        }  # fmt: skip
+    info: LightgbmInfo = {
+        "features": fb.names,
+        "trees": {k: v["trees"] for k, v in kinds.items()},
+        "kinds": kinds,
+        "minutes": round((time.monotonic() - started) / 60, 3),
+    }
+    return Lightgbm(fb, boosters, info)
 
 
 Scorer = Callable[[Lists], np.ndarray]  # candidate lists -> scores (M, N)
 
 
-def _scores(method: str, lists: Lists, prep: Prepared, model: Scorer, lgbm: Lightgbm) -> np.ndarray:
+def _scores(method: str, lists: Lists, prep: Prepared, model: Scorer) -> np.ndarray:
     n = lists.cand.shape[1]
     if method == "recall order":
         return np.broadcast_to(-np.arange(n, dtype=np.float64), lists.cand.shape)
     if method == "popularity order":
         return prep.knn.count[lists.cand].astype(np.float64)
-    if method == "lightgbm lambdarank":
-        booster, fb = lgbm
-        return np.asarray(booster.predict(fb.build(lists))).reshape(lists.cand.shape)
     return model(lists)
 
 
@@ -259,6 +397,20 @@ def _row(pos: np.ndarray, seed: int) -> MethodRow:
     }
 
 
+def _seeds_row(per_seed: list[np.ndarray], seed: int) -> tuple[MethodRow, np.ndarray]:
+    """The row of a method fitted with several seeds (their positions): each metric's mean
+    over the seeds, and the interval of the per-user NDCG@10 averaged over the seeds,
+    which is also returned for the paired comparisons."""
+    rows = [summary(pos) for pos in per_seed]
+    per_user = np.mean([ndcg_at(pos) for pos in per_seed], axis=0)
+    return {
+        "ndcg@10": float(np.mean([r["ndcg@10"] for r in rows])),
+        "hr@10": float(np.mean([r["hr@10"] for r in rows])),
+        "mrr": float(np.mean([r["mrr"] for r in rows])),
+        "ndcg@10_ci95": bootstrap_ci(per_user, seed=seed),
+    }, per_user
+
+
 def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
     """All methods on every list source; ``model`` scores candidate lists."""
     lgbm = train_lightgbm(prep, cfg.seed)
@@ -273,7 +425,15 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
     for source, lists in prep.test_lists.items():
         results[source], per_user[source] = {}, {}
         for method in METHODS:
-            pos = ranked_positions(_scores(method, lists, prep, model, lgbm), lists.target)
+            if method == "lightgbm lambdarank":
+                per_seed = [ranked_positions(s, lists.target) for s in lgbm.scores(source, lists)]
+                row, per_user[source][method] = _seeds_row(per_seed, cfg.seed)
+                results[source][method] = row
+                kind = lgbm.info["kinds"][source]
+                kind["test_ndcg"] = [float(ndcg_at(pos).mean()) for pos in per_seed]
+                kind["test_ndcg_mean"] = row["ndcg@10"]
+                continue
+            pos = ranked_positions(_scores(method, lists, prep, model), lists.target)
             results[source][method] = _row(pos, cfg.seed)
             per_user[source][method] = ndcg_at(pos)
     sampled = sampled_lists(prep, 100, cfg.seed, cfg.history_len, scored)
@@ -301,7 +461,7 @@ def evaluate(prep: Prepared, model: Scorer, cfg: PipelineConfig) -> Report:
             "note": "test item + 100 random unseen items, random order; NOT the service's task",
             "deep reranker": summary(sampled_pos),
         },
-        "lightgbm": {"features": lgbm[1].names, "trees": int(lgbm[0].best_iteration)},
+        "lightgbm": lgbm.info,
     }
     if len(scored) < n_users:
         report["users_total"] = n_users
@@ -352,6 +512,7 @@ def markdown(report: Report) -> str:
             f"(paired 95% CI {r_lo:.2f}x to {r_hi:.2f}x); "
             f"deep - LightGBM = {c['deep - lightgbm']:+.4f} (paired 95% CI {lo:+.4f} to {hi:+.4f})"
         )
+    lines += _lightgbm_lines(report)
     s = report["sampled_protocol"]["deep reranker"]
     lines.append(
         f"- sampled protocol (test item + 100 random items, for papers only): "
@@ -361,6 +522,39 @@ def markdown(report: Report) -> str:
         steps = ", ".join(f"{k} {v:.2f}" for k, v in report["minutes_per_step"].items())
         lines.append(f"- minutes per step: {steps}")
     return "\n".join(lines) + "\n"
+
+
+def _lightgbm_lines(report: Report) -> list[str]:
+    """The tree baseline's tuning: each list kind's grid with its validation NDCG@10 (the
+    chosen entry marked), and the chosen entry's trees and test NDCG@10 per seed."""
+    kinds = report.get("lightgbm", {}).get("kinds", {})
+    if not kinds:
+        return []
+    keys = list(next(iter(kinds.values()))["grid"][0]["params"])
+    lines = [
+        "",
+        "LightGBM LambdaRank, one set of trees per list kind: the grid on the kind's training "
+        "lists (a seeded sample), chosen by validation NDCG@10 (*), then refitted per seed; "
+        "every fit early-stopped on the kind's validation lists.",
+        "",
+        f"| lists | {' | '.join(keys)} | validation NDCG@10 | trees |",
+        "|---|" + "---|" * (len(keys) + 2),
+    ]
+    for kind, info in kinds.items():
+        for row in info["grid"]:
+            mark = " *" if row["params"] == info["params"] else ""
+            values = " | ".join(f"{row['params'][k]:g}" for k in keys)
+            lines.append(f"| {kind}{mark} | {values} | {row['val_ndcg']:.4f} | {row['trees']} |")
+    lines.append("")
+    for kind, info in kinds.items():
+        test = ", ".join(f"{v:.4f}" for v in info.get("test_ndcg", []))
+        lines.append(
+            f"- LightGBM {kind}: {info['train_lists']} training lists (grid on "
+            f"{info['tuned_on_lists']}), {info['val_lists']} validation lists; seeds "
+            f"{', '.join(map(str, info['seeds']))}: trees {', '.join(map(str, info['trees']))}, "
+            f"test NDCG@10 {test} (mean {info.get('test_ndcg_mean', float('nan')):.4f})"
+        )
+    return lines
 
 
 def write_report(report: Report, folder: Path) -> None:

@@ -135,6 +135,7 @@ class Prepared:
     channel_orders: dict[str, Lists] = field(default_factory=dict)  # each channel's top N
     sasrec: SASRecRecall | None = None  # fitted on the training split: saved with the model
     minutes: dict[str, float] = field(default_factory=dict)  # wall minutes per step
+    fused_train_lists: int = 0  # the first this many of ``train_lists`` are the fused ones
 
     @property
     def feature_defaults(self) -> np.ndarray:
@@ -332,6 +333,7 @@ def prepare(dataset: Dataset, cfg: PipelineConfig, cache_dir: Path | None = None
         channel_orders=channel_orders,
         sasrec=sasrec,
         minutes=minutes,
+        fused_train_lists=len(fused_train),
     )
 
 
