@@ -55,8 +55,9 @@ SampledProtocol = TypedDict("SampledProtocol", {"note": str, "deep reranker": Me
 LIST_KINDS = ("fused", "item-knn")
 # LightGBM's settings that every grid entry shares. ``deterministic`` with ``force_col_wise``
 # gives the same trees for the same data, seed and thread count (LightGBM's parameter docs).
-# One thread: LightGBM's OpenMP threads spin at every barrier, and on a busy 2-core box two
-# of them ran a fit 30x slower than one. Feature and query bagging make the seeds differ.
+# One thread: LightGBM's OpenMP threads spin at every barrier, and on a shared 2-core box
+# two of them make a fit many times slower than one. Feature and query bagging make the
+# seeds differ.
 LIGHTGBM_BASE: dict[str, object] = {
     "objective": "lambdarank", "metric": "ndcg", "eval_at": [10], "deterministic": True,
     "force_col_wise": True, "num_threads": 1, "verbose": -1, "feature_pre_filter": False,
