@@ -339,16 +339,12 @@ def build_traffic(args: argparse.Namespace, manifest: Manifest, item_ids: list[s
         log(f"traffic: {relative(path)} (exists)")
         return path
     log(f"traffic: building {relative(path)} ({source})")
+    shape = tf.Shape(args.max_candidates, manifest.history_len, args.n_requests, args.zipf_s,
+                     args.events_share, args.seed)  # fmt: skip
     if source == "knn":
-        data = tf.build_knn(
-            args.data_dir, args.max_candidates, manifest.history_len, args.n_requests,
-            args.zipf_s, args.events_share, args.seed,
-        )  # fmt: skip
+        data = tf.build_knn(args.data_dir, shape)
     else:
-        data = tf.build_random(
-            item_ids, 943, args.max_candidates, manifest.history_len, args.n_requests,
-            args.zipf_s, args.events_share, args.seed,
-        )  # fmt: skip
+        data = tf.build_random(item_ids, 943, shape)
     return tf.write(data, path)
 
 
@@ -703,6 +699,24 @@ def server_cpu(rung: dict[str, Any]) -> float | None:
     return next(iter(rung["cpu_ms_per_request"].values()), None)
 
 
+COST_COLUMNS = ["server CPU ms/req", "p50 ms", "p99 ms"]  # the cells of cost_cells
+
+
+def section(title: str, intro: str, columns: list[str]) -> list[str]:
+    """The lines that open a results section: a blank line, its title, an intro paragraph
+    (none when empty) and a table's header."""
+    return [
+        "", f"## {title}", "", *([intro, ""] if intro else []),
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+    ]  # fmt: skip
+
+
+def cost_cells(rung: dict[str, Any]) -> str:
+    """A rung's server CPU ms per request, p50 and p99 ms, as table cells."""
+    lat = rung["latency_ms"]
+    return f"{fmt(server_cpu(rung), 3)} | {fmt(lat['p50'], 2)} | {fmt(lat['p99'], 2)}"
+
+
 def ladder_table(ladder: dict[str, Any]) -> list[str]:
     rows = [
         "| offered req/s | achieved req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | "
@@ -772,16 +786,13 @@ def markdown(res: dict[str, Any]) -> str:
         if entry["workers"] != 1:
             lines += [f"## Service, --workers {entry['workers']}", "",
                       *ladder_table(entry["ladder"]), ""]  # fmt: skip
-    lines += [
-        "## Service, closed loop",
-        "",
+    lines += section(
+        "Service, closed loop",
         "Each caller sends its next request as soon as the last is answered (Retry-After "
         "ignored); goodput counts the 200s.",
-        "",
-        "| connections | goodput req/s | p50 of the 200s ms | p99 of the 200s ms | shed | "
-        "errors | server CPU ms/200 | gen CPU cores |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        ["connections", "goodput req/s", "p50 of the 200s ms", "p99 of the 200s ms", "shed",
+         "errors", "server CPU ms/200", "gen CPU cores"],
+    )[1:]  # fmt: skip
     for lv in res["closed_loop"]["levels"]:
         lat = lv["ok_latency_ms"]
         lines.append(
@@ -791,57 +802,38 @@ def markdown(res: dict[str, Any]) -> str:
         )
     feat = res.get("features")
     if feat:
-        lines += [
-            "",
-            "## Recall features in the requests",
-            "",
+        lines += section(
+            "Recall features in the requests",
             f"At {res['params']['sweep_rate']:g} req/s offered, {res['params']['candidates']} "
             f"candidates, each an object carrying {len(feat['names'])} features "
             f"({', '.join(feat['names'])}), beside the same requests as plain ids.",
-            "",
-            "| requests | server CPU ms/req | p50 ms | p99 ms |",
-            "|---|---|---|---|",
-        ]
-        for label in ("plain", "features"):
-            r = feat[label]
-            lines.append(
-                f"| {label} | {fmt(server_cpu(r), 3)} | {fmt(r['latency_ms']['p50'], 2)} | "
-                f"{fmt(r['latency_ms']['p99'], 2)} |"
-            )
-    lines += [
-        "",
-        "## Cost per request against the number of candidates",
-        "",
-        f"At {res['params']['sweep_rate']:g} req/s offered.",
-        "",
-        "| candidates | server CPU ms/req | p50 ms | p99 ms | mean batch |",
-        "|---|---|---|---|---|",
-    ]
-    for r in res["scaling"]["candidates"]:
-        cpu = server_cpu(r)
-        lines.append(
-            f"| {r['candidates']} | {fmt(cpu, 3)} | {fmt(r['latency_ms']['p50'], 2)} | "
-            f"{fmt(r['latency_ms']['p99'], 2)} | {fmt(r.get('mean_batch'))} |"
+            ["requests", *COST_COLUMNS],
         )
-    lines += [
+        for label in ("plain", "features"):
+            lines.append(f"| {label} | {cost_cells(feat[label])} |")
+    lines += section(
+        "Cost per request against the number of candidates",
+        f"At {res['params']['sweep_rate']:g} req/s offered.",
+        ["candidates", *COST_COLUMNS, "mean batch"],
+    )
+    for r in res["scaling"]["candidates"]:
+        lines.append(f"| {r['candidates']} | {cost_cells(r)} | {fmt(r.get('mean_batch'))} |")
+    lines += section(
+        "Cost per request against the catalogue size",
         "",
-        "## Cost per request against the catalogue size",
-        "",
-        "| catalogue | Redis bytes/item | server CPU ms/req | p50 ms | p99 ms | cache miss "
-        "share | worker RSS MB |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        ["catalogue", "Redis bytes/item", *COST_COLUMNS, "cache miss share", "worker RSS MB"],
+    )
     for c in res["scaling"]["catalogue"]:
         r = c["rung"]
-        cpu = server_cpu(r)
         lines.append(
-            f"| {c['items']} | {fmt(c['redis_bytes_per_item'])} | {fmt(cpu, 3)} | "
-            f"{fmt(r['latency_ms']['p50'], 2)} | {fmt(r['latency_ms']['p99'], 2)} | "
+            f"| {c['items']} | {fmt(c['redis_bytes_per_item'])} | {cost_cells(r)} | "
             f"{fmt(r.get('cache_miss_share'), 3)} | {fmt(c['worker_rss_mb'][0])} |"
         )
-    lines += ["", "## --workers", "",
-              "| workers | max req/s with p99 <= SLO | max req/s sustained | worker RSS MB |",
-              "|---|---|---|---|"]  # fmt: skip
+    lines += section(
+        "--workers",
+        "",
+        ["workers", "max req/s with p99 <= SLO", "max req/s sustained", "worker RSS MB"],
+    )
     for w in res["scaling"]["workers"]:
         rss = ", ".join(fmt(x) for x in w["worker_rss_mb"])
         lines.append(
@@ -1198,10 +1190,9 @@ def synthetic_catalogue(
     prefix = "rrsyn"
     loaded = load_measured(h, folder, prefix)
     ids = [str(i) for i in range(1, args.catalogue + 1)]
-    syn = tf.build_random(
-        ids, args.catalogue_users, args.candidates, manifest.history_len,
-        min(args.n_requests, 5000), args.zipf_s, args.events_share, args.seed,
-    )  # fmt: skip
+    shape = tf.Shape(args.candidates, manifest.history_len, min(args.n_requests, 5000),
+                     args.zipf_s, args.events_share, args.seed)  # fmt: skip
+    syn = tf.build_random(ids, args.catalogue_users, shape)
     store_histories(h, prefix, syn["users"])
     # Fill the cache: requests of distinct items until it holds cache_size entries.
     fill_n = args.cache_fill

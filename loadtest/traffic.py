@@ -20,6 +20,7 @@ item ids, and the file's ``meta.source`` says so.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,13 @@ def zipf_weights(n: int, s: float) -> np.ndarray:
 
 
 def _requests(
-    rng: np.random.Generator,
-    users: list[str],
-    recall: dict[str, list[str]],
-    n_requests: int,
-    zipf_s: float,
-    events_share: float,
+    rng: np.random.Generator, users: list[str], recall: dict[str, list[str]], shape: Shape
 ) -> list[list[Any]]:
     # Popularity rank is a seeded permutation of the users, not their id order.
     order = rng.permutation(len(users))
-    drawn = order[rng.choice(len(users), size=n_requests, p=zipf_weights(len(users), zipf_s))]
-    is_event = rng.random(n_requests) < events_share
+    weights = zipf_weights(len(users), shape.zipf_s)
+    drawn = order[rng.choice(len(users), size=shape.n_requests, p=weights)]
+    is_event = rng.random(shape.n_requests) < shape.events_share
     out: list[list[Any]] = []
     for row, event in zip(drawn.tolist(), is_event.tolist(), strict=True):
         user = users[row]
@@ -62,41 +59,36 @@ def _requests(
     return out
 
 
-def build_knn(
-    data_dir: Path,
-    max_candidates: int,
-    history_len: int,
-    n_requests: int,
-    zipf_s: float,
-    events_share: float,
-    seed: int,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Shape:
+    """What a traffic file is made of, beside its source; its ``meta`` records it."""
+
+    max_candidates: int  # recall candidates kept per user
+    history_len: int  # history items per user
+    n_requests: int
+    zipf_s: float  # how unevenly the requests fall on the users
+    events_share: float  # share of the requests that are /events
+    seed: int
+
+
+def build_knn(data_dir: Path, shape: Shape) -> dict[str, Any]:
     """Recall lists from an item-kNN over MovieLens-100K (needs the training extra)."""
     from training.data import load_movielens
     from training.recall import ItemKNN
 
     ds = load_movielens(data_dir)
     knn = ItemKNN(ds.sequences, ds.n_items)
-    rows, scores = knn.recall(ds.sequences, max_candidates)  # (U, n) item rows, best first
+    rows, scores = knn.recall(ds.sequences, shape.max_candidates)  # (U, n) item rows, best first
     users: dict[str, list[str]] = {}
     recall: dict[str, list[str]] = {}
     for u, user in enumerate(ds.users):
-        users[user] = [ds.item_ids[r - 1] for r in ds.sequences[u][-history_len:].tolist()]
+        users[user] = [ds.item_ids[r - 1] for r in ds.sequences[u][-shape.history_len :].tolist()]
         # A user who has seen nearly everything has fewer unseen items than asked for.
         keep = np.isfinite(scores[u])
         recall[user] = [ds.item_ids[r - 1] for r in rows[u][keep].tolist()]
-    rng = np.random.default_rng(seed)
-    requests = _requests(rng, ds.users, recall, n_requests, zipf_s, events_share)
-    meta = {
-        "source": SOURCE_KNN,
-        "n_users": len(users),
-        "n_items": ds.n_items,
-        "max_candidates": max_candidates,
-        "history_len": history_len,
-        "zipf_s": zipf_s,
-        "events_share": events_share,
-        "seed": seed,
-    }
+    rng = np.random.default_rng(shape.seed)
+    requests = _requests(rng, ds.users, recall, shape)
+    meta = {"source": SOURCE_KNN, "n_users": len(users), "n_items": ds.n_items, **asdict(shape)}
     return {"meta": meta, "users": users, "recall": recall, "requests": requests}
 
 
@@ -117,40 +109,25 @@ def _draw_distinct(
 
 
 def build_random(
-    item_ids: Sequence[str],
-    n_users: int,
-    max_candidates: int,
-    history_len: int,
-    n_requests: int,
-    zipf_s: float,
-    events_share: float,
-    seed: int,
-    item_zipf_s: float = 0.9,
+    item_ids: Sequence[str], n_users: int, shape: Shape, item_zipf_s: float = 0.9
 ) -> dict[str, Any]:
     """Histories and candidates drawn by a Zipf-like item popularity: no data set needed."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(shape.seed)
     rank_to_item = rng.permutation(len(item_ids))
     cdf = np.cumsum(zipf_weights(len(item_ids), item_zipf_s))
     user_ids = [f"u{i}" for i in range(1, n_users + 1)]
     users: dict[str, list[str]] = {}
     recall: dict[str, list[str]] = {}
     for user in user_ids:
-        hist = _draw_distinct(rng, cdf, history_len, set())
-        cands = _draw_distinct(rng, cdf, max_candidates, set(hist))
+        hist = _draw_distinct(rng, cdf, shape.history_len, set())
+        cands = _draw_distinct(rng, cdf, shape.max_candidates, set(hist))
         users[user] = [item_ids[rank_to_item[r]] for r in hist]
         recall[user] = [item_ids[rank_to_item[r]] for r in cands]
-    requests = _requests(rng, user_ids, recall, n_requests, zipf_s, events_share)
+    requests = _requests(rng, user_ids, recall, shape)
     meta = {
-        "source": SOURCE_RANDOM,
-        "n_users": n_users,
-        "n_items": len(item_ids),
-        "max_candidates": max_candidates,
-        "history_len": history_len,
-        "zipf_s": zipf_s,
-        "item_zipf_s": item_zipf_s,
-        "events_share": events_share,
-        "seed": seed,
-    }
+        "source": SOURCE_RANDOM, "n_users": n_users, "n_items": len(item_ids),
+        "item_zipf_s": item_zipf_s, **asdict(shape),
+    }  # fmt: skip
     return {"meta": meta, "users": users, "recall": recall, "requests": requests}
 
 
@@ -231,4 +208,4 @@ def for_replay(
     folder = models_dir / version
     history_len = int(orjson.loads((folder / "manifest.json").read_bytes())["history_len"])
     item_ids = (folder / "item_ids.txt").read_text().splitlines()
-    return build_random(item_ids, 200, max_candidates, history_len, 2000, 1.0, 0.02, 0)
+    return build_random(item_ids, 200, Shape(max_candidates, history_len, 2000, 1.0, 0.02, 0))
