@@ -168,10 +168,12 @@ def test_onnx_matches_torch_with_cand_feats(tmp_path: Path) -> None:
     np.testing.assert_allclose(ref_scores[3].numpy(), no_feats[3].numpy(), atol=1e-6)
 
 
-def test_feature_dropout_sets_whole_lists_to_the_defaults() -> None:
+def _features_scored(training: bool, **dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """64 lists of 5 candidates whose 2 features are all 7.0, through one forward pass:
+    which candidates the model scored with the defaults (1000, 0), and which with theirs."""
     cfg = ModelConfig(
         n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16,
-        n_feats=2, feat_defaults=(1000.0, 0.0), feat_dropout=0.5,
+        n_feats=2, feat_defaults=(1000.0, 0.0), **dropout,
     )  # fmt: skip
     model = random_model(cfg, seed=0)
     seen: list[torch.Tensor] = []
@@ -182,44 +184,29 @@ def test_feature_dropout_sets_whole_lists_to_the_defaults() -> None:
         return original(*args)
 
     model.score = spy  # type: ignore[method-assign]
-    hist = torch.randint(1, 11, (64, 4))
-    cand = torch.randint(1, 11, (64, 5))
+    model.train(training)
     feats = torch.full((64, 5, 2), 7.0)
-    model.train()
-    model(hist, cand, torch.zeros(64, dtype=torch.long), feats)
-    dropped = (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1)  # (B, N)
+    model(torch.randint(1, 11, (64, 4)), torch.randint(1, 11, (64, 5)),
+          torch.zeros(64, dtype=torch.long), feats)  # fmt: skip
+    return (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1), (seen[-1] == 7.0).all(-1)
+
+
+def test_feature_dropout_sets_whole_lists_to_the_defaults() -> None:
+    dropped, _ = _features_scored(True, feat_dropout=0.5)  # (B, N)
     per_list = dropped.all(1)
     assert (dropped.any(1) == per_list).all(), "a list is dropped whole or not at all"
     assert 10 < int(per_list.sum()) < 54
-    model.eval()
-    model(hist, cand, torch.zeros(64, dtype=torch.long), feats)
-    assert (seen[-1] == 7.0).all(), "no dropout in eval mode"
+    _, kept = _features_scored(False, feat_dropout=0.5)
+    assert kept.all(), "no dropout in eval mode"
 
 
 def test_candidate_feature_dropout_sets_single_candidates_to_the_defaults() -> None:
-    cfg = ModelConfig(
-        n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16,
-        n_feats=2, feat_defaults=(1000.0, 0.0), feat_dropout=0.0, cand_feat_dropout=0.3,
-    )  # fmt: skip
-    model = random_model(cfg, seed=0)
-    seen: list[torch.Tensor] = []
-    original = model.score
-
-    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seen.append(args[5])
-        return original(*args)
-
-    model.score = spy  # type: ignore[method-assign]
-    hist = torch.randint(1, 11, (64, 4))
-    cand = torch.randint(1, 11, (64, 5))
-    feats = torch.full((64, 5, 2), 7.0)
-    model.train()
-    model(hist, cand, torch.zeros(64, dtype=torch.long), feats)
-    dropped = (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1)  # (B, N)
-    kept = (seen[-1] == 7.0).all(-1)
+    dropped, kept = _features_scored(True, feat_dropout=0.0, cand_feat_dropout=0.3)
     assert (dropped | kept).all(), "a candidate keeps all its features or none"
     assert 40 < int(dropped.sum()) < 150  # of 320 at 0.3
     assert int((dropped.any(1) & kept.any(1)).sum()) > 30, "lists mix the two"
+    _, kept = _features_scored(False, cand_feat_dropout=0.3)
+    assert kept.all(), "no dropout in eval mode"
 
 
 def test_export_refuses_features_the_model_lacks(tmp_path: Path) -> None:
