@@ -94,6 +94,9 @@ def report(name: str, run: load.Run, fault: tuple[float, float] | None = None) -
         errors=int(other.sum()),
         error_samples=[f"status {s}" for s in status[other][:5].tolist()],
     )
+    never_written = int(((status == load.TIMEOUT) & (run.sent == 0)).sum())
+    if never_written:  # errors of the generator's own queue: no connection came free in time
+        r.extra["unanswered_never_written"] = never_written
     if fault is not None:
         start, end = fault
         during = (run.done >= start) & (run.due <= end)

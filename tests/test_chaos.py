@@ -82,3 +82,18 @@ def test_sigterm_drains(env: chaos.Target) -> None:
     assert extra["readiness_false_after_s"] is not None  # /readyz said 503 before the exit
     assert extra["exit_code"] in (0, -15)  # uvicorn re-raises the SIGTERM it handled
     assert extra["exit_after_s"] <= extra["exit_bound_s"] + 10  # bounded; slack for a busy CPU
+
+
+def test_the_report_tells_unanswered_requests_never_written() -> None:
+    import numpy as np
+
+    from loadtest import load
+
+    status = np.array([200, load.TIMEOUT, load.TIMEOUT, load.SHED], np.int32)
+    run = load.Run(
+        due=np.zeros(4), sent=np.array([0.1, 0.2, 0.0, 0.3]), done=np.ones(4), status=status,
+        degraded=np.zeros(4, np.bool_), lag=np.zeros(4), window_s=1.0, cpu_s=0.0, peak_conns=1,
+    )  # fmt: skip
+    report = chaos.report("x", run)
+    assert report.errors == 2  # both still count
+    assert report.extra == {"unanswered_never_written": 1}
