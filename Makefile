@@ -92,7 +92,7 @@ profile: install-dev
 
 # The scale run: `rerank train` on 1,000,000 generated interactions (100,000 users, 50,000
 # items, --max-minutes 30), its wall time, peak RSS and steps, then the service's RSS on that
-# model; writes docs/results/scale-<date>.json (docs/data.md). About 40 minutes.
+# model; writes docs/results/scale-<date>.json (docs/data.md). About 43 minutes.
 .PHONY: scale
 scale: install-dev
 	$(BIN)/python -m scripts.scale_run
