@@ -10,6 +10,9 @@ and the process caches stay right.
 The encoder never runs on the event loop. One worker thread runs it, one call at a time, and
 at most ``items_queue`` calls wait for it; past that a call gets the overload answer (503
 with Retry-After), so a burst of new items cannot hold the process's admission slots long.
+The worker thread runs at the lowest scheduling priority (nice 19, Linux): encoding an item
+takes the CPU of several /rerank requests, and at the lower priority it takes the CPU
+only where /rerank leaves it, instead of delaying /rerank's answers.
 The text encoder and the towers load on first use, or at start-up when the active model has
 an item tower; a model without one loads nothing, and the process stays as small as before.
 Nothing here imports PyTorch.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +60,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_TOWERS = 4  # towers kept loaded: the live versions (at most 3) and one on its way out
+WORKER_NICE = 19  # the encoder thread's nice value: the lowest priority, never starved
 
 
 @dataclass(frozen=True)
@@ -184,12 +190,24 @@ class ItemEncoder:
         return out
 
 
+def lower_priority(nice: int = WORKER_NICE) -> None:
+    """The calling thread's nice value becomes ``nice`` (Linux sets it per thread; raising it
+    needs no privilege). Elsewhere, or where the kernel refuses, the thread keeps its own."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:
+        log.warning("the item encoder's thread keeps its priority: %s", exc)
+
+
 class EncoderQueue:
-    """One worker thread for the item encoder and a bound on the calls waiting for it."""
+    """One worker thread for the item encoder, at the lowest priority, and a bound on the
+    calls waiting for it."""
 
     def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="items")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="items", initializer=lower_priority
+        )
         self._pending = 0  # the call running and those waiting
 
     @property

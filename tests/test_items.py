@@ -27,7 +27,7 @@ from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.errors import ItemsBusy
 from app.factory import create_app
-from app.items import EncoderQueue
+from app.items import WORKER_NICE, EncoderQueue
 from app.loader import load_into_redis
 from contract import Manifest, ManifestError, read_manifest
 from tests.conftest import ITEMS_A, ITEMS_B, VERSION_A, Towered, make_settings
@@ -267,6 +267,25 @@ def test_the_encoder_queue_is_bounded() -> None:
             queue.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_the_encoder_thread_runs_at_the_lowest_priority() -> None:
+    import asyncio
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def main() -> tuple[int, int]:
+        queue = EncoderQueue(max_waiting=1)
+        try:
+            return await queue.run(own_nice), own_nice()
+        finally:
+            queue.close()
+
+    worker, caller = asyncio.run(main())
+    assert worker == WORKER_NICE == 19
+    assert caller < worker  # the event loop's thread keeps its priority
 
 
 @pytest.fixture
