@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -136,19 +137,39 @@ class LoadedModel:
         """The ``cand_feats`` rows (Nc, F) of the candidates at ``positions`` (those with a
         vector) of a request whose candidates carried ``given``, and how many of the given
         names, over all candidates, this model does not declare (they are ignored). No rows
-        where the graph takes no features."""
-        index = self.feature_index
+        where the graph takes no features.
+
+        Candidates are taken a group at a time, the group being the names they carry in
+        their order: a recall pipeline sends the same names for every candidate, so a
+        request is one group, written with one array assignment and no Python per value.
+        """
         rows = np.tile(self.feature_defaults, (len(positions), 1)) if self.has_cand_feats else None
-        row_of = {p: row for row, p in enumerate(positions.tolist())}
+        keys = list(map(tuple, given))
+        groups: dict[tuple[str, ...], list[int]] = {}
+        if len(set(keys)) == 1:  # every candidate carries the same names
+            groups[keys[0]] = list(range(len(keys)))
+        else:
+            for p, names in enumerate(keys):
+                groups.setdefault(names, []).append(p)
+        groups.pop((), None)  # plain ids: nothing to write
+        row_of = np.full(len(given), -1, np.int64)  # candidate position -> row, -1: no vector
+        row_of[positions] = np.arange(len(positions))
         unknown = 0
-        for p, named in enumerate(given):  # one pass: the unknown names and the rows
-            row = row_of.get(p)
-            for name, value in named.items():
-                col = index.get(name)
-                if col is None:
-                    unknown += 1
-                elif rows is not None and row is not None:
-                    rows[row, col] = value
+        for names, members in groups.items():
+            cols = [self.feature_index.get(name) for name in names]
+            unknown += len(members) * cols.count(None)
+            known = [j for j, col in enumerate(cols) if col is not None]
+            if rows is None or not known:
+                continue
+            target = row_of[members]
+            kept = target >= 0
+            values = np.fromiter(
+                chain.from_iterable(given[p].values() for p in members),
+                np.float64,
+                count=len(members) * len(names),
+            ).reshape(len(members), len(names))
+            to = [col for col in cols if col is not None]
+            rows[np.ix_(target[kept], to)] = values[kept][:, known]
         return rows, unknown
 
     def _check_dim(self, session: ort.InferenceSession) -> None:

@@ -8,8 +8,10 @@ ordinary 422 whose ``loc`` names the field.
 from __future__ import annotations
 
 import math
+from itertools import chain
 from typing import Annotated, Any, TypedDict
 
+import numpy as np
 from pydantic import (
     AllowInfNan,
     BaseModel,
@@ -88,6 +90,8 @@ def _candidate_error(i: int, ident: Any, rule: str) -> PydanticCustomError:
 
 
 def _features(i: int, ident: Any, features: Any) -> dict[str, float]:
+    """One candidate's features, each value checked: the error names the candidate and the
+    feature."""
     if not isinstance(features, dict):
         raise _candidate_error(i, ident, "features must be an object of name: number")
     for name, value in features.items():
@@ -104,6 +108,20 @@ def _features(i: int, ident: Any, features: Any) -> dict[str, float]:
     return features
 
 
+def _all_finite(features: list[dict[str, float]]) -> bool:
+    """Whether every value of every candidate's features is an int or float within float32's
+    range: one array check for the whole request, where a check per value would cost more
+    than the rest of the request's parsing."""
+    values = list(chain.from_iterable(named.values() for named in features))
+    if not set(map(type, values)) <= {int, float}:
+        return False
+    try:
+        array = np.array(values, np.float64)
+    except OverflowError:  # an int past float64
+        return False
+    return bool(np.all(np.abs(array) <= FLOAT32_MAX))  # NaN compares False
+
+
 def _candidates(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     """Ids and ``{"id", "features"}`` objects, mixed: the objects' ids are validated with
     the plain ones (an error's ``loc`` is the candidate's index), their features here."""
@@ -117,11 +135,17 @@ def _candidates(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
                 raise _candidate_error(
                     i, v.get("id"), f'an object holds "id" and "features", got keys {list(v)}'
                 )
+            named = v.get("features", _NO_FEATURES)
+            if type(named) is not dict:
+                raise _candidate_error(i, v["id"], "features must be an object of name: number")
             ids.append(v["id"])
-            features.append(_features(i, v["id"], v.get("features", _NO_FEATURES)))
+            features.append(named)
         else:
             ids.append(v)
             features.append(_NO_FEATURES)
+    if not _all_finite(features):  # find the first bad value, to name it
+        for i, (v, named) in enumerate(zip(value, features, strict=True)):
+            _features(i, v["id"] if type(v) is dict else v, named)
     out = Candidates(handler(ids))
     out.features = features
     return out
