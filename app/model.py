@@ -168,7 +168,7 @@ class LoadedModel:
                 np.float64,
                 count=len(members) * len(names),
             ).reshape(len(members), len(names))
-            to = [col for col in cols if col is not None]
+            to = np.array([col for col in cols if col is not None], np.int64)
             rows[np.ix_(target[kept], to)] = values[kept][:, known]
         return rows, unknown
 
