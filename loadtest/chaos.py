@@ -52,7 +52,10 @@ UNLOADED_S = 30.0
 UNLOADED_RPS = 20.0
 OVERLOAD_FACTOR = 3.0  # offered load as a multiple of the measured capacity
 CAPACITY_S = 3.0  # seconds per rung of the capacity ladder (open loop, as the bench's)
-OVERLOAD_CONNECTIONS = 256  # the open-loop generator's most connections
+# The open-loop generator's most connections. A refused request holds its connection until
+# its 503 (RERANK_QUEUE_TIMEOUT_MS, 200 ms), so three times a capacity of 600 req/s keeps
+# about 360 open at once; past this many, requests would wait in the generator instead.
+OVERLOAD_CONNECTIONS = 1024
 OVERLOAD_PAYLOADS = 2000  # distinct requests, cycled
 CLOSED_CONNECTIONS = 256  # callers of the closed-loop overload
 CLOSED_S = 10.0  # its length
