@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -193,6 +194,8 @@ class ItemEncoder:
 def lower_priority(nice: int = WORKER_NICE) -> None:
     """The calling thread's nice value becomes ``nice`` (Linux sets it per thread; raising it
     needs no privilege). Elsewhere, or where the kernel refuses, the thread keeps its own."""
+    if not sys.platform.startswith("linux"):  # elsewhere the call would set the process's
+        return
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError) as exc:
