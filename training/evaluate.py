@@ -95,8 +95,7 @@ class KindInfo(TypedDict, total=False):
 
 class LightgbmInfo(TypedDict, total=False):
     features: list[str]
-    trees: dict[str, list[int]]  # list kind -> trees per seed
-    kinds: dict[str, KindInfo]
+    kinds: dict[str, KindInfo]  # list kind -> its grid, choice, and trees per seed
     minutes: float  # features, tuning and the seeds' fits, all kinds
 
 
@@ -342,7 +341,6 @@ def train_lightgbm(
         }  # fmt: skip
     info: LightgbmInfo = {
         "features": fb.names,
-        "trees": {k: v["trees"] for k, v in kinds.items()},
         "kinds": kinds,
         "minutes": round((time.monotonic() - started) / 60, 3),
     }
