@@ -89,11 +89,9 @@ def _candidate_error(i: int, ident: Any, rule: str) -> PydanticCustomError:
     )
 
 
-def _features(i: int, ident: Any, features: Any) -> dict[str, float]:
+def _features(i: int, ident: Any, features: dict[str, Any]) -> None:
     """One candidate's features, each value checked: the error names the candidate and the
     feature."""
-    if not isinstance(features, dict):
-        raise _candidate_error(i, ident, "features must be an object of name: number")
     for name, value in features.items():
         if type(value) is int:
             if abs(value) > FLOAT32_MAX:
@@ -105,7 +103,6 @@ def _features(i: int, ident: Any, features: Any) -> dict[str, float]:
             raise _candidate_error(
                 i, ident, f"feature {name!r} is not a number, got {type(value).__name__}"
             )
-    return features
 
 
 def _all_finite(features: list[dict[str, float]]) -> bool:

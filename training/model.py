@@ -433,8 +433,8 @@ class Reranker(nn.Module):
         if feats is not None and self.training:
             shape = feats.shape[:2]
             dropped = torch.rand(shape[0], 1, 1, device=feats.device) < self.cfg.feat_dropout
-            one = torch.rand(*shape, 1, device=feats.device) < self.cfg.cand_feat_dropout
-            feats = torch.where(dropped | one, self.feat_default, feats)
+            each = torch.rand(*shape, 1, device=feats.device) < self.cfg.cand_feat_dropout
+            feats = torch.where(dropped | each, self.feat_default, feats)
         scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank, feats)
         loss = nn.functional.cross_entropy(scores, target)
         return scores, loss

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from importlib.metadata import version as package_version
@@ -142,6 +143,12 @@ def ffn_output_matmuls(model: onnx.ModelProto) -> list[str]:
     ]
 
 
+def quantize_variant(float32: Path, target: Path, variant: str) -> None:
+    """``float32`` quantised as the ``VARIANTS`` entry named ``variant``."""
+    float_nodes = ffn_output_matmuls(onnx.load(str(float32))) if VARIANTS[variant] else []
+    quantize_int8(float32, target, float_nodes)
+
+
 def quantize_int8(source: Path, target: Path, float_nodes: Sequence[str] = ()) -> None:
     """Dynamic int8 quantisation: int8 weights (per output channel) and activations.
 
@@ -244,16 +251,10 @@ def build_encoder(folder: Path) -> bool:
     want = manifest["sha256"]["model.onnx"]
     if target.exists() and sha256_file(target) == want:
         return False
-    work = folder / ".build"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:  # the same file system: one rename
+        work = Path(tmp)
         export_float32(work / "float32.onnx")
-        float_nodes = ffn_output_matmuls(onnx.load(str(work / "float32.onnx")))
-        variant = manifest["weights"]
-        quantize_int8(
-            work / "float32.onnx", work / "model.onnx", float_nodes if VARIANTS[variant] else []
-        )
+        quantize_variant(work / "float32.onnx", work / "model.onnx", manifest["weights"])
         got = sha256_file(work / "model.onnx")
         if got != want:
             raise ValueError(
@@ -261,9 +262,7 @@ def build_encoder(folder: Path) -> bool:
                 f"{want[:12]}...; make it with the versions in {folder / 'manifest.json'} "
                 f"(source: {manifest['source']})"
             )
-        (work / "model.onnx").replace(target)  # one rename: never half a file in place
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        (work / "model.onnx").replace(target)  # never half a file in place
     return True
 
 
@@ -286,13 +285,11 @@ def export_encoder(
         work = tmp / "work"
         work.mkdir()
         export_float32(work / "float32.onnx")
-        ffn_out = ffn_output_matmuls(onnx.load(str(work / "float32.onnx")))
         parity: dict[str, Any] = {"check_texts": len(check_texts), "min_cosine": min_cosine}
         chosen = None
         for name in ("float32", *VARIANTS):
             if name != "float32":
-                float_nodes = ffn_out if VARIANTS[name] else []
-                quantize_int8(work / "float32.onnx", work / f"{name}.onnx", float_nodes)
+                quantize_variant(work / "float32.onnx", work / f"{name}.onnx", name)
             shutil.copyfile(work / f"{name}.onnx", tmp / "model.onnx")
             _write_manifest(tmp, {"weights": name})
             cos = cosines(
