@@ -9,12 +9,12 @@ One mechanism decides, with three rules:
   within the latency target.
 - **A waiting line that tells a burst from a standing queue** (CoDel, as Facebook's "Fail at
   Scale" applies it to requests). A line that has been empty within the last ``interval_s``
-  is a burst that drains: it is served in arrival order, every waiter in turn. A line that
-  has not been empty for ``interval_s`` stands: a free slot goes to the newest waiter, and
-  the waiters that can no longer be answered within the latency target (their wait so far
-  plus the time a slot is held, on average) are set aside and never served late. It stands
-  until a slot comes free with nobody in line: a line emptied by setting waiters aside is
-  still the same overload.
+  is a burst that drains: it is served in arrival order. A line that has not been empty for
+  ``interval_s`` stands: a free slot goes to the newest waiter. Either way the waiters that
+  can no longer be answered within the latency target (their wait so far plus the time a
+  slot is held, on average) are set aside and never served late. The line stands until a
+  slot comes free with nobody in line and nobody set aside: a line emptied by setting
+  waiters aside is still the same overload, and the callers set aside come back.
 - **A refusal costs the refused caller its deadline.** A waiter that is set aside, or that
   gets no slot in time, gets the 503 with Retry-After ``timeout_s`` after it arrived, not
   at once: a caller that retries at once, ignoring Retry-After, is slowed down instead of
@@ -26,6 +26,8 @@ One mechanism decides, with three rules:
 The limit is fixed on purpose: a controller that moves it with the time spent in a slot
 reads the CPU taken by refusals, or by another process, as a reason to cut, and cut down to
 a single slot it throws the throughput away (docs/reliability.md, Overload and admission).
+A slot is not held waiting out a Redis that does not answer: the store's breaker
+(app/store.py) answers those requests degraded at once, so few slots are enough.
 
 A limit of 0 turns admission off: every request is worked on at once.
 """
@@ -140,21 +142,27 @@ class Admission:
                 waiter.granted.set_result(True)  # the slot passes on: inflight unchanged
                 return
         self.inflight -= 1
-        self._standing = False  # a free slot and nobody in line: the overload is over
+        if not self.aside:  # a free slot, nobody in line, nobody set aside coming back
+            self._standing = False
 
     def _next(self, now: float) -> Ticket | None:
         """The waiter a free slot goes to: the oldest while the line drains; once it stands,
-        the newest, the others past the target set aside. None: nobody in line."""
+        the newest. Either way the waiters past the target are set aside first. None: nobody
+        in line."""
         if not self._line:
             return None
-        if not self.standing(now):
-            return self._line.popleft()
-        self._standing = True
-        newest = self._line.pop()  # served even past the target: nobody fresher waits
+        standing = self.standing(now)
+        if standing:
+            self._standing = True
+            newest = self._line.pop()  # served even past the target: nobody fresher waits
         budget = self.target_s - self.hold_s
         while self._line and now - self._line[0].asked > budget:
             self._set_aside(self._line.popleft())
-        return newest
+        if standing:
+            return newest
+        if not self._line:  # every waiter of the burst was past the target
+            return None
+        return self._line.popleft()
 
     def _set_aside(self, ticket: Ticket) -> None:
         assert ticket.granted is not None

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
         description="Deadline for the Redis calls of one request; past it the answer is "
         "degraded (the caller's order).",
     )
+    redis_retry_ms: float = Field(
+        default=500.0,
+        description="After 3 Redis calls in a row get no answer within their deadline, Redis "
+        "is not called for this long: requests answer degraded at once instead of each "
+        "waiting out redis_timeout_ms. Then the next call tries again (0: always call).",
+    )
     redis_max_connections: int = Field(
         default=256, description="Size of the Redis connection pool of one process."
     )
@@ -155,7 +161,7 @@ class Settings(BaseSettings):
         "it is read whole.",
     )
     max_inflight: int = Field(
-        default=16,
+        default=6,
         description="Most /rerank and /events requests one process works on at once, counted "
         "once the body is read (0: no limit); past it a request waits in line for a slot.",
     )
@@ -250,6 +256,7 @@ class Settings(BaseSettings):
         "onnx_threads",
         "max_inflight",
         "max_waiting",
+        "redis_retry_ms",
         "shutdown_delay_s",
         "drain_s",
         "history_ttl_days",
@@ -379,6 +386,10 @@ class Settings(BaseSettings):
     @property
     def redis_timeout_s(self) -> float:
         return self.redis_timeout_ms / 1000.0
+
+    @property
+    def redis_retry_s(self) -> float:
+        return self.redis_retry_ms / 1000.0
 
     @property
     def history_ttl_s(self) -> int:

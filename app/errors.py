@@ -56,7 +56,15 @@ class RerankError(Exception):
 
 
 class StoreUnavailable(RerankError):
-    """Redis did not answer in time or refused the connection."""
+    """Redis did not answer in time or refused the connection.
+
+    ``unreachable``: no answer came (a deadline, a refused or broken connection), as opposed
+    to an answer that is an error (out of memory, a wrong type).
+    """
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class UnsupportedMediaType(RerankError):

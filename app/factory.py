@@ -92,6 +92,7 @@ def make_store(
         metrics,
         settings.history_ttl_s,
         tracing,
+        settings.redis_retry_s,
     )
 
 

@@ -114,6 +114,11 @@ class Metrics:
             buckets=FAST,
             registry=r,
         )
+        self.redis_skipped = Counter(
+            "rerank_redis_skipped",
+            "Redis calls not made: the calls before them got no answer (the breaker is open)",
+            registry=r,
+        )
         self.cache_hits = Counter(
             "rerank_cache_hits", "Candidate vectors found in the process cache", registry=r
         )

@@ -22,6 +22,8 @@ any Redis fault into ``StoreUnavailable``, which the service answers by failing 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import sys
 import time
 from collections import OrderedDict, deque
@@ -32,9 +34,13 @@ from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from purgatory import AsyncCircuitBreakerFactory
+from purgatory.domain.model import OpenedState
 from redis.asyncio import Redis, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.errors import StoreUnavailable
 from app.metrics import Metrics
@@ -42,6 +48,8 @@ from contract import Manifest
 
 if TYPE_CHECKING:
     from app.tracing import Tracing
+
+log = logging.getLogger(__name__)
 
 # Why a script: the history's item ids are only known after the list is read, so a plain
 # pipeline needs a second round trip for the history's vectors. The script reads the list and
@@ -85,6 +93,11 @@ STARTUP_TIMEOUT_S = 5.0
 # and a batch of 100 items under three versions is several hundred keys.
 ITEMS_TIMEOUT_S = 1.0
 ERROR_CHARS = 300  # longest Redis error text kept in a StoreUnavailable
+# The breaker in front of Redis: this many calls in a row without an answer open it. Three, so
+# that one lost connection does not, and a Redis that stopped answering costs three deadlines
+# instead of one per request while it lasts.
+BREAKER_FAILURES = 3
+REDIS_CIRCUIT = "redis"
 
 
 # In a Redis manifest, the model folder of a version loaded under another name (`--as`).
@@ -257,6 +270,31 @@ class Hit:
     position: int
 
 
+def _breakers(retry_s: float) -> AsyncCircuitBreakerFactory:
+    """The breaker of the Redis calls: only a call that got no answer counts against Redis.
+
+    An error Redis answers with (out of memory, a wrong type) shows that it is there, and a
+    request cancelled mid-call says nothing about it.
+    """
+    breakers = AsyncCircuitBreakerFactory(
+        default_threshold=BREAKER_FAILURES,
+        default_ttl=retry_s,
+        exclude=[
+            (StoreUnavailable, lambda exc: not exc.unreachable),
+            asyncio.CancelledError,
+        ],
+    )
+
+    def log_change(circuit: str, event_name: str, event: Any) -> None:
+        if event_name == "state_changed" and event.state == "opened":
+            log.warning("redis: no answer; not called for %g ms", retry_s * 1000)
+        elif event_name == "state_changed" and event.state == "closed":
+            log.warning("redis: answering again")
+
+    breakers.add_listener(log_change)
+    return breakers
+
+
 class Store:
     client: Redis | RedisCluster
 
@@ -269,6 +307,7 @@ class Store:
         metrics: Metrics,
         history_ttl_s: int = 0,
         tracing: Tracing | None = None,
+        retry_s: float = 0.0,
     ) -> None:
         self.client = client
         self.keys = Keys(prefix)
@@ -277,6 +316,7 @@ class Store:
         self.metrics = metrics
         self.history_ttl_s = history_ttl_s  # 0: histories never expire
         self.tracing = tracing
+        self.breakers = _breakers(retry_s) if retry_s > 0 else None  # None: always call
         # Registering only computes the script's hash (no Redis call); ClusterStore, whose
         # keys span slots, never runs it.
         self._fetch_script = client.register_script(FETCH_SCRIPT)
@@ -284,7 +324,28 @@ class Store:
         self._seconds: dict[str, Any] = {}
 
     async def _call(self, op: str, awaitable: Any, timeout_s: float | None = None) -> Any:
-        """Run one Redis call under the deadline; every failure becomes StoreUnavailable."""
+        """Run one Redis call under the deadline; every failure becomes StoreUnavailable.
+
+        Past ``BREAKER_FAILURES`` calls in a row that got no answer, Redis is not called for
+        ``retry_s``: a call in that time fails at once, so a request answers degraded without
+        waiting out its deadline in a slot. The first call after it goes to Redis again; an
+        answer closes the breaker, no answer opens it for another ``retry_s``.
+        """
+        if self.breakers is None:
+            return await self._timed(op, awaitable, timeout_s)
+        try:
+            async with await self.breakers.get_breaker(REDIS_CIRCUIT):
+                return await self._timed(op, awaitable, timeout_s)
+        except OpenedState as exc:
+            if inspect.iscoroutine(awaitable):  # never started: closed, not left unawaited
+                awaitable.close()
+            self.metrics.redis_skipped.inc()
+            raise StoreUnavailable(
+                f"redis {op}: not called, {BREAKER_FAILURES} calls in a row got no answer",
+                unreachable=True,
+            ) from exc
+
+    async def _timed(self, op: str, awaitable: Any, timeout_s: float | None) -> Any:
         timeout_s = timeout_s or self.timeout_s
         start = time.perf_counter()
         answered = False
@@ -293,12 +354,15 @@ class Store:
                 result = await awaitable
             answered = True
         except TimeoutError as exc:
-            raise StoreUnavailable(f"redis {op}: no answer within {timeout_s * 1000:g} ms") from exc
+            raise StoreUnavailable(
+                f"redis {op}: no answer within {timeout_s * 1000:g} ms", unreachable=True
+            ) from exc
         except (RedisError, RedisClusterException, OSError) as exc:
             # For the log: a pipeline's error carries its command (key, item ids), cut here.
             # Callers never see this text (app/errors.py).
             detail = f"{type(exc).__name__}: {exc}"
-            raise StoreUnavailable(f"redis {op}: {detail[:ERROR_CHARS]}") from exc
+            unreachable = isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
+            raise StoreUnavailable(f"redis {op}: {detail[:ERROR_CHARS]}", unreachable) from exc
         finally:
             took = time.perf_counter() - start
             seconds = self._seconds.get(op)

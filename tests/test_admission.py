@@ -128,23 +128,34 @@ def test_a_full_line_refuses_at_once() -> None:
     asyncio.run(main())
 
 
-def test_a_burst_drains_in_arrival_order_even_past_the_target() -> None:
-    """A line that emptied within the interval is a burst: every waiter is served, oldest
-    first, however long it has waited."""
+def test_a_burst_drains_in_arrival_order_and_sets_aside_what_is_past_the_target() -> None:
+    """A line that emptied within the interval is a burst: served oldest first, except the
+    waiters that can no longer make the target, which are set aside, never served late."""
 
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
-        # the oldest is past the target, the line younger than the interval
-        held, old, new = await old_and_new(adm, clock, 0.06)
+        held = await admitted(adm)
+        old = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.03
+        middle = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.04
+        young = asyncio.create_task(adm.enter())
+        await settle()
+        clock.now = 0.06  # old has waited 60 ms, past the target; the line is 60 ms old
         assert not adm.standing(clock.now)
         adm.leave(held)
         await settle()
-        assert old.done() and not new.done()
-        ticket = old.result()
+        assert middle.done() and not old.done() and not young.done()
+        assert adm.aside == 1
+        ticket = middle.result()
         assert ticket is not None
         adm.leave(ticket)
         await settle()
-        assert new.done() and new.result() is not None
+        assert young.done() and young.result() is not None
+        old.cancel()
+        await asyncio.gather(old, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -264,27 +275,32 @@ def test_a_line_emptied_by_setting_waiters_aside_still_stands() -> None:
     asyncio.run(main())
 
 
-def test_once_a_slot_comes_free_with_nobody_in_line_it_is_a_burst_again() -> None:
+def test_once_a_slot_comes_free_with_nobody_in_line_or_aside_it_is_a_burst_again() -> None:
     async def main() -> None:
         adm, clock = admission(limit=1, target_s=0.05, interval_s=0.1)
         waiters, served = await one_served_one_aside(adm, clock)
-        adm.leave(served)  # nobody in line: the slot is free, the line no longer stands
-        assert adm.inflight == 0 and not adm.standing(clock.now)
+        adm.leave(served)  # nobody in line, but one set aside still comes back: still standing
+        assert adm.inflight == 0 and adm.standing(clock.now)
+        waiters[0].cancel()  # its 503 is sent
+        await asyncio.gather(waiters[0], return_exceptions=True)
         running = await adm.enter()  # a free slot at once
+        assert running is not None
+        adm.leave(running)  # a free slot, nobody in line or aside: the overload is over
+        assert not adm.standing(clock.now)
+        running = await adm.enter()
         assert running is not None
         clock.now = 0.13
         first = asyncio.create_task(adm.enter())
         await settle()
         second = asyncio.create_task(adm.enter())
         await settle()
-        clock.now = 0.20  # both past the target, but the line is only 70 ms old
+        clock.now = 0.16  # both within the target, the line only 30 ms old
         assert not adm.standing(clock.now)
         adm.leave(running)
         await settle()
-        assert first.done() and not second.done()
-        for task in (waiters[0], second):
-            task.cancel()
-        await asyncio.gather(waiters[0], second, return_exceptions=True)
+        assert first.done() and not second.done()  # oldest first
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
 
     asyncio.run(main())
 

@@ -18,7 +18,7 @@ from app.errors import StoreUnavailable
 from app.factory import create_app
 from app.loader import load_into_redis
 from app.metrics import Metrics
-from app.store import Store, VectorCache
+from app.store import BREAKER_FAILURES, Store, VectorCache
 from contract import HASHED_FILES, Manifest
 from tests.conftest import N_ITEMS, VERSION_A, make_settings
 from tests.redis_servers import paused
@@ -27,7 +27,11 @@ T = TypeVar("T")
 
 
 def run(
-    url: str, prefix: str, body: Callable[[Store, list[str]], Awaitable[T]], timeout_s: float = 1.0
+    url: str,
+    prefix: str,
+    body: Callable[[Store, list[str]], Awaitable[T]],
+    timeout_s: float = 1.0,
+    retry_s: float = 0.0,
 ) -> T:
     """Run ``body(store, calls)`` with a fresh client; ``calls`` records each round trip."""
 
@@ -41,7 +45,7 @@ def run(
             return await original(*args, **kwargs)
 
         client.execute_command = counted  # type: ignore[method-assign]
-        store = Store(client, prefix, timeout_s, VectorCache(1000), Metrics())
+        store = Store(client, prefix, timeout_s, VectorCache(1000), Metrics(), retry_s=retry_s)
         try:
             return await body(store, calls)
         finally:
@@ -127,6 +131,51 @@ def test_paused_redis_is_unavailable_within_the_deadline(
             assert loop.time() - start < 1.0
 
     run(own_redis.url, prefix, body, timeout_s=0.05)
+
+
+def test_a_redis_without_answers_is_not_called_until_the_retry(
+    own_redis: EmbeddedRedis, prefix: str, model_dir: Path
+) -> None:
+    """Three calls in a row without an answer open the breaker: the next fails at once, with
+    no round trip, and is counted; after ``retry_s`` a call goes to Redis again."""
+    m = load_into_redis(own_redis.url, model_dir / "test-a", prefix)
+
+    async def body(store: Store, calls: list[str]) -> None:
+        await store.ping()
+        loop = asyncio.get_running_loop()
+        with paused(own_redis):
+            for _ in range(BREAKER_FAILURES):
+                with pytest.raises(StoreUnavailable, match="within 50 ms"):
+                    await store.fetch(m, "u", None, ["1"])
+            calls.clear()
+            start = loop.time()
+            with pytest.raises(StoreUnavailable, match="not called"):
+                await store.fetch(m, "u", None, ["2"])
+            assert loop.time() - start < 0.05 and calls == []
+        assert store.metrics.redis_skipped._value.get() == 1
+        with pytest.raises(StoreUnavailable, match="not called"):  # Redis is back, not yet tried
+            await store.fetch(m, "u", None, ["3"])
+        await asyncio.sleep(0.3)
+        got = await store.fetch(m, "u", None, ["4"])
+        assert "EVALSHA" in calls and got.cand_present.tolist() == [True]  # called again
+
+    run(own_redis.url, prefix, body, timeout_s=0.05, retry_s=0.25)
+
+
+def test_errors_redis_answers_with_leave_the_breaker_closed(
+    redis_server: EmbeddedRedis, prefix: str, manifest: Manifest
+) -> None:
+    """An error answer (a string where the history list is) shows Redis is there."""
+
+    async def body(store: Store, calls: list[str]) -> None:
+        await store.client.set(f"{prefix}:h:typo", "not a list")
+        for _ in range(BREAKER_FAILURES + 2):
+            with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+                await store.fetch(manifest, "typo", None, ["1"])
+        assert (await store.fetch(manifest, "u", None, ["1"])).cand_present.tolist() == [True]
+        assert store.metrics.redis_skipped._value.get() == 0
+
+    run(redis_server.url, prefix, body, retry_s=10.0)
 
 
 def test_cache_is_a_bounded_lru() -> None:
