@@ -167,9 +167,9 @@ class Settings(BaseSettings):
     )
     latency_target_ms: float = Field(
         default=50.0,
-        description="The answer time admission aims at: once the waiting line stands, a "
-        "request in it whose wait plus the mean time a slot is held passes this is set aside "
-        "and refused, never served late (docs/reliability.md, Overload and admission).",
+        description="The answer time admission aims at: a request in the waiting line whose "
+        "wait plus the mean time a slot is held passes this is set aside and refused, never "
+        "served late (docs/reliability.md, Overload and admission).",
     )
     queue_timeout_ms: float = Field(
         default=200.0,
