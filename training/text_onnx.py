@@ -21,6 +21,7 @@ manifest's encoder reads the same vectors.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -157,16 +158,24 @@ def quantize_int8(source: Path, target: Path, float_nodes: Sequence[str] = ()) -
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(source),
-        str(target),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        nodes_to_exclude=list(float_nodes),
-        # Products of two activations (attention scores and context) stay float: quantising
-        # both sides per tensor costs the most accuracy for little time.
-        extra_options={"MatMulConstBOnly": True},
-    )
+    # The quantiser reports each tensor it passes over at INFO on the root logger; a build
+    # reports what it made, so the root logger takes warnings only while it runs.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        quantize_dynamic(
+            str(source),
+            str(target),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=list(float_nodes),
+            # Products of two activations (attention scores and context) stay float:
+            # quantising both sides per tensor costs the most accuracy for little time.
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        root.setLevel(level)
     if float_nodes:
         model = onnx.load(str(target))
         _store_float16(model, set(float_nodes))
