@@ -86,6 +86,13 @@ class Admission:
     def waiting(self) -> int:
         return len(self._line)
 
+    def alone(self) -> bool:
+        """Whether the process works on one request at most and nobody waits for a slot.
+
+        False when admission is off: without a limit, the requests in flight are not counted.
+        """
+        return self.limit > 0 and self.inflight <= 1 and not self._line
+
     def full(self) -> bool:
         """Whether a request arriving now would be refused at once: slots and line taken."""
         return (

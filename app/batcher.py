@@ -10,6 +10,15 @@ with load by themselves and an idle service adds no wait. The queue needs no bou
 own: only requests holding an admission slot submit (app/admission.py), so it never holds
 more than ``max_inflight``.
 
+A short batch that is the process's only work (``alone`` says so: one request in flight,
+nobody waiting) runs on the event loop's own thread instead: there is nothing for the loop to
+do meanwhile, and the hand-off to the worker thread and back (a queue, a wake-up of each
+thread) is a visible share of a lone request's CPU (docs/benchmark.md, Profile). Short means
+its rows times the running mean of the model's time per row is within ``inline_max_s``, so a
+run on the loop delays a request that arrives meanwhile by about that at most; a slow model or
+a large request goes to the thread. Once anything else is in flight, batches go to the worker
+thread, so the loop reads and answers the other requests while the model runs.
+
 Each request carries the ``LoadedModel`` it was pinned to when it started: a batch that spans
 a model swap is split by model, so a request is always scored by the version whose vectors it
 read.
@@ -21,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Weight of the newest batch in the running mean of the model's time per candidate row.
+ROW_WEIGHT = 1 / 16
+
 
 @dataclass
 class _Pending:
@@ -48,10 +61,20 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, max_batch: int, metrics: Metrics, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+        alone: Callable[[], bool] | None = None,
+        inline_max_s: float = 0.0,
+    ) -> None:
         self.max_batch = max_batch
         self.metrics = metrics
         self.tracing = tracing
+        self.alone = alone  # None: every batch goes to the worker thread
+        self.inline_max_s = inline_max_s  # 0: every batch goes to the worker thread
+        self.row_s: float | None = None  # running mean of seconds per row; None: no run yet
         self._queue: deque[_Pending] = deque()
         self._nonempty = asyncio.Event()
         # One thread: batches run one after another, and ONNX Runtime uses its own
@@ -117,9 +140,13 @@ class Batcher:
             model = group[0].model
             jobs = [p.job for p in group]
             self.metrics.batch_size.observe(len(jobs))
+            rows = sum(len(j.cand) for j in jobs)
             start = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, model.run_batch, jobs)
+                if self._inline(rows):
+                    results = model.run_batch(jobs)
+                else:
+                    results = await loop.run_in_executor(self._executor, model.run_batch, jobs)
             except asyncio.CancelledError:  # shutdown: nobody will answer these any more
                 for p in group:
                     p.future.cancel()
@@ -134,12 +161,29 @@ class Batcher:
                         p.future.set_exception(error)
                 continue
             finally:
-                self.metrics.model_seconds.observe(time.perf_counter() - start)
+                took = time.perf_counter() - start
+                self.metrics.model_seconds.observe(took)
+                per_row = took / max(rows, 1)
+                if self.row_s is None:
+                    self.row_s = per_row
+                else:
+                    self.row_s += ROW_WEIGHT * (per_row - self.row_s)
             if self.tracing is not None:
                 self._trace(group, now, start, None)
             for p, result in zip(group, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+
+    def _inline(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` candidates runs on the event loop's thread: it is the
+        only work, and the model has run before and is expected to take ``inline_max_s`` at
+        most for it."""
+        return (
+            self.row_s is not None
+            and rows * self.row_s <= self.inline_max_s
+            and self.alone is not None
+            and self.alone()
+        )
 
     def _trace(
         self, group: list[_Pending], taken_at: float, start: float, error: Exception | None

@@ -144,6 +144,13 @@ class Settings(BaseSettings):
         "one per physical core). 1: the batcher's own thread runs each batch, the least CPU "
         "per request at the small batches of a CPU box that also runs the event loop.",
     )
+    model_inline_ms: float = Field(
+        default=5.0,
+        description="A batch that is the process's only work (one request in flight, none "
+        "waiting) and is expected to take at most this long in the model runs on the event "
+        "loop's thread, saving the hand-off to the batcher's thread (0: every batch runs on "
+        "the batcher's thread). Anything arriving meanwhile waits for it.",
+    )
     version_poll_s: float = Field(
         default=1.0,
         description="How often the service reads rr:active to notice a new model version.",
@@ -262,6 +269,7 @@ class Settings(BaseSettings):
         "history_ttl_days",
         "embedded_redis_maxmemory_mb",
         "feedback_top_k",
+        "model_inline_ms",
     )
     @classmethod
     def _not_negative(cls, value: float, info: Any) -> float:

@@ -204,7 +204,13 @@ def create_app(settings: Settings, tracing: Tracing | None = None) -> FastAPI:
             stack.push_async_callback(bounded, "redis client", client.aclose)
             store = make_store(client, settings, metrics, tracing)
             holder = ModelHolder()
-            batcher = Batcher(settings.max_batch, metrics, tracing)
+            batcher = Batcher(
+                settings.max_batch,
+                metrics,
+                tracing,
+                alone=admission.alone,
+                inline_max_s=settings.model_inline_ms / 1000,
+            )
             batcher.start()
             stack.push_async_callback(bounded, "batcher", batcher.close)
             spec = ModelSpec(

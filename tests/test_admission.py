@@ -305,6 +305,36 @@ def test_once_a_slot_comes_free_with_nobody_in_line_or_aside_it_is_a_burst_again
     asyncio.run(main())
 
 
+def test_alone_while_one_request_at_most_is_in_a_slot_and_nobody_waits() -> None:
+    async def main() -> None:
+        adm, _ = admission(limit=1)
+        assert adm.alone()
+        held = await admitted(adm)
+        assert adm.alone()  # the one request in flight is the one asking
+        waiter = asyncio.create_task(adm.enter())
+        await settle()
+        assert not adm.alone()  # someone waits for the slot
+        adm.leave(held)
+        ticket = await waiter
+        assert ticket is not None and adm.alone()
+        adm.leave(ticket)
+        two, _ = admission(limit=2)
+        await admitted(two), await admitted(two)
+        assert not two.alone()
+
+    asyncio.run(main())
+
+
+def test_without_a_limit_nobody_is_alone() -> None:
+    """Admission off does not count the requests in flight, so it cannot tell."""
+
+    async def main() -> None:
+        adm, _ = admission(limit=0, waiting=0)
+        assert not adm.alone()
+
+    asyncio.run(main())
+
+
 def test_no_limit_admits_everything() -> None:
     async def main() -> None:
         adm, _ = admission(limit=0, waiting=0)

@@ -144,6 +144,81 @@ def test_requests_arriving_during_a_run_form_the_next_batch() -> None:
     assert model.batches == [1, 4, 2]  # capped at max_batch, the rest right after
 
 
+class ThreadRecorder(FakeModel):
+    """Records the thread each batch ran on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[str] = []
+
+    def run_batch(self, jobs: list[Job]) -> list[Scored]:
+        self.threads.append(threading.current_thread().name)
+        return super().run_batch(jobs)
+
+
+def test_a_short_batch_alone_runs_on_the_loop_and_others_on_the_worker_thread() -> None:
+    model = ThreadRecorder()
+    alone = [True]
+
+    async def body(b: Batcher) -> None:
+        loop_thread = threading.current_thread().name
+        for _ in range(2):
+            await b.submit(model, job(1))  # type: ignore[arg-type]
+        alone[0] = False
+        await b.submit(model, job(2))  # type: ignore[arg-type]
+        # The first run has no time per row to go by: the thread; the second is alone and
+        # short; the third is not alone.
+        assert model.threads[0].startswith("onnx")
+        assert model.threads[1] == loop_thread
+        assert model.threads[2].startswith("onnx")
+
+    run(body, alone=lambda: alone[0], inline_max_s=1.0)
+
+
+def test_a_batch_expected_to_take_longer_than_the_bound_runs_on_the_worker_thread() -> None:
+    """A slow model (or a large request) would hold the loop: it goes to the thread."""
+    model = ThreadRecorder()
+
+    def slow_run(jobs: list[Job]) -> list[Scored]:
+        time.sleep(0.02)
+        return ThreadRecorder.run_batch(model, jobs)
+
+    model.run_batch = slow_run  # type: ignore[method-assign]
+
+    async def body(b: Batcher) -> None:
+        for _ in range(3):
+            await b.submit(model, job(1))  # type: ignore[arg-type]
+        assert all(t.startswith("onnx") for t in model.threads)  # 20 ms for 3 rows > 5 ms
+
+    run(body, alone=lambda: True, inline_max_s=0.005)
+
+
+def test_without_alone_every_batch_runs_on_the_worker_thread() -> None:
+    model = ThreadRecorder()
+
+    async def body(b: Batcher) -> None:
+        for _ in range(3):
+            await b.submit(model, job(1))  # type: ignore[arg-type]
+        assert all(t.startswith("onnx") for t in model.threads)
+
+    run(body, inline_max_s=1.0)
+
+
+def test_a_failed_run_on_the_loop_fails_its_requests_only() -> None:
+    model = ThreadRecorder()
+
+    async def body(b: Batcher) -> None:
+        await b.submit(model, job(0))  # type: ignore[arg-type]
+        model.fail = True
+        with pytest.raises(ModelError):
+            await b.submit(model, job(0))  # type: ignore[arg-type]
+        model.fail = False
+        assert (await b.submit(model, job(1))).scores[0] == 1  # type: ignore[arg-type]
+        assert model.threads[1] == threading.current_thread().name  # the failed one: inline
+
+    run(body, alone=lambda: True, inline_max_s=1.0)
+
+
 def test_shutdown_fails_the_queued_requests_as_a_model_error() -> None:
     """The service answers them in the caller's order (degraded), not with a 5xx."""
     gate = threading.Event()
