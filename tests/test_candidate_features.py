@@ -225,6 +225,43 @@ def test_cand_feats_padding_and_jobs_without_features(featured_dir: Path) -> Non
         np.testing.assert_allclose(got.scores, want, atol=1e-4)
 
 
+def reference_rows(given: list[dict[str, float]], positions: list[int]) -> tuple[np.ndarray, int]:
+    """``LoadedModel.features`` written a value at a time."""
+    index = {f["name"]: j for j, f in enumerate(FEATURES)}
+    rows = np.tile(DEFAULTS, (len(positions), 1))
+    for row, p in enumerate(positions):
+        for name, value in given[p].items():
+            if name in index:
+                rows[row, index[name]] = value
+    unknown = sum(name not in index for named in given for name in named)
+    return rows, unknown
+
+
+@pytest.mark.parametrize(
+    "case", ["same names", "same names, other orders", "mixed with plain ids", "partial names"]
+)
+def test_feature_rows_match_a_value_at_a_time(featured_dir: Path, case: str) -> None:
+    """The one-set-of-names path and the grouped path write what each candidate sent."""
+    folder = featured_dir / FEATURED
+    model = LoadedModel(verify_folder(folder), load_session(folder / "model.onnx", [
+        "CPUExecutionProvider"], 1), 64)  # fmt: skip
+    rng = np.random.default_rng(len(case))
+    names = ["ease_rank", "extra", "markov_rank", "ease_score"]
+    given: list[dict[str, float]] = []
+    for i in range(20):
+        order = list(rng.permutation(names)) if case != "same names" else names
+        if case == "partial names":
+            order = order[: 1 + i % 4]
+        named = {name: float(rng.uniform(-5, 5)) for name in order}
+        given.append({} if case == "mixed with plain ids" and i % 3 == 0 else named)
+    positions = [0, 2, 3, 7, 8, 19]  # the candidates that have a vector
+    rows, unknown = model.features(given, np.array(positions))
+    want_rows, want_unknown = reference_rows(given, positions)
+    assert rows is not None
+    np.testing.assert_allclose(rows, want_rows, rtol=1e-6)
+    assert unknown == want_unknown
+
+
 def test_graph_and_manifest_must_agree_on_features(featured_dir: Path, model_dir: Path) -> None:
     featured = verify_folder(featured_dir / FEATURED)
     plain = verify_folder(model_dir / VERSION_A)
