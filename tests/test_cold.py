@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from training.cold import held_out, hold_out, insert_target, markdown, unscored_positions
+from training.cold import (
+    content_scores,
+    held_out,
+    hold_out,
+    insert_target,
+    markdown,
+    unscored_positions,
+)
 from training.data import synthetic
 from training.fusion import ChannelParams
 from training.lists import Lists
@@ -55,6 +62,40 @@ def test_id_dropout_sends_some_items_cold_in_training_only() -> None:
     both = t.table()
     torch.testing.assert_close(both[7], cold[7])
     torch.testing.assert_close(both[8], warm[8])
+
+
+class MeanDot(torch.nn.Module):
+    """A stand-in reranker: each candidate's dot with the mean history vector; records the
+    recall features it was given."""
+
+    def __init__(self, item_tower: ItemTower) -> None:
+        super().__init__()
+        self.tower = item_tower
+        self.feats: list[torch.Tensor | None] = []
+
+    def forward(
+        self, hist: torch.Tensor, cand: torch.Tensor, _: torch.Tensor, feats: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None]:
+        self.feats.append(feats)
+        h, c = self.tower(hist, cand)
+        return (c * h.mean(dim=1, keepdim=True)).sum(-1), None
+
+
+def test_content_scores_put_candidates_on_cold_vectors_and_the_history_on_warm_ones() -> None:
+    t = tower(0.0).eval()
+    model = MeanDot(t)
+    hist = np.array([[1, 2, 3], [4, 5, 6]])
+    cand = np.array([[7, 8, 9, 1], [10, 11, 12, 4]])  # 1 and 4 also in the history
+    feats = np.ones((2, 4, 2), np.float32)
+    lists = Lists(hist, cand, np.array([0, 1]), np.array([0, 1]), feats)
+    got = content_scores(model, lists)
+    with torch.no_grad():
+        warm, cold = t.table(), t.cold(t.text, t.attrs, t.stats[:, t.n_usage :])
+        user = warm[torch.from_numpy(hist)].mean(dim=1, keepdim=True)
+        want = (cold[torch.from_numpy(cand)] * user).sum(-1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert model.feats == [None]  # recall features left out
+    assert "forward" not in vars(t) and t.cold_rows is None  # the tower as it was
 
 
 def test_without_id_dropout_training_sees_no_cold_item() -> None:
@@ -121,7 +162,8 @@ def test_held_out_measurement_runs_on_a_small_synthetic_set() -> None:
     assert report["held_out_items"] == 6 and report["lists"] > 0
     assert set(report["sources"]) == {"fused", "item-knn"}
     for rows in report["sources"].values():
-        for method in ("caller order", "unscored", "cold vectors"):
+        for method in ("caller order", "unscored", "cold vectors", "content rank"):
             assert 0.0 <= rows[method]["ndcg@10"] <= 1.0
         assert rows["cold / caller order"] >= 0.0
     assert "cold vectors / caller order" in markdown(report)
+    assert "content rank / caller order" in markdown(report)

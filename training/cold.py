@@ -13,6 +13,9 @@
   candidates keep their recall features and the new item has the defaults. Compared on the
   same lists: the caller's order, the service without the item's vector (the item unscored,
   after every scored candidate, in the caller's order) and the model with its cold vector.
+  Also, as a rule the service does not follow yet, ``content rank``: every candidate scored
+  on its cold vector (the history warm) and without recall features, a contest of content
+  alone, and the new item placed at its rank in it (``content_scores``).
 """
 
 from __future__ import annotations
@@ -113,6 +116,29 @@ def unscored_positions(scores: np.ndarray, lists: Lists, missing: np.ndarray) ->
     return np.where(target_missing, scored.sum(axis=1) + before, pos)
 
 
+def content_scores(model: Any, lists: Lists) -> np.ndarray:
+    """Scores (M, N) with every candidate on its cold vector and without recall features,
+    the history on its warm vectors: where a new item stands among the candidates when
+    none of them brings its id embedding, usage or recall evidence."""
+    tower = model.tower
+    everything = torch.ones(tower.id_emb.weight.shape[0], dtype=torch.bool)
+
+    def forward(hist_idx: torch.Tensor, cand_idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        warm = tower.table()
+        tower.cold_rows = everything
+        try:
+            cold = tower.table()
+        finally:
+            tower.cold_rows = None
+        return tower.drop(warm[hist_idx]), tower.drop(cold[cand_idx])
+
+    tower.forward = forward
+    try:
+        return predict(model, replace(lists, feats=None))
+    finally:
+        del tower.forward
+
+
 def held_out(
     dataset: Dataset,
     cfg: PipelineConfig,
@@ -151,7 +177,13 @@ def held_out(
             model.tower.cold_rows = None
         cold_pos = ranked_positions(cold_scores, lists.target)
         unscored_pos = unscored_positions(warm_scores, lists, held[lists.cand] & (lists.cand > 0))
-        per = {"caller order": lists.target, "unscored": unscored_pos, "cold vectors": cold_pos}
+        content_pos = ranked_positions(content_scores(model, lists), lists.target)
+        per = {
+            "caller order": lists.target,
+            "unscored": unscored_pos,
+            "cold vectors": cold_pos,
+            "content rank": content_pos,
+        }
         ndcg = {name: ndcg_at(pos) for name, pos in per.items()}
         report["sources"][source] = {
             **{name: summary(pos) for name, pos in per.items()},
@@ -160,6 +192,12 @@ def held_out(
             ),
             "cold / caller order ci95 (paired)": bootstrap_ratio_ci(
                 ndcg["cold vectors"], ndcg["caller order"], seed=seed
+            ),
+            "content rank / caller order": float(
+                ndcg["content rank"].mean() / max(ndcg["caller order"].mean(), 1e-9)
+            ),
+            "content rank / caller order ci95 (paired)": bootstrap_ratio_ci(
+                ndcg["content rank"], ndcg["caller order"], seed=seed
             ),
         }
     return report
@@ -174,7 +212,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for source, rows in report["sources"].items():
-        for method in ("caller order", "unscored", "cold vectors"):
+        for method in ("caller order", "unscored", "cold vectors", "content rank"):
+            if method not in rows:  # a report from before the method
+                continue
             r = rows[method]
             lines.append(
                 f"| {source} | {method} | {r['ndcg@10']:.4f} | {r['hr@10']:.4f} | {r['mrr']:.4f} |"
@@ -186,4 +226,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"- {source}: cold vectors / caller order = {rows['cold / caller order']:.2f}x "
             f"(paired 95% CI {lo:.2f}x to {hi:.2f}x)"
         )
+        if "content rank / caller order" in rows:
+            lo, hi = rows["content rank / caller order ci95 (paired)"]
+            lines.append(
+                f"- {source}: content rank / caller order = "
+                f"{rows['content rank / caller order']:.2f}x (paired 95% CI {lo:.2f}x to {hi:.2f}x)"
+            )
     return "\n".join(lines) + "\n"
