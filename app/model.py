@@ -146,12 +146,13 @@ class LoadedModel:
         they carry in their order.
         """
         rows = np.tile(self.feature_defaults, (len(positions), 1)) if self.has_cand_feats else None
-        if not given:
+        total = sum(map(len, given))
+        if total == 0:  # plain ids, or objects without features: nothing to write
             return rows, 0
         names = list(given[0])
         # As many names in every candidate as in the first, and the first's among them
         # (else the pass stops on a KeyError): one set of names.
-        if sum(map(len, given)) == len(names) * len(given):
+        if total == len(names) * len(given):
             pick = itemgetter(*names)
             flat = map(pick, given) if len(names) == 1 else chain.from_iterable(map(pick, given))
             try:

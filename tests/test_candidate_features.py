@@ -142,6 +142,12 @@ def test_unknown_names_are_ignored_and_counted(client: TestClient) -> None:
     assert _unknown(client) == before + 4
 
 
+def test_objects_without_features_score_as_plain_ids(client: TestClient) -> None:
+    plain = _scores(client, {"history": HISTORY, "candidates": ["5", "6"]})
+    got = _scores(client, {"history": HISTORY, "candidates": [{"id": "5"}, {"id": "6"}]})
+    assert got == pytest.approx(plain, abs=1e-5)
+
+
 def test_duplicates_keep_the_first_and_its_features(client: TestClient) -> None:
     first = _scores(client, {"history": HISTORY, "candidates": [
         {"id": "5", "features": {"ease_rank": 1}}, "6"]})  # fmt: skip
@@ -238,7 +244,14 @@ def reference_rows(given: list[dict[str, float]], positions: list[int]) -> tuple
 
 
 @pytest.mark.parametrize(
-    "case", ["same names", "same names, other orders", "mixed with plain ids", "partial names"]
+    "case",
+    [
+        "same names",
+        "same names, other orders",
+        "mixed with plain ids",
+        "partial names",
+        "no features at all",
+    ],
 )
 def test_feature_rows_match_a_value_at_a_time(featured_dir: Path, case: str) -> None:
     """The one-set-of-names path and the grouped path write what each candidate sent."""
@@ -253,7 +266,8 @@ def test_feature_rows_match_a_value_at_a_time(featured_dir: Path, case: str) -> 
         if case == "partial names":
             order = order[: 1 + i % 4]
         named = {name: float(rng.uniform(-5, 5)) for name in order}
-        given.append({} if case == "mixed with plain ids" and i % 3 == 0 else named)
+        plain = case == "no features at all" or (case == "mixed with plain ids" and i % 3 == 0)
+        given.append({} if plain else named)
     positions = [0, 2, 3, 7, 8, 19]  # the candidates that have a vector
     rows, unknown = model.features(given, np.array(positions))
     want_rows, want_unknown = reference_rows(given, positions)
