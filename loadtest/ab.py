@@ -25,9 +25,7 @@ from typing import Any
 
 import uvloop
 
-from contract import verify_folder
 from loadtest import bench, load
-from loadtest import traffic as tf
 from loadtest.harness import ROOT, cpu_seconds, harness, relative
 from loadtest.profile import paced
 
@@ -87,10 +85,7 @@ def pairs(turns: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bargs = bench.parse(args.bench_args)
-    folder = bench.model_folder(bargs.model_dir)
-    manifest = verify_folder(folder)
-    item_ids = (folder / "item_ids.txt").read_text().splitlines()
-    traffic = tf.read(bench.build_traffic(bargs, manifest, item_ids))
+    folder, _, traffic = bench.model_and_traffic(bargs)
     sides = {"a": dict(args.a), "b": dict(args.b)}
     scenarios = [("open", None), *(("closed", n) for n in args.closed)]
     turns: dict[str, list[dict[str, Any]]] = {
@@ -198,10 +193,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a("--warmup", type=float, default=WARMUP_S)
     a("--out", type=Path, default=None, help="<out>.json and <out>.md "
       "(default loadtest/results/ab-<date>)")  # fmt: skip
-    args, rest = p.parse_known_args(argv)
-    args.bench_args = rest
-    args.argv = argv
-    return args
+    return bench.parse_with_bench_flags(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,12 +261,9 @@ def items_beside(
 
 def run_items_only(args: argparse.Namespace) -> Path:
     """``--items-only``: the /items comparison alone, at ``--items-rerank-rate``."""
-    folder = model_folder(args.model_dir)
-    manifest = verify_folder(folder)
+    folder, manifest, traffic = model_and_traffic(args)
     if manifest.item_tower is None:
         raise SystemExit(f"{folder.name} has no item tower: nothing to measure")
-    item_ids = (folder / "item_ids.txt").read_text().splitlines()
-    traffic = tf.read(build_traffic(args, manifest, item_ids))
     with harness("rr", name="rerank-bench-items") as h:
         load_measured(h, folder, "rr")
         store_histories(h, "rr", traffic["users"])
@@ -327,6 +324,24 @@ def model_folder(path: Path) -> Path:
             "folder (e.g. one made by training.export.export_random_model)"
         )
     return path / version
+
+
+def model_and_traffic(args: argparse.Namespace) -> tuple[Path, Manifest, dict[str, Any]]:
+    """The model folder ``--model-dir`` names, its verified manifest, and the traffic on its
+    items (built first when the file is absent)."""
+    folder = model_folder(args.model_dir)
+    manifest = verify_folder(folder)
+    item_ids = (folder / "item_ids.txt").read_text().splitlines()
+    return folder, manifest, tf.read(build_traffic(args, manifest, item_ids))
+
+
+def parse_with_bench_flags(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``p``'s own flags from ``argv``; the rest, bench's traffic and model flags
+    (``--model-dir``, ...), kept as ``bench_args`` for ``parse``, and ``argv`` as given."""
+    args, rest = p.parse_known_args(argv)
+    args.bench_args = rest
+    args.argv = argv
+    return args
 
 
 def build_traffic(args: argparse.Namespace, manifest: Manifest, item_ids: list[str]) -> Path:

@@ -43,9 +43,7 @@ from typing import Any
 import psutil
 import uvloop
 
-from contract import verify_folder
 from loadtest import bench, load
-from loadtest import traffic as tf
 from loadtest.harness import ROOT, cpu_seconds, harness, relative
 
 # ---- Parameters (each one is also a flag) ---------------------------------------------------
@@ -184,10 +182,7 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bargs = bench.parse(args.bench_args)
-    folder = bench.model_folder(bargs.model_dir)
-    manifest = verify_folder(folder)
-    item_ids = (folder / "item_ids.txt").read_text().splitlines()
-    traffic = tf.read(bench.build_traffic(bargs, manifest, item_ids))
+    folder, _, traffic = bench.model_and_traffic(bargs)
     result: dict[str, Any] = {"rate": args.rate, "seconds": args.seconds, "model": folder.name}
     with harness("rr", name="rerank-profile") as h:
         h.load(folder)
@@ -243,10 +238,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
       "the one that holds the GIL")  # fmt: skip
     a("--no-profile", dest="profile", action="store_false", help="only the CPU per request")
     a("--json", action="store_true", help="print the result as JSON on stdout")
-    args, rest = p.parse_known_args(argv)
-    args.bench_args = rest  # the traffic and model flags of loadtest.bench (--model-dir, ...)
-    args.argv = argv
-    return args
+    return bench.parse_with_bench_flags(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ import numpy as np
 from app.body import parse_json
 from app.model import open_model
 from app.schemas import Candidates, RerankRequest
-from contract import verify_folder
 from loadtest import bench
 from loadtest import traffic as tf
 from loadtest.harness import ROOT, relative
@@ -49,10 +48,7 @@ def best_us(fn: Callable[[Any], Any], inputs: list[Any], repeat: int) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     bargs = bench.parse(args.bench_args)
-    folder = bench.model_folder(bargs.model_dir)
-    manifest = verify_folder(folder)
-    item_ids = (folder / "item_ids.txt").read_text().splitlines()
-    traffic = tf.read(bench.build_traffic(bargs, manifest, item_ids))
+    folder, manifest, traffic = bench.model_and_traffic(bargs)
     names = manifest.feature_names or bench.FEATURE_NAMES
     n = bargs.candidates
 
@@ -99,10 +95,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=REPEAT)
     p.add_argument("--out", type=Path, default=None,
                    help="default loadtest/results/request-cost-<date>.json")  # fmt: skip
-    args, rest = p.parse_known_args(argv)
-    args.bench_args = rest
-    args.argv = argv
-    return args
+    return bench.parse_with_bench_flags(p, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
