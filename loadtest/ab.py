@@ -25,8 +25,8 @@ from typing import Any
 
 import uvloop
 
-from loadtest import bench, load
-from loadtest.harness import ROOT, cpu_seconds, harness, relative
+from loadtest import bench
+from loadtest.harness import ROOT, harness, relative
 from loadtest.profile import paced
 
 # ---- Parameters (each one is also a flag) ---------------------------------------------------
@@ -54,16 +54,13 @@ def closed(
     port: int, requests: list[bytes], connections: int, seconds: float, pid: int
 ) -> dict[str, Any]:
     """One closed-loop turn: goodput, the p99 of the 200s, the service's CPU per 200."""
-    cpu0 = cpu_seconds([pid])
-    run = uvloop.run(load.closed_loop(port, requests, connections, seconds))
-    cpu = cpu_seconds([pid]) - cpu0
-    s = run.summary()
+    level = uvloop.run(bench.closed_level(port, requests, connections, seconds, {"s": [pid]}))
     return {
-        "goodput_rps": s["achieved_rps"],
-        "ok_p99_ms": s["ok_latency_ms"]["p99"],
-        "shed": s["shed"],
-        "errors": s["errors"],
-        "cpu_ms_per_request": 1000 * cpu / max(1, s["ok"]),
+        "goodput_rps": level["goodput_rps"],
+        "ok_p99_ms": level["ok_latency_ms"]["p99"],
+        "shed": level["shed"],
+        "errors": level["errors"],
+        "cpu_ms_per_request": level["cpu_ms_per_request"]["s"],
     }
 
 

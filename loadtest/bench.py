@@ -277,6 +277,27 @@ def run_items_only(args: argparse.Namespace) -> Path:
     return out
 
 
+async def closed_level(
+    port: int, requests: list[bytes], connections: int, seconds: float,
+    pids: dict[str, list[int]],
+) -> dict[str, Any]:  # fmt: skip
+    """One closed-loop run of ``connections`` callers: goodput (200s per second), the
+    latency of the 200s, the counts, and each process group's CPU per 200."""
+    cpu0 = {name: cpu_seconds(group) for name, group in pids.items()}
+    run = await load.closed_loop(port, requests, connections, seconds)
+    cpu = {name: cpu_seconds(group) - cpu0[name] for name, group in pids.items()}
+    s = run.summary()
+    return {
+        "connections": connections,
+        "goodput_rps": s["achieved_rps"],
+        "ok_latency_ms": s["ok_latency_ms"],
+        "requests": s["requests"], "ok": s["ok"], "shed": s["shed"],
+        "errors": s["errors"], "degraded": s["degraded"],
+        "cpu_ms_per_request": {k: 1000 * v / max(1, s["ok"]) for k, v in cpu.items()},
+        "generator": s["generator"],
+    }  # fmt: skip
+
+
 def closed_curve(
     args: argparse.Namespace, port: int, traffic: dict[str, Any], pids: dict[str, list[int]]
 ) -> dict[str, Any]:
@@ -286,22 +307,11 @@ def closed_curve(
     async def main() -> list[dict[str, Any]]:
         levels = []
         for n in args.closed_connections:
-            cpu0 = {name: cpu_seconds(group) for name, group in pids.items()}
-            run = await load.closed_loop(port, requests, n, args.closed_duration)
-            cpu = {name: cpu_seconds(group) - cpu0[name] for name, group in pids.items()}
-            s = run.summary()
-            levels.append({
-                "connections": n,
-                "goodput_rps": s["achieved_rps"],
-                "ok_latency_ms": s["ok_latency_ms"],
-                "requests": s["requests"], "ok": s["ok"], "shed": s["shed"],
-                "errors": s["errors"], "degraded": s["degraded"],
-                "cpu_ms_per_request": {k: 1000 * v / max(1, s["ok"]) for k, v in cpu.items()},
-                "generator": s["generator"],
-            })  # fmt: skip
-            p99 = fmt(s["ok_latency_ms"]["p99"], 2)
-            log(f"  {n:4d} callers  goodput {s['achieved_rps']:8.1f} req/s  "
-                f"p99 of the 200s {p99} ms  shed {s['shed']}")  # fmt: skip
+            level = await closed_level(port, requests, n, args.closed_duration, pids)
+            levels.append(level)
+            p99 = fmt(level["ok_latency_ms"]["p99"], 2)
+            log(f"  {n:4d} callers  goodput {level['goodput_rps']:8.1f} req/s  "
+                f"p99 of the 200s {p99} ms  shed {level['shed']}")  # fmt: skip
             await asyncio.sleep(PAUSE_S)
         return levels
 
