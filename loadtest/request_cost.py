@@ -17,6 +17,8 @@ import argparse
 import json
 import sys
 import time
+import timeit
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,13 +39,8 @@ RESULTS = ROOT / "loadtest" / "results"
 
 def best_us(fn: Callable[[Any], Any], inputs: list[Any], repeat: int) -> float:
     """Microseconds per input of the fastest of ``repeat`` passes."""
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for x in inputs:
-            fn(x)
-        best = min(best, (time.perf_counter() - start) / len(inputs))
-    return best * 1e6
+    timer = timeit.Timer(lambda: deque(map(fn, inputs), maxlen=0))
+    return min(timer.repeat(repeat, number=1)) / len(inputs) * 1e6
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
