@@ -10,9 +10,9 @@ and the process caches stay right.
 The encoder never runs on the event loop. One worker thread runs it, one call at a time, and
 at most ``items_queue`` calls wait for it; past that a call gets the overload answer (503
 with Retry-After), so a burst of new items cannot hold the process's admission slots long.
-The worker thread runs at the lowest scheduling priority (nice 19, Linux): encoding an item
-takes the CPU of several /rerank requests, and at the lower priority it takes the CPU
-only where /rerank leaves it, instead of delaying /rerank's answers.
+The worker thread runs under SCHED_IDLE (Linux): encoding an item takes the CPU of several
+/rerank requests, and under SCHED_IDLE it takes the CPU only where /rerank leaves it, instead
+of delaying /rerank's answers.
 The text encoder and the towers load on first use, or at start-up when the active model has
 an item tower; a model without one loads nothing, and the process stays as small as before.
 Nothing here imports PyTorch.
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_TOWERS = 4  # towers kept loaded: the live versions (at most 3) and one on its way out
-WORKER_NICE = 19  # the encoder thread's nice value: the lowest priority, never starved
+WORKER_NICE = 19  # where SCHED_IDLE is refused: the lowest nice value
 
 
 @dataclass(frozen=True)
@@ -192,20 +192,29 @@ class ItemEncoder:
         return out
 
 
-def lower_priority(nice: int = WORKER_NICE) -> None:
-    """The calling thread's nice value becomes ``nice`` (Linux sets it per thread; raising it
-    needs no privilege). Elsewhere, or where the kernel refuses, the thread keeps its own."""
-    if not sys.platform.startswith("linux"):  # elsewhere the call would set the process's
+def lower_priority() -> None:
+    """The calling thread runs under SCHED_IDLE (Linux sets it per thread; lowering needs no
+    privilege): the scheduler preempts it at once for any other thread that wakes on its
+    core, where a thread at nice 19 only weighs less and a woken thread can wait behind it
+    (docs/benchmark.md, New items beside /rerank). Where the kernel refuses SCHED_IDLE the
+    thread takes nice 19; elsewhere it keeps its priority."""
+    if not sys.platform.startswith("linux"):  # elsewhere the calls would set the process's
         return
+    tid = threading.get_native_id()
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    except (AttributeError, OSError) as exc:
+        log.warning("the item encoder's thread cannot take SCHED_IDLE (%s): nice 19", exc)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, WORKER_NICE)
     except (AttributeError, OSError) as exc:
         log.warning("the item encoder's thread keeps its priority: %s", exc)
 
 
 class EncoderQueue:
-    """One worker thread for the item encoder, at the lowest priority, and a bound on the
-    calls waiting for it."""
+    """One worker thread for the item encoder, under SCHED_IDLE, and a bound on the calls
+    waiting for it."""
 
     def __init__(self, max_waiting: int) -> None:
         self.max_waiting = max_waiting

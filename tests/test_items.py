@@ -27,7 +27,7 @@ from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.errors import ItemsBusy
 from app.factory import create_app
-from app.items import WORKER_NICE, EncoderQueue
+from app.items import EncoderQueue
 from app.loader import load_into_redis
 from contract import Manifest, ManifestError, read_manifest
 from tests.conftest import ITEMS_A, ITEMS_B, VERSION_A, Towered, make_settings
@@ -269,24 +269,24 @@ def test_the_encoder_queue_is_bounded() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
-def test_the_encoder_thread_runs_at_the_lowest_priority() -> None:
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread policies are Linux's")
+def test_the_encoder_thread_runs_under_sched_idle() -> None:
     import asyncio
 
-    def own_nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    def own_policy() -> int:
+        return os.sched_getscheduler(threading.get_native_id())
 
     async def main() -> tuple[int, int]:
         queue = EncoderQueue(max_waiting=1)
         try:
-            return await queue.run(own_nice), own_nice()
+            return await queue.run(own_policy), own_policy()
         finally:
             queue.close()
 
-    before = own_nice()
+    before = own_policy()
     worker, caller = asyncio.run(main())
-    assert worker == WORKER_NICE == 19
-    assert caller == before  # the event loop's thread keeps its priority
+    assert worker == os.SCHED_IDLE
+    assert caller == before  # the event loop's thread keeps its policy
 
 
 @pytest.fixture
