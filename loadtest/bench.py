@@ -84,7 +84,8 @@ EFFICIENCY_STANDARD = 1.75  # most service CPU per request over the sum of the h
 PEER_START = 5.0
 SLO_P99_MS = 50.0
 CLOSED_CONNECTIONS = (1, 4, 16, 64, 256)  # the closed-loop curve's levels
-CLOSED_DURATION_S = 6.0
+CLOSED_DURATION_S = 4.0  # per level and round
+CLOSED_ROUNDS = 3
 CLOSED_GOODPUT_SHARE = 0.9  # of the peak, at every level from the peak's on
 SWEEP_CANDIDATES = (50, 100, 200, 500, 1000)
 SWEEP_RATE = 50.0  # req/s for the cost-per-request curves
@@ -361,24 +362,42 @@ async def closed_level(
 def closed_curve(
     args: argparse.Namespace, port: int, traffic: dict[str, Any], pids: dict[str, list[int]]
 ) -> dict[str, Any]:
-    """Goodput (200s per second) and the p99 of the 200s at each number of callers."""
+    """Goodput (200s per second) and the p99 of the 200s at each number of callers, over
+    ``args.closed_rounds`` rounds that take the levels up, then down, then up: this box's
+    speed moves from one minute to the next (docs/benchmark.md, Spread between runs), and a
+    single pass compares levels run in different phases. Each level keeps the round with
+    its median goodput, and the p99 of the 200s of every round."""
     requests = payloads(traffic, port, args.candidates, args.k, args.n_requests)
 
-    async def main() -> list[dict[str, Any]]:
-        levels = []
-        for n in args.closed_connections:
-            level = await closed_level(port, requests, n, args.closed_duration, pids)
-            levels.append(level)
-            p99 = fmt(level["ok_latency_ms"]["p99"], 2)
-            log(f"  {n:4d} callers  goodput {level['goodput_rps']:8.1f} req/s  "
-                f"p99 of the 200s {p99} ms  shed {level['shed']}")  # fmt: skip
-            await asyncio.sleep(PAUSE_S)
-        return levels
+    async def main() -> dict[int, list[dict[str, Any]]]:
+        turns: dict[int, list[dict[str, Any]]] = {n: [] for n in args.closed_connections}
+        for r in range(args.closed_rounds):
+            order = args.closed_connections[:: -1 if r % 2 else 1]
+            for n in order:
+                level = await closed_level(port, requests, n, args.closed_duration, pids)
+                turns[n].append(level)
+                p99 = fmt(level["ok_latency_ms"]["p99"], 2)
+                log(f"  {n:4d} callers  goodput {level['goodput_rps']:8.1f} req/s  "
+                    f"p99 of the 200s {p99} ms  shed {level['shed']}")  # fmt: skip
+                await asyncio.sleep(PAUSE_S)
+        return turns
 
-    levels = uvloop.run(main())
+    levels = [median_turn(turns) for turns in uvloop.run(main()).values()]
     peak = max(levels, key=lambda lv: lv["goodput_rps"])
-    return {"levels": levels, "peak_goodput_rps": peak["goodput_rps"],
+    return {"levels": levels, "rounds": args.closed_rounds,
+            "peak_goodput_rps": peak["goodput_rps"],
             "peak_connections": peak["connections"]}  # fmt: skip
+
+
+def median_turn(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The turn of median goodput (the lower middle of an even count), with every turn's
+    goodput and p99 of the 200s beside it."""
+    ranked = sorted(turns, key=lambda t: t["goodput_rps"])
+    return {
+        **ranked[(len(ranked) - 1) // 2],
+        "round_goodput_rps": [t["goodput_rps"] for t in turns],
+        "round_ok_p99_ms": [t["ok_latency_ms"]["p99"] for t in turns],
+    }
 
 
 # ---- Model, traffic, Redis ------------------------------------------------------------------
@@ -874,16 +893,18 @@ def markdown(res: dict[str, Any]) -> str:
     lines += section(
         "Service, closed loop",
         "Each caller sends its next request as soon as the last is answered (Retry-After "
-        "ignored); goodput counts the 200s.",
+        "ignored); goodput counts the 200s. Each level shows its round of median goodput, "
+        "and every round's goodput.",
         ["connections", "goodput req/s", "p50 of the 200s ms", "p99 of the 200s ms", "shed",
-         "errors", "server CPU ms/200", "gen CPU cores"],
+         "errors", "server CPU ms/200", "gen CPU cores", "goodput of each round"],
     )[1:]  # fmt: skip
     for lv in res["closed_loop"]["levels"]:
         lat = lv["ok_latency_ms"]
+        rounds = ", ".join(fmt(g) for g in lv.get("round_goodput_rps", [lv["goodput_rps"]]))
         lines.append(
             f"| {lv['connections']} | {fmt(lv['goodput_rps'])} | {fmt(lat['p50'], 2)} | "
             f"{fmt(lat['p99'], 2)} | {lv['shed']} | {lv['errors']} | {fmt(server_cpu(lv), 3)} "
-            f"| {fmt(lv['generator']['cpu_cores'], 2)} |"
+            f"| {fmt(lv['generator']['cpu_cores'], 2)} | {rounds} |"
         )
     feat = res.get("features")
     if feat:
@@ -998,12 +1019,12 @@ def closed_check(closed: dict[str, Any], slo_ms: float) -> dict[str, Any]:
     peak = closed["peak_goodput_rps"]
     from_peak = [lv for lv in levels if lv["connections"] >= closed["peak_connections"]]
     share = min(lv["goodput_rps"] for lv in from_peak) / peak if peak else 0.0
-    p99s = [lv["ok_latency_ms"]["p99"] for lv in levels]
+    p99s = [p for lv in levels for p in lv.get("round_ok_p99_ms", [lv["ok_latency_ms"]["p99"]])]
     worst = max((p for p in p99s if p is not None), default=None)
     lowest = min(lv["goodput_rps"] for lv in levels) / peak if peak else 0.0
     return check(
         f"closed loop, {levels[0]['connections']}..{levels[-1]['connections']} connections: "
-        "lowest goodput / peak, from the peak's level on", share,
+        "lowest goodput / peak, from the peak's level on (median of the rounds)", share,
         f">= {CLOSED_GOODPUT_SHARE:g}, p99 of the 200s <= {slo_ms:g} ms",
         share >= CLOSED_GOODPUT_SHARE and worst is not None and worst <= slo_ms,
         f"peak {peak:.0f} req/s at {closed['peak_connections']} connections; worst p99 of the "
@@ -1329,6 +1350,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     a("--closed-connections", type=lambda s: [int(x) for x in s.split(",")],
       default=list(CLOSED_CONNECTIONS))  # fmt: skip
     a("--closed-duration", type=float, default=CLOSED_DURATION_S)
+    a("--closed-rounds", type=int, default=CLOSED_ROUNDS)
     a("--slo-ms", type=float, default=SLO_P99_MS)
     a("--sweep-candidates", type=lambda s: [int(x) for x in s.split(",")],
       default=list(SWEEP_CANDIDATES))  # fmt: skip
@@ -1361,7 +1383,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.catalogue = min(args.catalogue, 2000)
         args.catalogue_users, args.cache_fill, args.fill_rate = 50, 10, 20.0
         args.workers, args.floor_budget = [1], 0.2
-        args.closed_connections, args.closed_duration = [1, 4], 1.0
+        args.closed_connections, args.closed_duration, args.closed_rounds = [1, 4], 1.0, 1
         args.items_duration, args.items_rounds = 1.0, 2
         if args.traffic_source == "auto":
             args.traffic_source = "random"
