@@ -11,8 +11,9 @@ The encoder never runs on the event loop. One worker thread runs it, one call at
 at most ``items_queue`` calls wait for it; past that a call gets the overload answer (503
 with Retry-After), so a burst of new items cannot hold the process's admission slots long.
 The worker thread runs under SCHED_IDLE (Linux): encoding an item takes the CPU of several
-/rerank requests, and under SCHED_IDLE it takes the CPU only where /rerank leaves it, instead
-of delaying /rerank's answers.
+/rerank requests, and under SCHED_IDLE the thread gives up its core at once to any other
+thread that wakes there. It still slows the /rerank requests that run beside it on the other
+cores, which share the caches (docs/benchmark.md, New items beside /rerank).
 The text encoder and the towers load on first use, or at start-up when the active model has
 an item tower; a model without one loads nothing, and the process stays as small as before.
 Nothing here imports PyTorch.

@@ -27,7 +27,7 @@ from app.config import Settings
 from app.embedded import EmbeddedRedis
 from app.errors import ItemsBusy
 from app.factory import create_app
-from app.items import EncoderQueue
+from app.items import WORKER_NICE, EncoderQueue
 from app.loader import load_into_redis
 from contract import Manifest, ManifestError, read_manifest
 from tests.conftest import ITEMS_A, ITEMS_B, VERSION_A, Towered, make_settings
@@ -273,20 +273,66 @@ def test_the_encoder_queue_is_bounded() -> None:
 def test_the_encoder_thread_runs_under_sched_idle() -> None:
     import asyncio
 
-    def own_policy() -> int:
-        return os.sched_getscheduler(threading.get_native_id())
+    def own() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+
+    async def main() -> tuple[tuple[int, int], tuple[int, int]]:
+        queue = EncoderQueue(max_waiting=1)
+        try:
+            return await queue.run(own), own()
+        finally:
+            queue.close()
+
+    before = own()
+    worker, caller = asyncio.run(main())
+    if sched_idle_allowed():
+        assert worker[0] == os.SCHED_IDLE
+    else:  # a kernel or sandbox that refuses the policy: the fallback
+        assert worker == (os.SCHED_OTHER, WORKER_NICE)
+    assert caller == before  # the event loop's thread keeps its policy and nice value
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_the_encoder_thread_takes_nice_19_where_sched_idle_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    def refuse(*args: object) -> None:
+        raise PermissionError("refused")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+
+    def own() -> tuple[int, int]:
+        tid = threading.get_native_id()
+        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 
     async def main() -> tuple[int, int]:
         queue = EncoderQueue(max_waiting=1)
         try:
-            return await queue.run(own_policy), own_policy()
+            return await queue.run(own)
         finally:
             queue.close()
 
-    before = own_policy()
-    worker, caller = asyncio.run(main())
-    assert worker == os.SCHED_IDLE
-    assert caller == before  # the event loop's thread keeps its policy
+    assert asyncio.run(main()) == (os.SCHED_OTHER, WORKER_NICE)
+
+
+def sched_idle_allowed() -> bool:
+    """Whether this machine lets a thread take SCHED_IDLE (tried on a throwaway thread)."""
+    allowed: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    thread = threading.Thread(target=attempt)
+    thread.start()
+    thread.join()
+    return allowed[0]
 
 
 @pytest.fixture
