@@ -21,7 +21,7 @@ One mechanism decides, with three rules:
   bounced back, so refusals cannot multiply until their own handling takes the CPU from the
   requests being served. Waiting costs the process a timer and no CPU. The line and the
   set-aside requests together hold at most ``max_waiting``; past that a request is refused
-  at once.
+  on arrival, and the gate (app/guard.py) holds its 503 to the same deadline.
 
 The limit is fixed on purpose: a controller that moves it with the time spent in a slot
 reads the CPU taken by refusals, or by another process, as a reason to cut, and cut down to
@@ -94,7 +94,7 @@ class Admission:
         return self.limit > 0 and self.inflight <= 1 and not self._line
 
     def full(self) -> bool:
-        """Whether a request arriving now would be refused at once: slots and line taken."""
+        """Whether a request arriving now would be refused on arrival: slots and line taken."""
         return (
             self.limit > 0
             and self.inflight >= self.limit

@@ -195,8 +195,8 @@ class Settings(BaseSettings):
     max_waiting: int = Field(
         default=256,
         description="Most requests waiting for a slot, their bodies read (so at most this "
-        "times max_body_bytes held); past it a request gets 503 at once, before its body is "
-        "read.",
+        "times max_body_bytes held); past it a request is refused before its body is read, "
+        "and its 503 is sent at its deadline (queue_timeout_ms), as every refusal's is.",
     )
     body_timeout_s: float = Field(
         default=10.0,

@@ -14,7 +14,11 @@ request they answer costs a few calls, not a pass through every layer:
   and close past it), holding nothing but the connection: time spent waiting on a slow
   client is never the process's. Then the request asks ``app.admission`` for a slot and
   runs in it, or gets the one overload answer, a 503 with Retry-After rendered once at
-  start-up; when the waiting line is already full, before its body is read.
+  start-up; when the waiting line is already full, before its body is read. Every refusal
+  is sent at the request's deadline (``admission.timeout_s`` after it arrived), never at
+  once: a refusal that costs the caller nothing brings a caller that ignores Retry-After
+  straight back, and with more such callers than the line holds their refusals take the
+  CPU from the requests being served. Holding one costs a timer and its connection.
   Refusals are counted (``rerank_shed_total``, and in ``rerank_request_seconds`` with status
   503) and logged once a second in sum, not one line each: a log line per refusal would be
   the overload's own amplifier.
@@ -116,8 +120,9 @@ class AdmissionGate:
         if scope["type"] != "http" or scope["path"] not in WORK_ROUTES:
             await self.app(scope, receive, send)
             return
-        if self.admission.full():  # refused at once: not worth reading the body
-            await self._refuse(send)
+        arrived = time.monotonic()
+        if self.admission.full():  # refused: not worth reading the body
+            await self._refuse(send, arrived)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body_bytes:
@@ -136,7 +141,7 @@ class AdmissionGate:
             return
         ticket = await self.admission.enter()
         if ticket is None:
-            await self._refuse(send)
+            await self._refuse(send, arrived)
             return
         replayed = False
 
@@ -167,7 +172,9 @@ class AdmissionGate:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _refuse(self, send: Send) -> None:
+    async def _refuse(self, send: Send, arrived: float) -> None:
+        """The overload answer, sent at the request's deadline: a waiter that timed out
+        reaches it there already; one refused on arrival waits for it here."""
         self.metrics.shed.inc()
         call = CURRENT.get()
         if call is not None:
@@ -183,6 +190,9 @@ class AdmissionGate:
                 self.admission.waiting,
             )
             self._refused, self._logged_at = 0, now
+        hold = arrived + self.admission.timeout_s - time.monotonic()
+        if hold > 0:
+            await asyncio.sleep(hold)
         await _send(send, self._refusal)
 
 

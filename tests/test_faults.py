@@ -157,6 +157,35 @@ def test_past_the_line_deadline_the_answer_is_503_and_health_stays_open(
     assert 'rerank_request_seconds_count{route="/rerank",status="503"} 3.0' in metrics
 
 
+def test_a_request_refused_on_arrival_gets_its_503_at_the_deadline(
+    loaded: str, settings_factory: Callable[..., Settings]
+) -> None:
+    """The slot and the line are taken when a request arrives: it is refused without its
+    body read, and the 503 comes at its deadline (queue_timeout_ms), not at once, so that a
+    caller ignoring Retry-After cannot come straight back."""
+    settings = settings_factory(
+        max_inflight=1, max_waiting=1, queue_timeout_ms=300, latency_target_ms=10_000
+    )
+    app = create_app(settings)
+
+    async def main() -> tuple[list[Any], float]:
+        async with serve(app) as client:
+            slow(app.state.holder.model, 0.8)
+            body = {"user_id": "h", "candidates": ["1", "2"], "history": []}
+            first = asyncio.create_task(client.post("/rerank", json=body))
+            await asyncio.sleep(0.1)  # the first holds the slot
+            waiting = asyncio.create_task(client.post("/rerank", json=body))
+            await asyncio.sleep(0.05)  # the second holds the line
+            start = time.perf_counter()
+            refused = await client.post("/rerank", json=body)
+            took = time.perf_counter() - start
+            return [await first, await waiting, refused], took
+
+    responses, took = asyncio.run(main())
+    assert [r.status_code for r in responses] == [200, 503, 503]
+    assert 0.25 <= took < 2.0  # at the 300 ms deadline; before this rule, at once
+
+
 def test_model_failure_is_degraded(client: TestClient) -> None:
     model = client.app.state.holder.model  # type: ignore[attr-defined]
 
