@@ -900,7 +900,7 @@ def markdown(res: dict[str, Any]) -> str:
     )[1:]  # fmt: skip
     for lv in res["closed_loop"]["levels"]:
         lat = lv["ok_latency_ms"]
-        rounds = ", ".join(fmt(g) for g in lv.get("round_goodput_rps", [lv["goodput_rps"]]))
+        rounds = ", ".join(fmt(g) for g in lv["round_goodput_rps"])
         lines.append(
             f"| {lv['connections']} | {fmt(lv['goodput_rps'])} | {fmt(lat['p50'], 2)} | "
             f"{fmt(lat['p99'], 2)} | {lv['shed']} | {lv['errors']} | {fmt(server_cpu(lv), 3)} "
@@ -1019,7 +1019,7 @@ def closed_check(closed: dict[str, Any], slo_ms: float) -> dict[str, Any]:
     peak = closed["peak_goodput_rps"]
     from_peak = [lv for lv in levels if lv["connections"] >= closed["peak_connections"]]
     share = min(lv["goodput_rps"] for lv in from_peak) / peak if peak else 0.0
-    p99s = [p for lv in levels for p in lv.get("round_ok_p99_ms", [lv["ok_latency_ms"]["p99"]])]
+    p99s = [p for lv in levels for p in lv["round_ok_p99_ms"]]
     worst = max((p for p in p99s if p is not None), default=None)
     lowest = min(lv["goodput_rps"] for lv in levels) / peak if peak else 0.0
     return check(

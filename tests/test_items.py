@@ -271,51 +271,44 @@ def test_the_encoder_queue_is_bounded() -> None:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread policies are Linux's")
 def test_the_encoder_thread_runs_under_sched_idle() -> None:
-    import asyncio
-
-    def own() -> tuple[int, int]:
-        tid = threading.get_native_id()
-        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
-
-    async def main() -> tuple[tuple[int, int], tuple[int, int]]:
-        queue = EncoderQueue(max_waiting=1)
-        try:
-            return await queue.run(own), own()
-        finally:
-            queue.close()
-
-    before = own()
-    worker, caller = asyncio.run(main())
+    before = thread_priority()
+    worker = in_encoder_thread(thread_priority)
     if sched_idle_allowed():
         assert worker[0] == os.SCHED_IDLE
     else:  # a kernel or sandbox that refuses the policy: the fallback
         assert worker == (os.SCHED_OTHER, WORKER_NICE)
-    assert caller == before  # the event loop's thread keeps its policy and nice value
+    assert thread_priority() == before  # the caller's thread keeps its policy and nice value
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
 def test_the_encoder_thread_takes_nice_19_where_sched_idle_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import asyncio
-
     def refuse(*args: object) -> None:
         raise PermissionError("refused")
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert in_encoder_thread(thread_priority) == (os.SCHED_OTHER, WORKER_NICE)
 
-    def own() -> tuple[int, int]:
-        tid = threading.get_native_id()
-        return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
 
-    async def main() -> tuple[int, int]:
+def thread_priority() -> tuple[int, int]:
+    """The calling thread's scheduling policy and nice value."""
+    tid = threading.get_native_id()
+    return os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def in_encoder_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run by a fresh encoder queue's worker thread."""
+    import asyncio
+
+    async def main() -> Any:
         queue = EncoderQueue(max_waiting=1)
         try:
-            return await queue.run(own)
+            return await queue.run(fn)
         finally:
             queue.close()
 
-    assert asyncio.run(main()) == (os.SCHED_OTHER, WORKER_NICE)
+    return asyncio.run(main())
 
 
 def sched_idle_allowed() -> bool:
