@@ -1,6 +1,7 @@
 """The exported ONNX graph computes what the PyTorch serving path computes."""
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -168,12 +169,15 @@ def test_onnx_matches_torch_with_cand_feats(tmp_path: Path) -> None:
     np.testing.assert_allclose(ref_scores[3].numpy(), no_feats[3].numpy(), atol=1e-6)
 
 
-def _features_scored(training: bool, **dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _features_scored(
+    training: bool, **config: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """64 lists of 5 candidates whose 2 features are all 7.0, through one forward pass:
-    which candidates the model scored with the defaults (1000, 0), and which with theirs."""
+    which candidates the model scored with the defaults (1000, 0), which with theirs, and
+    which took the item tower's cold path (id dropout), each (64, 5)."""
     cfg = ModelConfig(
         n_items=11, dim=16, history_len=4, text_dim=8, n_cf=4, hidden=16,
-        n_feats=2, feat_defaults=(1000.0, 0.0), **dropout,
+        n_feats=2, feat_defaults=(1000.0, 0.0), **config,
     )  # fmt: skip
     model = random_model(cfg, seed=0)
     seen: list[torch.Tensor] = []
@@ -185,28 +189,40 @@ def _features_scored(training: bool, **dropout: float) -> tuple[torch.Tensor, to
 
     model.score = spy  # type: ignore[method-assign]
     model.train(training)
+    cand = torch.randint(1, 11, (64, 5))
     feats = torch.full((64, 5, 2), 7.0)
-    model(torch.randint(1, 11, (64, 4)), torch.randint(1, 11, (64, 5)),
-          torch.zeros(64, dtype=torch.long), feats)  # fmt: skip
-    return (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1), (seen[-1] == 7.0).all(-1)
+    model(torch.randint(1, 11, (64, 4)), cand, torch.zeros(64, dtype=torch.long), feats)
+    dropped = model.tower.dropped
+    cold = torch.zeros_like(cand, dtype=torch.bool) if dropped is None else dropped[cand]
+    return (seen[-1] == torch.tensor([1000.0, 0.0])).all(-1), (seen[-1] == 7.0).all(-1), cold
 
 
 def test_feature_dropout_sets_whole_lists_to_the_defaults() -> None:
-    dropped, _ = _features_scored(True, feat_dropout=0.5)  # (B, N)
+    dropped, _, _ = _features_scored(True, feat_dropout=0.5)  # (B, N)
     per_list = dropped.all(1)
     assert (dropped.any(1) == per_list).all(), "a list is dropped whole or not at all"
     assert 10 < int(per_list.sum()) < 54
-    _, kept = _features_scored(False, feat_dropout=0.5)
+    _, kept, _ = _features_scored(False, feat_dropout=0.5)
     assert kept.all(), "no dropout in eval mode"
 
 
 def test_candidate_feature_dropout_sets_single_candidates_to_the_defaults() -> None:
-    dropped, kept = _features_scored(True, feat_dropout=0.0, cand_feat_dropout=0.3)
+    dropped, kept, _ = _features_scored(True, feat_dropout=0.0, cand_feat_dropout=0.3)
     assert (dropped | kept).all(), "a candidate keeps all its features or none"
     assert 40 < int(dropped.sum()) < 150  # of 320 at 0.3
     assert int((dropped.any(1) & kept.any(1)).sum()) > 30, "lists mix the two"
-    _, kept = _features_scored(False, cand_feat_dropout=0.3)
+    _, kept, _ = _features_scored(False, cand_feat_dropout=0.3)
     assert kept.all(), "no dropout in eval mode"
+
+
+def test_a_candidate_on_the_cold_path_has_the_feature_defaults_in_that_step() -> None:
+    # An item added after training is cold and has no recall features: training sees both.
+    defaults, _, cold = _features_scored(True, feat_dropout=0.0, id_dropout=0.5,
+                                         cold_without_features=True)  # fmt: skip
+    assert 0 < int(cold.sum()) < cold.numel()
+    assert torch.equal(defaults, cold)
+    defaults, _, cold = _features_scored(True, feat_dropout=0.0, id_dropout=0.5)
+    assert cold.any() and not defaults.any(), "without the setting, cold items keep theirs"
 
 
 def test_export_refuses_features_the_model_lacks(tmp_path: Path) -> None:

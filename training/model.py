@@ -66,6 +66,9 @@ class ModelConfig:
     # training, which no recall channel knows) is ranked on its vector, not taken for a
     # candidate that every channel missed.
     cand_feat_dropout: float = 0.0
+    # Whether a candidate on the cold path (id dropout) also has the feature defaults in
+    # that step: an item added after training is both, since no recall channel knows it.
+    cold_without_features: bool = False
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -144,6 +147,8 @@ class ItemTower(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # Rows that take the cold path in eval mode too (the held-out measurement).
         self.cold_rows: Tensor | None = None
+        # The rows id dropout sent down the cold path in the last training step's table.
+        self.dropped: Tensor | None = None
 
     def content(self, text: Tensor, attrs: Tensor, numeric: Tensor) -> Tensor:
         """What both paths share, before the norm: (B, text_dim), (B, n_attrs) and
@@ -169,9 +174,11 @@ class ItemTower(nn.Module):
                                      self.stats_proj.weight[:, : self.n_usage])  # fmt: skip
         warm = self.id_emb.weight + self.cf_proj(self.cf) + usage
         cold = self.cold_rows
+        self.dropped = None
         if self.training and self.id_dropout > 0:
             dropped = torch.rand(warm.shape[0], device=warm.device) < self.id_dropout
             cold = dropped if cold is None else cold | dropped
+            self.dropped = dropped
         if cold is not None:
             warm = torch.where(cold[:, None], self.unknown, warm)
         return self.norm(shared + warm)
@@ -434,6 +441,8 @@ class Reranker(nn.Module):
             shape = feats.shape[:2]
             dropped = torch.rand(shape[0], 1, 1, device=feats.device) < self.cfg.feat_dropout
             each = torch.rand(*shape, 1, device=feats.device) < self.cfg.cand_feat_dropout
+            if self.cfg.cold_without_features and self.tower.dropped is not None:
+                each = each | self.tower.dropped[cand_idx][..., None]
             feats = torch.where(dropped | each, self.feat_default, feats)
         scores, _ = self.score(hist, hist_mask, cand, cand_mask, rank, feats)
         loss = nn.functional.cross_entropy(scores, target)

@@ -92,6 +92,7 @@ class PipelineConfig:
     # See ModelConfig.id_dropout. With text vectors (use_text), the model is exported with
     # its item tower, so that it can add items after training (POST /items).
     id_dropout: float = 0.1
+    cold_without_features: bool = True  # see ModelConfig
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -357,6 +358,7 @@ def build_model(prep: Prepared, cfg: PipelineConfig) -> Reranker:
         feat_defaults=tuple(float(f["default"]) for f in prep.candidate_features),
         feat_dropout=cfg.feat_dropout,
         cand_feat_dropout=cfg.cand_feat_dropout,
+        cold_without_features=cfg.cold_without_features,
     )
     torch.manual_seed(cfg.seed)
     attrs = prep.dataset.categorical

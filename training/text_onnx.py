@@ -169,6 +169,12 @@ def quantize_int8(source: Path, target: Path, float_nodes: Sequence[str] = ()) -
             str(target),
             weight_type=QuantType.QInt8,
             per_channel=True,
+            # 7-bit weights: on an x86 CPU without VNNI (AVX2), ONNX Runtime multiplies uint8
+            # activations by int8 weights in pairs summed into int16, which saturates with
+            # 8-bit weights (a cosine of 0.97 to the float graph on a small MLP, against
+            # 0.9999 with 7 bits). With 7 bits no sum saturates, so every CPU computes the
+            # same integer products and the same vectors.
+            reduce_range=True,
             nodes_to_exclude=list(float_nodes),
             # Products of two activations (attention scores and context) stay float:
             # quantising both sides per tensor costs the most accuracy for little time.
