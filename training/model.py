@@ -431,7 +431,8 @@ class Reranker(nn.Module):
 
         In training mode a list's features are all set to the defaults with probability
         ``feat_dropout``, as a request of plain ids has them, and each other candidate's
-        with probability ``cand_feat_dropout``, as an added item has them."""
+        with probability ``cand_feat_dropout``, as an added item has them; with
+        ``cold_without_features``, also each candidate on the item tower's cold path."""
         hist_mask = hist_idx > 0
         cand_mask = cand_idx > 0
         rank = torch.arange(cand_idx.shape[1], device=cand_idx.device, dtype=torch.float32)

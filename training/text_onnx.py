@@ -151,7 +151,7 @@ def quantize_variant(float32: Path, target: Path, variant: str) -> None:
 
 
 def quantize_int8(source: Path, target: Path, float_nodes: Sequence[str] = ()) -> None:
-    """Dynamic int8 quantisation: int8 weights (per output channel) and activations.
+    """Dynamic int8 quantisation: 7-bit weights (per output channel), uint8 activations.
 
     The MatMuls in ``float_nodes`` stay float: their weights are stored as float16 behind a
     Cast, which ONNX Runtime folds at load, so they compute in float32 at half the size.
